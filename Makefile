@@ -1,0 +1,44 @@
+# esim-fulfillment — the two commands that matter: `make run` and `make test`.
+SHELL := /bin/bash
+UV_VERSION := 0.13.9
+export UV_PYTHON_DOWNLOADS := never
+UV := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := python3 -m uv
+endif
+
+.PHONY: help setup services migrate run sandbox test test-unit check bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup:  ## create .venv from uv.lock (installs uv first if missing)
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
+	  || python3 -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(UV) sync --frozen --all-packages
+
+services:  ## make sure RabbitMQ and PostgreSQL answer (starts the local ones)
+	scripts/ensure-services.sh
+
+migrate: setup services  ## create the database if needed and apply deploy/migrations
+	$(UV) run --frozen esim-migrate --create-database
+
+run: migrate  ## start the sandbox emulators and say where each one listens (Ctrl-C stops them)
+	$(UV) run --frozen python -m esim_sandbox
+
+test: setup services  ## the whole suite on the real broker and database
+	$(UV) run --frozen pytest
+
+test-unit: setup  ## only the fast tests that need no broker or database
+	$(UV) run --frozen pytest tests/unit
+
+check: setup  ## lint and type-check
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy libs/common/esim_common
+
+bench: setup services  ## run the benchmarks and record their results under bench/results
+	@echo "No benchmarks yet: they arrive with the services (issues 4-6)."
+
+clean:  ## remove the environment and local artefacts
+	rm -rf .venv var .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,95 @@
+"""The messages services exchange over RabbitMQ: versioned, frozen, ids and facts only.
+
+Every event carries `event_id` (sent as the AMQP `message_id`), `transaction_id` (sent as the
+`correlation_id`), `occurred_at` and `schema_version`. Events never carry secrets or card data: the
+database holds the state, a message only says what happened to which order.
+
+Changing an event: add optional fields freely; anything else is a new `schema_version` that consumers
+accept side by side until every producer has moved.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from esim_common.money import Money
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    routing_key: ClassVar[str]
+
+    schema_version: Literal[1] = 1
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    transaction_id: str = Field(min_length=1, max_length=64)
+    occurred_at: datetime = Field(default_factory=_now)
+
+
+class OrderPaid(Event):
+    """The customer's payment succeeded (or was authorised, in manual-capture mode)."""
+
+    routing_key: ClassVar[str] = "order.paid"
+    offer_id: str
+    price: Money
+    payment_intent_id: str
+
+
+class OrderFunded(Event):
+    """The Zendit wallet can pay for this order: its cost is reserved."""
+
+    routing_key: ClassVar[str] = "order.funded"
+    offer_id: str
+    zendit_cost: Money
+    topup_id: str | None = None
+
+
+class OrderProvisioned(Event):
+    """Zendit delivered the eSIM and its QR code is stored."""
+
+    routing_key: ClassVar[str] = "order.provisioned"
+    zendit_transaction_id: str
+    qr_code_url: str
+
+
+class OrderDelivered(Event):
+    """The customer has been emailed the eSIM."""
+
+    routing_key: ClassVar[str] = "order.delivered"
+
+
+FailedStep = Literal["payment", "funding", "purchase", "delivery", "refund"]
+
+
+class OrderFailed(Event):
+    """A step failed for good; `reason` is a short machine-readable code, not an exception text."""
+
+    routing_key: ClassVar[str] = "order.failed"
+    step: FailedStep
+    reason: str = Field(max_length=200)
+
+
+class OrderRefunded(Event):
+    """The customer's money was given back (refund, or cancellation of an uncaptured payment)."""
+
+    routing_key: ClassVar[str] = "order.refunded"
+    refund_id: str
+    amount: Money
+
+
+ALL_EVENTS: tuple[type[Event], ...] = (
+    OrderPaid,
+    OrderFunded,
+    OrderProvisioned,
+    OrderDelivered,
+    OrderFailed,
+    OrderRefunded,
+)

@@ -1,0 +1,95 @@
+"""Guarded order-state transitions in Postgres.
+
+Every state change is one UPDATE whose WHERE clause only matches the states the target may be entered
+from, so two workers racing on the same order cannot both move it, and an illegal move (e.g. refunding
+a delivered order) changes nothing. Accepted moves are written to `order_transitions` in the same
+transaction; refused ones are logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+
+from esim_common import metrics
+from esim_common.order_states import STEP_TIMESTAMP_COLUMN, OrderStatus, sources_of
+
+log = logging.getLogger("esim.orders")
+
+
+class IllegalTransition(Exception):
+    """The order is in a state from which the requested state cannot be entered."""
+
+    def __init__(self, transaction_id: str, current: OrderStatus | None, target: OrderStatus) -> None:
+        where = "does not exist" if current is None else f"is {current.value}"
+        super().__init__(f"order {transaction_id} {where}; cannot move it to {target.value}")
+        self.transaction_id = transaction_id
+        self.current = current
+        self.target = target
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """`changed` is False when the order already was in the target state (a redelivery: no-op)."""
+
+    changed: bool
+    previous: OrderStatus
+
+
+def _update_sql(target: OrderStatus) -> str:
+    stamp = STEP_TIMESTAMP_COLUMN.get(target)
+    stamp_sql = f", {stamp} = COALESCE({stamp}, now())" if stamp else ""
+    return f"""
+        WITH previous AS (
+            SELECT status FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
+        )
+        UPDATE esim_purchases AS o
+           SET status = $2, updated_at = now(),
+               failure_reason = COALESCE($4, o.failure_reason){stamp_sql}
+          FROM previous
+         WHERE o.transaction_id = $1 AND o.status = ANY($3::text[])
+     RETURNING previous.status AS previous_status
+    """
+
+
+INSERT_TRANSITION = """
+    INSERT INTO order_transitions (transaction_id, from_status, to_status, reason) VALUES ($1, $2, $3, $4)
+"""
+SELECT_STATUS = "SELECT status FROM esim_purchases WHERE transaction_id = $1"
+
+
+async def transition(
+    conn: asyncpg.Connection,
+    transaction_id: str,
+    target: OrderStatus,
+    *,
+    reason: str | None = None,
+    failure_reason: str | None = None,
+) -> TransitionResult:
+    """Move an order to `target` if that is legal from its current state.
+
+    Returns `changed=False` when the order is already in `target` (idempotent redelivery), raises
+    `IllegalTransition` otherwise. Call inside the caller's transaction to make the move atomic with
+    whatever else it writes.
+    """
+    allowed_from = [s.value for s in sources_of(target)]
+    async with conn.transaction():
+        previous = await conn.fetchval(_update_sql(target), transaction_id, target.value, allowed_from, failure_reason)
+        if previous is not None:
+            await conn.execute(INSERT_TRANSITION, transaction_id, previous, target.value, reason or failure_reason)
+            metrics.orders_transitions_total.labels(to_state=target.value).inc()
+            return TransitionResult(changed=True, previous=OrderStatus(previous))
+        current_raw = await conn.fetchval(SELECT_STATUS, transaction_id)
+    current = OrderStatus(current_raw) if current_raw is not None else None
+    if current == target:
+        return TransitionResult(changed=False, previous=current)
+    metrics.illegal_transitions_total.labels(
+        from_state=current.value if current else "missing", to_state=target.value
+    ).inc()
+    log.warning(
+        "illegal order transition refused",
+        extra={"from_state": current.value if current else None, "to_state": target.value},
+    )
+    raise IllegalTransition(transaction_id, current, target)

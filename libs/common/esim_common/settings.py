@@ -1,0 +1,156 @@
+"""Typed settings, read once from the environment and `.env`, then passed down.
+
+Every field is an environment variable of the same name in upper case (pydantic-settings does the
+mapping). The README's configuration table lists each one with its default; a test keeps them in step.
+The defaults point at the sandbox emulators on loopback, so a fresh machine runs without a `.env`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class FundingMode(StrEnum):
+    ISSUING_CARD = "issuing_card"
+    PREFUNDED = "prefunded"
+
+
+class CaptureMode(StrEnum):
+    AUTOMATIC = "automatic"
+    MANUAL = "manual"
+
+
+# Values that mean "nobody configured this": refused outside the sandbox.
+_SANDBOX_SECRETS = {
+    "sk_test_sandbox",
+    "whsec_sandbox",
+    "sand_test_key",
+    "topup_test_key",
+    "admin-sandbox-token",
+}
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    # hide_input_in_errors: a validation error must never echo a secret it was given.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
+
+    # --- runtime
+    environment: str = "sandbox"  # `sandbox` allows the built-in test secrets; anything else refuses them
+    log_level: str = "INFO"
+
+    # --- infrastructure
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/esim"
+    database_pool_min_size: int = 1
+    database_pool_max_size: int = 10
+    exchange_name: str = "esim.events"
+    broker_prefetch: int = 16
+
+    # --- Stripe
+    stripe_api_key: SecretStr = SecretStr("sk_test_sandbox")
+    stripe_api_base: str = "http://127.0.0.1:12111"
+    # Several secrets may be valid at once while an endpoint secret is rotated (comma-separated).
+    stripe_webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=lambda: [SecretStr("whsec_sandbox")]
+    )
+    stripe_max_network_retries: int = 2
+    stripe_timeout_seconds: float = 10.0
+    capture_mode: CaptureMode = CaptureMode.AUTOMATIC
+
+    # --- Stripe Issuing (names kept from the seed)
+    stripe_issuing_available: bool = True
+    stripe_issuing_cardholder_id: str | None = None
+    stripe_issuing_cardholder_name: str = "Platform Cardholder"
+    stripe_issuing_company_name: str = "eSIM Shop Ltd"
+    stripe_issuing_address_line1: str = "123 Main St"
+    stripe_issuing_address_city: str = "San Francisco"
+    stripe_issuing_address_state: str = "CA"
+    stripe_issuing_address_postal: str = "94111"
+    stripe_issuing_address_country: str = "US"
+    service_owner_email: str = "operator@example.com"
+
+    # --- Zendit
+    zendit_api_base: str = "http://127.0.0.1:12112/v1"
+    zendit_api_key: SecretStr = SecretStr("sand_test_key")
+    zendit_timeout_seconds: float = 10.0
+    zendit_topup_url: str = "http://127.0.0.1:12112/v1/wallet/topup"
+    zendit_topup_api_key: SecretStr = SecretStr("topup_test_key")
+    zendit_min_topup: int = 5000  # minor units of the wallet currency
+    zendit_max_topup: int = 100000
+    funding_mode: FundingMode = FundingMode.ISSUING_CARD
+
+    # --- QR storage
+    qr_storage_dir: str = "var/qrcodes"
+    supabase_url: str | None = None
+    supabase_service_role_key: SecretStr | None = None
+    supabase_bucket: str = "esim-qrcodes"
+
+    # --- email
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    smtp_from: str = "eSIM Shop <esim@example.com>"
+
+    # --- admin
+    admin_api_token: SecretStr = SecretStr("admin-sandbox-token")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_lists(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in ("stripe_webhook_secrets", "STRIPE_WEBHOOK_SECRETS"):
+                if key in data:
+                    data[key] = _split_csv(data[key])
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_sandbox_secrets_in_production(self) -> Settings:
+        if self.environment == "sandbox":
+            return self
+        offending = [name for name, value in self.secret_values().items() if value in _SANDBOX_SECRETS]
+        if offending:
+            raise ValueError(
+                f"ENVIRONMENT={self.environment} but these secrets still have their sandbox defaults: "
+                + ", ".join(sorted(offending))
+                + ". Set real values (see the README's configuration table)."
+            )
+        return self
+
+    @property
+    def effective_funding_mode(self) -> FundingMode:
+        """The seed's `STRIPE_ISSUING_AVAILABLE=false` forces prefunded mode."""
+        if not self.stripe_issuing_available:
+            return FundingMode.PREFUNDED
+        return self.funding_mode
+
+    def secret_values(self) -> dict[str, str]:
+        """Every configured secret by field name, for the log redaction filter."""
+        found: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                found[name] = value.get_secret_value()
+            elif isinstance(value, list):
+                for index, item in enumerate(value):
+                    if isinstance(item, SecretStr):
+                        found[f"{name}[{index}]"] = item.get_secret_value()
+        return found
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment and `.env`; keyword overrides win (handy in tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""The notify service. A placeholder until the next issue puts the service on top of libs/common."""

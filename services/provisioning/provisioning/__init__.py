@@ -1,0 +1,1 @@
+"""The provisioning service. A placeholder until the next issue puts the service on top of libs/common."""

@@ -1,0 +1,1 @@
+"""The webhook service. A placeholder until the next issue puts the service on top of libs/common."""

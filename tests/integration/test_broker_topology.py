@@ -1,0 +1,261 @@
+"""The topology on the real RabbitMQ: retries after 1 s, 3 s and 10 s, then the DLQ; permanent failures
+take the failure path at once; poison messages and bugs are dead-lettered; unroutable publishes raise."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aio_pika
+import pytest
+
+from esim_common.consumer import consume
+from esim_common.errors import FailPermanently, RetryLater
+from esim_common.events import OrderFunded, OrderPaid
+from esim_common.money import Money
+from esim_common.publisher import EventPublisher, PublishFailed, create_broker, publish_raw, topic_exchange
+from esim_common.topology import ATTEMPT_HEADER, LAST_ERROR_HEADER, ORIGIN_QUEUE_HEADER, Topology
+
+pytestmark = pytest.mark.broker
+
+QUEUE = "funding.order-paid"
+
+
+def paid_event() -> OrderPaid:
+    return OrderPaid(
+        transaction_id=f"txn_{uuid.uuid4().hex[:12]}",
+        offer_id="ESIM-US-7D-1GB",
+        price=Money(amount=1299, currency="USD"),
+        payment_intent_id="pi_test",
+    )
+
+
+async def queue_depth(amqp_url: str, name: str) -> int:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+async def get_one(amqp_url: str, name: str) -> aio_pika.abc.AbstractIncomingMessage | None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        return await queue.get(no_ack=True, fail=False)
+
+
+async def wait_until(predicate, timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+class Recorder:
+    def __init__(self, raises: BaseException | None = None) -> None:
+        self.raises = raises
+        self.deliveries: list[float] = []
+        self.failures: list[tuple[str, str]] = []
+
+    async def handler(self, event: OrderPaid) -> None:
+        self.deliveries.append(time.monotonic())
+        if self.raises is not None:
+            raise self.raises
+
+    async def on_failure(self, event: OrderPaid, reason: str) -> None:
+        self.failures.append((event.transaction_id, reason))
+
+
+async def run_consumer(amqp_url: str, topology: Topology, recorder: Recorder, *, with_hook: bool = True):
+    broker = create_broker(amqp_url)
+    consume(
+        broker,
+        topology,
+        QUEUE,
+        OrderPaid,
+        recorder.handler,
+        on_failure=recorder.on_failure if with_hook else None,
+    )
+    await broker.start()
+    return broker
+
+
+async def test_transient_failure_is_retried_after_1_3_and_10_seconds_then_dead_lettered(amqp_url, topology):
+    recorder = Recorder(raises=RetryLater("zendit answered 503"))
+    broker = await run_consumer(amqp_url, topology, recorder)
+    try:
+        event = paid_event()
+        await EventPublisher(broker, topology).publish(event)
+        dlq = topology.queue(QUEUE).dlq
+
+        async def dead_lettered() -> bool:
+            return await queue_depth(amqp_url, dlq) == 1
+
+        await wait_until(dead_lettered, timeout=25)
+    finally:
+        await broker.stop()
+
+    assert len(recorder.deliveries) == 4, "one delivery and three retries"
+    gaps = [b - a for a, b in zip(recorder.deliveries, recorder.deliveries[1:], strict=False)]
+    for gap, expected in zip(gaps, (1, 3, 10), strict=True):
+        assert expected - 0.1 <= gap <= expected + 1.5, f"retry gaps were {gaps}"
+    assert recorder.failures == [(event.transaction_id, "retries_exhausted")]
+
+    dead = await get_one(amqp_url, dlq)
+    assert dead is not None
+    assert dead.message_id == str(event.event_id)
+    assert dead.correlation_id == event.transaction_id
+    assert dead.headers[ATTEMPT_HEADER] == 4
+    assert "zendit answered 503" in dead.headers[LAST_ERROR_HEADER]
+    assert dead.headers[ORIGIN_QUEUE_HEADER] == topology.queue(QUEUE).name
+    assert OrderPaid.model_validate_json(dead.body) == event
+    for delay in topology.retry_delays:
+        assert await queue_depth(amqp_url, topology.queue(QUEUE).retry_tier(delay)) == 0
+    assert await queue_depth(amqp_url, topology.queue(QUEUE).name) == 0
+
+
+async def test_permanent_failure_takes_the_failure_path_at_once_without_retries(amqp_url, topology):
+    recorder = Recorder(raises=FailPermanently("offer_disabled", "ESIM-XX is disabled"))
+    broker = await run_consumer(amqp_url, topology, recorder)
+    try:
+        event = paid_event()
+        started = time.monotonic()
+        await EventPublisher(broker, topology).publish(event)
+
+        async def failed() -> bool:
+            return bool(recorder.failures)
+
+        await wait_until(failed, timeout=5)
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(1.5)  # long enough for a 1 s retry to have come back, were there one
+    finally:
+        await broker.stop()
+
+    assert elapsed < 1.0
+    assert recorder.failures == [(event.transaction_id, "offer_disabled")]
+    assert len(recorder.deliveries) == 1
+    queue = topology.queue(QUEUE)
+    assert await queue_depth(amqp_url, queue.dlq) == 0
+    for delay in topology.retry_delays:
+        assert await queue_depth(amqp_url, queue.retry_tier(delay)) == 0
+
+
+async def test_permanent_failure_without_a_failure_path_is_dead_lettered(amqp_url, topology):
+    recorder = Recorder(raises=FailPermanently("offer_disabled"))
+    broker = await run_consumer(amqp_url, topology, recorder, with_hook=False)
+    try:
+        await EventPublisher(broker, topology).publish(paid_event())
+
+        async def dead_lettered() -> bool:
+            return await queue_depth(amqp_url, topology.queue(QUEUE).dlq) == 1
+
+        await wait_until(dead_lettered, timeout=5)
+    finally:
+        await broker.stop()
+    assert len(recorder.deliveries) == 1
+
+
+async def test_unexpected_error_goes_straight_to_the_dlq_for_an_operator(amqp_url, topology):
+    recorder = Recorder(raises=KeyError("bug"))
+    broker = await run_consumer(amqp_url, topology, recorder)
+    try:
+        await EventPublisher(broker, topology).publish(paid_event())
+
+        async def dead_lettered() -> bool:
+            return await queue_depth(amqp_url, topology.queue(QUEUE).dlq) == 1
+
+        await wait_until(dead_lettered, timeout=5)
+    finally:
+        await broker.stop()
+    assert len(recorder.deliveries) == 1
+    assert recorder.failures == []
+    dead = await get_one(amqp_url, topology.queue(QUEUE).dlq)
+    assert "KeyError" in dead.headers[LAST_ERROR_HEADER]
+
+
+async def test_poison_message_is_dead_lettered_without_calling_the_handler(amqp_url, topology):
+    recorder = Recorder()
+    broker = await run_consumer(amqp_url, topology, recorder)
+    try:
+        await publish_raw(
+            broker,
+            b'{"not": "an order.paid event"}',
+            exchange=topic_exchange(topology),
+            routing_key="order.paid",
+            message_id="poison-1",
+            correlation_id=None,
+            headers={},
+        )
+
+        async def dead_lettered() -> bool:
+            return await queue_depth(amqp_url, topology.queue(QUEUE).dlq) == 1
+
+        await wait_until(dead_lettered, timeout=5)
+    finally:
+        await broker.stop()
+    assert recorder.deliveries == []
+    dead = await get_one(amqp_url, topology.queue(QUEUE).dlq)
+    assert dead.message_id == "poison-1"
+    assert "invalid OrderPaid" in dead.headers[LAST_ERROR_HEADER]
+
+
+async def test_successful_handling_acks_the_message_once(amqp_url, topology):
+    recorder = Recorder()
+    broker = await run_consumer(amqp_url, topology, recorder)
+    try:
+        await EventPublisher(broker, topology).publish(paid_event())
+
+        async def handled() -> bool:
+            return len(recorder.deliveries) == 1
+
+        await wait_until(handled, timeout=5)
+        await asyncio.sleep(0.3)
+    finally:
+        await broker.stop()
+    assert len(recorder.deliveries) == 1
+    assert await queue_depth(amqp_url, topology.queue(QUEUE).name) == 0
+    assert await queue_depth(amqp_url, topology.queue(QUEUE).dlq) == 0
+
+
+async def test_unroutable_publish_raises(amqp_url, topology):
+    broker = create_broker(amqp_url)
+    await broker.start()
+    try:
+        # order.funded is bound in the topology, but publish with a routing key nobody binds.
+        event = OrderFunded(
+            transaction_id="txn_unroutable",
+            offer_id="ESIM-US-7D-1GB",
+            zendit_cost=Money(amount=500, currency="USD"),
+        )
+        with pytest.raises(PublishFailed):
+            await publish_raw(
+                broker,
+                event.model_dump_json().encode(),
+                exchange=topic_exchange(topology),
+                routing_key="order.nobody-listens",
+                message_id=str(event.event_id),
+                correlation_id=event.transaction_id,
+                headers={},
+            )
+    finally:
+        await broker.stop()
+
+
+async def test_published_events_are_persistent_and_carry_their_ids(amqp_url, topology):
+    broker = create_broker(amqp_url)
+    await broker.start()
+    try:
+        event = paid_event()
+        await EventPublisher(broker, topology).publish(event)
+    finally:
+        await broker.stop()
+    message = await get_one(amqp_url, topology.queue(QUEUE).name)
+    assert message is not None
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.message_id == str(event.event_id)
+    assert message.correlation_id == event.transaction_id
+    assert OrderPaid.model_validate_json(message.body) == event
