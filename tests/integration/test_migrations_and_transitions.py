@@ -7,7 +7,6 @@ import uuid
 
 import asyncpg
 import pytest
-
 from esim_common.migrate import MigrationError, apply_migrations, load_migrations, migrate
 from esim_common.order_states import OrderStatus
 from esim_common.orders import IllegalTransition, transition
@@ -42,10 +41,13 @@ async def test_migrations_create_the_schema_on_an_empty_database_and_are_idempot
     conn = await asyncpg.connect(database_url)
     try:
         tables = {
-            r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
         }
         assert EXPECTED_TABLES <= tables
-        applied_before = await conn.fetch("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+        applied_before = await conn.fetch(
+            "SELECT version, applied_at FROM schema_migrations ORDER BY version"
+        )
         assert [r["version"] for r in applied_before] == [m.version for m in load_migrations()]
     finally:
         await conn.close()
@@ -92,7 +94,9 @@ async def test_a_legal_transition_moves_the_order_stamps_the_step_and_records_th
     assert result.changed and result.previous == OrderStatus.PENDING_PAYMENT
     row = await db.fetchrow("SELECT status, paid_at FROM esim_purchases WHERE transaction_id = $1", txn)
     assert row["status"] == "paid" and row["paid_at"] is not None
-    timeline = await db.fetch("SELECT from_status, to_status FROM order_transitions WHERE transaction_id=$1", txn)
+    timeline = await db.fetch(
+        "SELECT from_status, to_status FROM order_transitions WHERE transaction_id=$1", txn
+    )
     assert [(r["from_status"], r["to_status"]) for r in timeline] == [("pending_payment", "paid")]
 
 
@@ -101,7 +105,9 @@ async def test_an_illegal_transition_is_refused_and_changes_nothing(db):
     async with db.acquire() as conn:
         with pytest.raises(IllegalTransition, match="is delivered; cannot move it to refund_pending"):
             await transition(conn, txn, OrderStatus.REFUND_PENDING)
-    assert await db.fetchval("SELECT status FROM esim_purchases WHERE transaction_id = $1", txn) == "delivered"
+    assert (
+        await db.fetchval("SELECT status FROM esim_purchases WHERE transaction_id = $1", txn) == "delivered"
+    )
     assert await db.fetchval("SELECT count(*) FROM order_transitions WHERE transaction_id = $1", txn) == 0
 
 

@@ -1,5 +1,7 @@
 """The order state machine as a pure table."""
 
+import itertools
+
 from esim_common.order_states import (
     ALLOWED_TRANSITIONS,
     TERMINAL_STATES,
@@ -11,7 +13,7 @@ from esim_common.order_states import (
 
 def test_the_happy_path_is_legal_step_by_step():
     path = ["pending_payment", "paid", "funding", "funded", "purchasing", "provisioned", "delivered"]
-    for current, target in zip(path, path[1:], strict=False):
+    for current, target in itertools.pairwise(path):
         assert can_transition(OrderStatus(current), OrderStatus(target)), (current, target)
 
 

@@ -160,7 +160,8 @@ async def handle_delivery(
             return "dead_lettered"
         except PermanentError as exc:
             log.error(
-                "permanent failure", extra={"queue": queue_name, "reason": exc.reason, "error": error_summary(exc)}
+                "permanent failure",
+                extra={"queue": queue_name, "reason": exc.reason, "error": error_summary(exc)},
             )
             if on_failure is None:
                 await router.to_dlq(message, exc)

@@ -109,7 +109,9 @@ async def create_database_if_missing(dsn: str) -> bool:
         await conn.close()
 
 
-async def migrate(dsn: str, *, directory: Path = DEFAULT_MIGRATIONS_DIR, create_database: bool = False) -> list[str]:
+async def migrate(
+    dsn: str, *, directory: Path = DEFAULT_MIGRATIONS_DIR, create_database: bool = False
+) -> list[str]:
     if create_database and await create_database_if_missing(dsn):
         log.info("database created")
     conn = await asyncpg.connect(dsn)
@@ -132,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(service="migrate", level=settings.log_level, secrets=settings.secret_values().values())
     dsn = args.database_url or settings.database_url
     try:
-        applied = asyncio.run(migrate(dsn, directory=args.migrations_dir, create_database=args.create_database))
+        applied = asyncio.run(
+            migrate(dsn, directory=args.migrations_dir, create_database=args.create_database)
+        )
     except (MigrationError, OSError, asyncpg.PostgresError) as exc:
         log.error("migration failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         return 1

@@ -38,20 +38,23 @@ class TransitionResult:
     previous: OrderStatus
 
 
+# `{stamp_sql}` is filled from STEP_TIMESTAMP_COLUMN (our constants), never from input.
+_UPDATE_TEMPLATE = """
+    WITH previous AS (
+        SELECT status FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
+    )
+    UPDATE esim_purchases AS o
+       SET status = $2, updated_at = now(),
+           failure_reason = COALESCE($4, o.failure_reason){stamp_sql}
+      FROM previous
+     WHERE o.transaction_id = $1 AND o.status = ANY($3::text[])
+ RETURNING previous.status AS previous_status
+"""
+
+
 def _update_sql(target: OrderStatus) -> str:
     stamp = STEP_TIMESTAMP_COLUMN.get(target)
-    stamp_sql = f", {stamp} = COALESCE({stamp}, now())" if stamp else ""
-    return f"""
-        WITH previous AS (
-            SELECT status FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
-        )
-        UPDATE esim_purchases AS o
-           SET status = $2, updated_at = now(),
-               failure_reason = COALESCE($4, o.failure_reason){stamp_sql}
-          FROM previous
-         WHERE o.transaction_id = $1 AND o.status = ANY($3::text[])
-     RETURNING previous.status AS previous_status
-    """
+    return _UPDATE_TEMPLATE.format(stamp_sql=f", {stamp} = COALESCE({stamp}, now())" if stamp else "")
 
 
 INSERT_TRANSITION = """
@@ -76,9 +79,13 @@ async def transition(
     """
     allowed_from = [s.value for s in sources_of(target)]
     async with conn.transaction():
-        previous = await conn.fetchval(_update_sql(target), transaction_id, target.value, allowed_from, failure_reason)
+        previous = await conn.fetchval(
+            _update_sql(target), transaction_id, target.value, allowed_from, failure_reason
+        )
         if previous is not None:
-            await conn.execute(INSERT_TRANSITION, transaction_id, previous, target.value, reason or failure_reason)
+            await conn.execute(
+                INSERT_TRANSITION, transaction_id, previous, target.value, reason or failure_reason
+            )
             metrics.orders_transitions_total.labels(to_state=target.value).inc()
             return TransitionResult(changed=True, previous=OrderStatus(previous))
         current_raw = await conn.fetchval(SELECT_STATUS, transaction_id)

@@ -9,7 +9,6 @@ a consumer lets the message be retried).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiormq.abc import ConfirmationFrameType
@@ -67,8 +66,10 @@ async def publish_raw(
             content_type=CONTENT_TYPE,
             timeout=PUBLISH_CONFIRM_TIMEOUT_SECONDS,
         )
-    except (asyncio.TimeoutError, TimeoutError) as exc:
-        raise PublishFailed(f"no confirm for {routing_key!r} within {PUBLISH_CONFIRM_TIMEOUT_SECONDS}s") from exc
+    except TimeoutError as exc:
+        raise PublishFailed(
+            f"no confirm for {routing_key!r} within {PUBLISH_CONFIRM_TIMEOUT_SECONDS}s"
+        ) from exc
     except Exception as exc:  # aio-pika DeliveryError, connection errors, ...: all mean "not durable"
         raise PublishFailed(f"publish to {routing_key!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(confirmation, Basic.Ack):

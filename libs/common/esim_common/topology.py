@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, ExchangeType
+from aiormq.abc import FieldTable
 
 # The seed asks for retries after 1 s, 3 s and 10 s; Zendit and Stripe outages shorter than that are
 # the common case, longer ones are for the DLQ and an operator.
@@ -98,7 +99,7 @@ def esim_topology(*, exchange: str = "esim.events", prefix: str = "") -> Topolog
     return Topology(exchange=exchange, queues=ESIM_QUEUES, prefix=prefix)
 
 
-def work_queue_arguments(queue: ConsumerQueue) -> dict[str, object]:
+def work_queue_arguments(queue: ConsumerQueue) -> FieldTable:
     """Quorum work queue; anything rejected (or redelivered too often) dead-letters to its DLQ."""
     return {
         "x-queue-type": "quorum",
@@ -111,7 +112,7 @@ def work_queue_arguments(queue: ConsumerQueue) -> dict[str, object]:
     }
 
 
-def retry_tier_arguments(queue: ConsumerQueue, delay_seconds: int) -> dict[str, object]:
+def retry_tier_arguments(queue: ConsumerQueue, delay_seconds: int) -> FieldTable:
     """Quorum delay queue with no consumer: messages wait `delay_seconds`, then go back to work."""
     return {
         "x-queue-type": "quorum",
@@ -123,7 +124,7 @@ def retry_tier_arguments(queue: ConsumerQueue, delay_seconds: int) -> dict[str, 
     }
 
 
-DLQ_ARGUMENTS: dict[str, object] = {"x-queue-type": "quorum"}
+DLQ_ARGUMENTS: FieldTable = {"x-queue-type": "quorum"}
 
 
 async def declare(channel: AbstractChannel, topology: Topology) -> None:

@@ -1,0 +1,645 @@
+"""Typed async client for the Stripe calls esim-fulfillment makes, over the official SDK (`client.v1.*`).
+
+Exceptions (the only ones that leave this module; translated in `_call`, the single boundary)::
+
+    StripeGatewayError             base: `operation`, `http_status`, `code`, `param`, `request_id`;
+    │                              messages never contain a card number or CVC
+    ├── StripeTransientError       retrying later may succeed: connection errors and timeouts, 429,
+    │                              5xx, 409 (the idempotency key is still in use by a first request)
+    └── StripePermanentError       the same request will fail again: invalid or unknown parameters,
+        │                          resource_missing, card declined, authentication/permission,
+        │                          idempotency key reused with different parameters
+        └── StripeSignatureError   a webhook whose signature matches none of our secrets
+
+Every POST carries an idempotency key derived from OUR ids (`checkout:{txn}`, `refund:{txn}`,
+`issuing-card:{topup_id}`, ...), so a redelivered message or a restarted worker repeats the same Stripe
+request and gets the first result back instead of paying, refunding or issuing twice.
+
+Money is integer minor units. Currencies are our uppercase ISO codes on both sides of this module;
+Stripe gets lowercase. Results are frozen dataclasses, not StripeObjects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+
+import stripe
+
+if TYPE_CHECKING:
+    from stripe.params import RefundCreateParams
+    from stripe.params.checkout import SessionCreateParams
+    from stripe.params.issuing import CardCreateParams, CardholderCreateParams
+
+T = TypeVar("T")
+
+CaptureMethod = Literal["automatic", "automatic_async", "manual"]
+RefundReason = Literal["duplicate", "fraudulent", "requested_by_customer"]
+CancellationReason = Literal["abandoned", "duplicate", "fraudulent", "requested_by_customer"]
+
+# Stripe's webhook timestamp tolerance: older signatures are replays.
+WEBHOOK_TOLERANCE_SECONDS = 300
+_CARD_LIKE_DIGITS = re.compile(r"\d[\d -]{10,22}\d")
+
+
+class StripeGatewayError(Exception):
+    """Base of every error this module raises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        http_status: int | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.http_status = http_status
+        self.code = code
+        self.param = param
+        self.request_id = request_id
+
+
+class StripeTransientError(StripeGatewayError):
+    """Try again later (with the same idempotency key)."""
+
+
+class StripePermanentError(StripeGatewayError):
+    """Do not retry: the request itself is wrong or refused."""
+
+
+class StripeSignatureError(StripePermanentError):
+    """A webhook body or signature we cannot trust."""
+
+
+@dataclass(frozen=True)
+class CheckoutSession:
+    id: str
+    url: str | None
+    status: str | None
+    payment_status: str
+    payment_intent_id: str | None
+    amount_total: int | None
+    currency: str | None
+    client_reference_id: str | None
+    customer_email: str | None
+    metadata: dict[str, str]
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class PaymentIntent:
+    id: str
+    status: str
+    amount: int
+    amount_received: int
+    amount_capturable: int
+    currency: str
+    capture_method: str
+    metadata: dict[str, str]
+    latest_charge_id: str | None
+
+
+@dataclass(frozen=True)
+class Refund:
+    id: str
+    status: str | None
+    amount: int
+    currency: str
+    payment_intent_id: str | None
+    reason: str | None
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BillingAddress:
+    line1: str
+    city: str
+    postal_code: str
+    country: str
+    state: str | None = None
+    line2: str | None = None
+
+
+@dataclass(frozen=True)
+class Cardholder:
+    id: str
+    name: str
+    email: str | None
+    status: str
+    type: str
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    """What we may store about a card: never the number or CVC."""
+
+    id: str
+    cardholder_id: str
+    status: str
+    currency: str
+    last4: str
+    exp_month: int
+    exp_year: int
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True, repr=False)
+class CardDetails:
+    """Full card details for the one call that needs them. Never log, persist or publish them."""
+
+    card_id: str
+    number: str = field(repr=False)
+    cvc: str = field(repr=False)
+    exp_month: int
+    exp_year: int
+    last4: str
+
+    def __repr__(self) -> str:
+        expiry = f"{self.exp_month:02d}/{self.exp_year}"
+        return f"CardDetails(card_id={self.card_id!r}, last4={self.last4!r}, exp={expiry})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """A verified webhook event; `data_object` is the plain-JSON snapshot Stripe sent."""
+
+    id: str
+    type: str
+    created: int
+    livemode: bool
+    api_version: str | None
+    data_object: dict[str, Any]
+    previous_attributes: dict[str, Any] | None
+
+
+class StripeGateway:
+    """The Stripe operations our services use. Create once per process; `aclose()` on shutdown."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        api_base: str,
+        max_network_retries: int = 2,
+        timeout_seconds: float = 10,
+    ) -> None:
+        self._http = stripe.HTTPXClient(timeout=timeout_seconds)
+        self._client = stripe.StripeClient(
+            api_key,
+            http_client=self._http,
+            max_network_retries=max_network_retries,
+            base_addresses={"api": api_base},
+        )
+
+    async def aclose(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]  # untyped in stripe 16.1
+
+    async def __aenter__(self) -> StripeGateway:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # --- Checkout and payments -------------------------------------------------------------------
+
+    async def create_checkout_session(
+        self,
+        *,
+        transaction_id: str,
+        amount: int,
+        currency: str,
+        product_name: str,
+        success_url: str,
+        cancel_url: str,
+        customer_email: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        capture_method: CaptureMethod = "automatic",
+        expires_at: int | None = None,
+    ) -> CheckoutSession:
+        """One line item of `amount`; our transaction id goes in client_reference_id and in the metadata
+        of both the session and the PaymentIntent (Stripe does not copy session metadata over)."""
+        tagged = {**(metadata or {}), "transaction_id": transaction_id}
+        params: SessionCreateParams = {
+            "mode": "payment",
+            "line_items": [
+                {
+                    "price_data": {
+                        "currency": _to_stripe_currency(currency),
+                        "unit_amount": _positive(amount, "amount"),
+                        "product_data": {"name": product_name},
+                    },
+                    "quantity": 1,
+                }
+            ],
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+            "client_reference_id": transaction_id,
+            "metadata": tagged,
+            "payment_intent_data": {"metadata": tagged, "capture_method": capture_method},
+        }
+        if customer_email is not None:
+            params["customer_email"] = customer_email
+        if expires_at is not None:
+            params["expires_at"] = expires_at
+        session = await self._call(
+            "create_checkout_session",
+            self._client.v1.checkout.sessions.create_async(
+                params=params, options={"idempotency_key": f"checkout:{transaction_id}"}
+            ),
+        )
+        return _checkout_session(session)
+
+    async def retrieve_checkout_session(self, session_id: str) -> CheckoutSession:
+        session = await self._call(
+            "retrieve_checkout_session", self._client.v1.checkout.sessions.retrieve_async(session_id)
+        )
+        return _checkout_session(session)
+
+    async def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentIntent:
+        intent = await self._call(
+            "retrieve_payment_intent", self._client.v1.payment_intents.retrieve_async(payment_intent_id)
+        )
+        return _payment_intent(intent)
+
+    async def capture_payment_intent(
+        self, *, transaction_id: str, payment_intent_id: str, amount: int | None = None
+    ) -> PaymentIntent:
+        """Capture an authorised (manual-capture) payment, in full unless `amount` says less."""
+        params: stripe.params.PaymentIntentCaptureParams = {}
+        if amount is not None:
+            params["amount_to_capture"] = _positive(amount, "amount")
+        intent = await self._call(
+            "capture_payment_intent",
+            self._client.v1.payment_intents.capture_async(
+                payment_intent_id, params=params, options={"idempotency_key": f"capture:{transaction_id}"}
+            ),
+        )
+        return _payment_intent(intent)
+
+    async def cancel_payment_intent(
+        self,
+        *,
+        transaction_id: str,
+        payment_intent_id: str,
+        reason: CancellationReason = "requested_by_customer",
+    ) -> PaymentIntent:
+        """Release an uncaptured authorisation (no refund, no fee)."""
+        intent = await self._call(
+            "cancel_payment_intent",
+            self._client.v1.payment_intents.cancel_async(
+                payment_intent_id,
+                params={"cancellation_reason": reason},
+                options={"idempotency_key": f"cancel:{transaction_id}"},
+            ),
+        )
+        return _payment_intent(intent)
+
+    async def create_refund(
+        self,
+        *,
+        transaction_id: str,
+        payment_intent_id: str,
+        amount: int | None = None,
+        currency: str | None = None,
+        reason: RefundReason = "requested_by_customer",
+    ) -> Refund:
+        """Refund `amount` (default: everything not yet refunded). One refund per transaction."""
+        params: RefundCreateParams = {
+            "payment_intent": payment_intent_id,
+            "reason": reason,
+            "metadata": {"transaction_id": transaction_id},
+        }
+        if amount is not None:
+            params["amount"] = _positive(amount, "amount")
+        if currency is not None:
+            params["currency"] = _to_stripe_currency(currency)
+        refund = await self._call(
+            "create_refund",
+            self._client.v1.refunds.create_async(
+                params=params, options={"idempotency_key": f"refund:{transaction_id}"}
+            ),
+        )
+        return Refund(
+            id=refund.id,
+            status=refund.status,
+            amount=refund.amount,
+            currency=_from_stripe_currency(refund.currency),
+            payment_intent_id=_id_of(refund.payment_intent),
+            reason=refund.reason,
+            metadata=_metadata(refund.metadata),
+        )
+
+    # --- Issuing ---------------------------------------------------------------------------------
+
+    async def create_cardholder(
+        self,
+        *,
+        name: str,
+        email: str,
+        billing_address: BillingAddress,
+        phone_number: str | None = None,
+    ) -> Cardholder:
+        """Our own platform cardholder (`type: company`). Name: ≤ 24 letters and spaces."""
+        params: CardholderCreateParams = {
+            "type": "company",
+            "name": name,
+            "email": email,
+            "status": "active",
+            "billing": {"address": _address(billing_address)},
+        }
+        if phone_number is not None:
+            params["phone_number"] = phone_number
+        holder = await self._call(
+            "create_cardholder",
+            self._client.v1.issuing.cardholders.create_async(
+                params=params, options={"idempotency_key": f"issuing-cardholder:{name}"}
+            ),
+        )
+        return _cardholder(holder)
+
+    async def ensure_cardholder(
+        self,
+        *,
+        name: str,
+        email: str,
+        billing_address: BillingAddress,
+        phone_number: str | None = None,
+    ) -> Cardholder:
+        """The active company cardholder with this name and email, created if there is none."""
+        found = await self._call(
+            "list_cardholders",
+            self._client.v1.issuing.cardholders.list_async(
+                params={"email": email, "status": "active", "type": "company", "limit": 100}
+            ),
+        )
+        for holder in found.data:
+            if holder.name == name:
+                return _cardholder(holder)
+        return await self.create_cardholder(
+            name=name, email=email, billing_address=billing_address, phone_number=phone_number
+        )
+
+    async def create_single_use_card(
+        self,
+        *,
+        topup_id: str,
+        cardholder_id: str,
+        amount: int,
+        currency: str,
+        allowed_categories: Sequence[str] | None = None,
+        allowed_merchant_countries: Sequence[str] | None = None,
+    ) -> IssuedCard:
+        """A virtual card, active now, that can pay `amount` once: per-authorisation and all-time limits
+        equal to the amount, and cancelled by Stripe after one payment."""
+        limit = _positive(amount, "amount")
+        controls: dict[str, Any] = {
+            "spending_limits": [
+                {"amount": limit, "interval": "per_authorization"},
+                {"amount": limit, "interval": "all_time"},
+            ]
+        }
+        if allowed_categories:
+            controls["allowed_categories"] = list(allowed_categories)
+        if allowed_merchant_countries:
+            controls["allowed_merchant_countries"] = [
+                country.upper() for country in allowed_merchant_countries
+            ]
+        params: CardCreateParams = {
+            "cardholder": cardholder_id,
+            "currency": _to_stripe_currency(currency),
+            "type": "virtual",
+            "status": "active",
+            "spending_controls": cast(Any, controls),  # categories are a 300-value Literal in the SDK
+            "lifecycle_controls": {"cancel_after": {"payment_count": 1}},
+            "metadata": {"topup_id": topup_id},
+        }
+        card = await self._call(
+            "create_single_use_card",
+            self._client.v1.issuing.cards.create_async(
+                params=params, options={"idempotency_key": f"issuing-card:{topup_id}"}
+            ),
+        )
+        return _issued_card(card)
+
+    async def reveal_card(self, card_id: str) -> CardDetails:
+        """Number and CVC (Stripe returns them only when expanded). Keep them in memory, briefly."""
+        card = await self._call(
+            "reveal_card",
+            self._client.v1.issuing.cards.retrieve_async(card_id, params={"expand": ["number", "cvc"]}),
+        )
+        if not card.number or not card.cvc:
+            raise StripePermanentError(
+                f"stripe reveal_card returned no card details for {card_id}", operation="reveal_card"
+            )
+        return CardDetails(
+            card_id=card.id,
+            number=card.number,
+            cvc=card.cvc,
+            exp_month=card.exp_month,
+            exp_year=card.exp_year,
+            last4=card.last4,
+        )
+
+    async def retrieve_card(self, card_id: str) -> IssuedCard:
+        card = await self._call("retrieve_card", self._client.v1.issuing.cards.retrieve_async(card_id))
+        return _issued_card(card)
+
+    async def cancel_card(self, card_id: str) -> IssuedCard:
+        """Cancel for good (idempotent: an already cancelled card is returned as is)."""
+        current = await self.retrieve_card(card_id)
+        if current.status == "canceled":
+            return current
+        card = await self._call(
+            "cancel_card",
+            self._client.v1.issuing.cards.update_async(
+                card_id,
+                params={"status": "canceled"},
+                options={"idempotency_key": f"issuing-card-cancel:{card_id}"},
+            ),
+        )
+        return _issued_card(card)
+
+    async def issuing_available_balance(self, currency: str) -> int:
+        """The Issuing float available to spend in `currency` (0 when Stripe lists none)."""
+        wanted = _to_stripe_currency(currency)
+        balance = await self._call("retrieve_balance", self._client.v1.balance.retrieve_async())
+        if balance.issuing is None:
+            return 0
+        return sum(entry.amount for entry in balance.issuing.available if entry.currency == wanted)
+
+    # --- Webhooks --------------------------------------------------------------------------------
+
+    def construct_event(self, payload: bytes, sig_header: str, secrets: Sequence[str]) -> WebhookEvent:
+        """Verify `payload` (the raw body) against any of `secrets` (several during a rotation)."""
+        if not secrets:
+            raise StripeSignatureError("no webhook secrets configured", operation="construct_event")
+        for secret in secrets:
+            try:
+                stripe.WebhookSignature.verify_header(payload, sig_header, secret, WEBHOOK_TOLERANCE_SECONDS)
+                break
+            except stripe.SignatureVerificationError:
+                continue
+        else:
+            raise StripeSignatureError(
+                "webhook signature matches none of the configured secrets", operation="construct_event"
+            )
+        try:
+            body = json.loads(payload)
+            return WebhookEvent(
+                id=body["id"],
+                type=body["type"],
+                created=body["created"],
+                livemode=body["livemode"],
+                api_version=body.get("api_version"),
+                data_object=body["data"]["object"],
+                previous_attributes=body["data"].get("previous_attributes"),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise StripeSignatureError(
+                "webhook body is not a Stripe event", operation="construct_event"
+            ) from None
+
+    # --- The one boundary where SDK exceptions become ours ---------------------------------------
+
+    async def _call(self, operation: str, request: Awaitable[T]) -> T:
+        try:
+            return await request
+        except stripe.StripeError as exc:
+            # `from None`: the SDK exception carries the raw HTTP body, which for some calls holds card data.
+            raise translate_error(operation, exc) from None
+
+
+_TRANSIENT: tuple[type[stripe.StripeError], ...] = (stripe.APIConnectionError, stripe.RateLimitError)
+_PERMANENT: tuple[type[stripe.StripeError], ...] = (
+    stripe.CardError,
+    stripe.InvalidRequestError,
+    stripe.AuthenticationError,
+    stripe.PermissionError,
+    stripe.IdempotencyError,
+    stripe.SignatureVerificationError,
+)
+
+
+def is_transient(exc: stripe.StripeError) -> bool:
+    if isinstance(exc, _TRANSIENT):
+        return True
+    if isinstance(exc, _PERMANENT):
+        return False
+    # APIError and anything newer: decide by status. 409 is Stripe's "idempotency key in use" lock; no
+    # status means no (valid) answer at all.
+    status = exc.http_status
+    return status is None or status in (409, 429) or status >= 500
+
+
+def translate_error(operation: str, exc: stripe.StripeError) -> StripeGatewayError:
+    kind = StripeTransientError if is_transient(exc) else StripePermanentError
+    param = getattr(exc, "param", None)
+    details = [f"http={exc.http_status}" if exc.http_status else "", f"code={exc.code}" if exc.code else ""]
+    details.append(f"param={param}" if param else "")
+    summary = " ".join(part for part in details if part)
+    message = _CARD_LIKE_DIGITS.sub("[redacted]", exc.user_message or "")
+    return kind(
+        f"stripe {operation} failed: {type(exc).__name__} {summary}: {message}".replace("  ", " "),
+        operation=operation,
+        http_status=exc.http_status,
+        code=exc.code,
+        param=param,
+        request_id=exc.request_id,
+    )
+
+
+def _to_stripe_currency(currency: str) -> str:
+    if len(currency) != 3 or not currency.isalpha():
+        raise ValueError(f"not an ISO 4217 currency code: {currency!r}")
+    return currency.lower()
+
+
+def _from_stripe_currency(currency: str) -> str:
+    return currency.upper()
+
+
+def _positive(amount: int, name: str) -> int:
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise ValueError(f"{name} must be a positive integer of minor units, got {amount!r}")
+    return amount
+
+
+def _id_of(value: str | stripe.StripeObject | None) -> str | None:
+    """An expandable field's id, whether Stripe sent the id or the expanded object."""
+    if value is None or isinstance(value, str):
+        return value
+    return cast(str, value["id"])
+
+
+def _metadata(value: stripe.StripeObject | None) -> dict[str, str]:
+    return {} if value is None else {str(key): str(item) for key, item in value.to_dict().items()}
+
+
+def _address(address: BillingAddress) -> Any:
+    fields = {
+        "line1": address.line1,
+        "city": address.city,
+        "postal_code": address.postal_code,
+        "country": address.country.upper(),
+        "state": address.state,
+        "line2": address.line2,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _checkout_session(session: stripe.checkout.Session) -> CheckoutSession:
+    return CheckoutSession(
+        id=session.id,
+        url=session.url,
+        status=session.status,
+        payment_status=session.payment_status,
+        payment_intent_id=_id_of(session.payment_intent),
+        amount_total=session.amount_total,
+        currency=_from_stripe_currency(session.currency) if session.currency else None,
+        client_reference_id=session.client_reference_id,
+        customer_email=session.customer_email,
+        metadata=_metadata(session.metadata),
+        expires_at=session.expires_at,
+    )
+
+
+def _payment_intent(intent: stripe.PaymentIntent) -> PaymentIntent:
+    return PaymentIntent(
+        id=intent.id,
+        status=intent.status,
+        amount=intent.amount,
+        amount_received=intent.amount_received,
+        amount_capturable=intent.amount_capturable,
+        currency=_from_stripe_currency(intent.currency),
+        capture_method=intent.capture_method,
+        metadata=_metadata(intent.metadata),
+        latest_charge_id=_id_of(intent.latest_charge),
+    )
+
+
+def _cardholder(holder: stripe.issuing.Cardholder) -> Cardholder:
+    return Cardholder(
+        id=holder.id, name=holder.name, email=holder.email, status=holder.status, type=holder.type
+    )
+
+
+def _issued_card(card: stripe.issuing.Card) -> IssuedCard:
+    return IssuedCard(
+        id=card.id,
+        cardholder_id=card.cardholder.id,
+        status=card.status,
+        currency=_from_stripe_currency(card.currency),
+        last4=card.last4,
+        exp_month=card.exp_month,
+        exp_year=card.exp_year,
+        metadata=_metadata(card.metadata),
+    )

@@ -1,0 +1,68 @@
+"""Start every emulator on loopback and say where each one listens.
+
+    python -m esim_sandbox [--stripe-port 12111] [--zendit-port 12112] [--smtp-port 1025]
+                           [--mail-dir var/mail] [--stripe-webhook-url URL]
+
+Runs until Ctrl-C (or SIGTERM), then stops them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from esim_sandbox import smtp_capture, stripe_emulator, zendit_emulator
+from esim_sandbox.serve import LOOPBACK, serve_in_thread
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m esim_sandbox", description=__doc__.splitlines()[0])
+    parser.add_argument("--stripe-port", type=int, default=12111)
+    parser.add_argument("--zendit-port", type=int, default=12112)
+    parser.add_argument("--smtp-port", type=int, default=1025)
+    parser.add_argument("--mail-dir", type=Path, default=Path("var/mail"))
+    parser.add_argument("--stripe-webhook-url", help="where the Stripe emulator delivers events")
+    parser.add_argument("--stripe-webhook-secret", default="whsec_sandbox")
+    args = parser.parse_args(argv)
+
+    stripe = serve_in_thread(
+        stripe_emulator.create_app(
+            webhook_url=args.stripe_webhook_url, webhook_secret=args.stripe_webhook_secret
+        ),
+        port=args.stripe_port,
+    )
+    zendit = serve_in_thread(zendit_emulator.create_app(stripe_url=stripe.url), port=args.zendit_port)
+    args.mail_dir.mkdir(parents=True, exist_ok=True)
+    smtp = smtp_capture.SmtpCapture(args.mail_dir, host=LOOPBACK, port=args.smtp_port)
+    smtp.start()
+
+    print("sandbox emulators are listening:", flush=True)
+    print(f"  Stripe        {stripe.url}          (STRIPE_API_BASE; control routes under /_sandbox/)")
+    print(
+        f"  Zendit        {zendit.url}/v1       (ZENDIT_API_BASE; top-up gateway /v1/wallet/topup)"
+    )
+    print(
+        f"  SMTP capture  {LOOPBACK}:{smtp.port}        (messages as .eml files in {args.mail_dir.resolve()})"
+    )
+    if args.stripe_webhook_url:
+        print(f"  Stripe events are delivered to {args.stripe_webhook_url}")
+    print("Ctrl-C stops them.", flush=True)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        smtp.stop()
+        zendit.stop()
+        stripe.stop()
+        print("sandbox stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
