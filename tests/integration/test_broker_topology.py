@@ -9,6 +9,7 @@ import uuid
 
 import aio_pika
 import pytest
+
 from esim_common.consumer import consume
 from esim_common.errors import FailPermanently, RetryLater
 from esim_common.events import OrderFunded, OrderPaid

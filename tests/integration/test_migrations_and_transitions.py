@@ -7,6 +7,7 @@ import uuid
 
 import asyncpg
 import pytest
+
 from esim_common.migrate import MigrationError, apply_migrations, load_migrations, migrate
 from esim_common.order_states import OrderStatus
 from esim_common.orders import IllegalTransition, transition

@@ -8,6 +8,7 @@ from email.policy import default
 
 import aiosmtplib
 import pytest
+
 from esim_sandbox.smtp_capture import ENVELOPE_FROM_HEADER, ENVELOPE_TO_HEADER, SmtpCapture
 
 QR_PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 import stripe
+
 from esim_common.providers.stripe import (
     BillingAddress,
     StripeGateway,
@@ -18,7 +19,6 @@ from esim_common.providers.stripe import (
 )
 from esim_sandbox.serve import free_port
 from esim_sandbox.stripe_emulator.ids import is_luhn_valid
-
 from tests.fixtures.stripe_emulator import STRIPE_WEBHOOK_SECRET, StripeEmulator, WebhookReceiver
 
 SHOP_ADDRESS = BillingAddress(

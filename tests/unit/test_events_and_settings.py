@@ -5,10 +5,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from esim_common.events import ALL_EVENTS, OrderFailed, OrderPaid
 from esim_common.money import Money
 from esim_common.settings import FundingMode, Settings, load_settings
-from pydantic import ValidationError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

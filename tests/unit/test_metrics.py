@@ -8,6 +8,8 @@ import uuid
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
+
 from esim_common import metrics
 from esim_common.errors import PermanentError, TransientError
 from esim_common.metrics import (
@@ -16,7 +18,6 @@ from esim_common.metrics import (
     observe_provider_call,
     set_legacy_gauges,
 )
-from prometheus_client import REGISTRY
 
 
 class ZenditTimeout(TransientError):

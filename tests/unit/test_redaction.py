@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from esim_common.logging import (
     RedactingFilter,
     bind_transaction_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from esim_sandbox.stripe_emulator.ids import is_luhn_valid, luhn_check_digit, new_card_number, new_cvc
 
 

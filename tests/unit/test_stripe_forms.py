@@ -6,8 +6,9 @@ from urllib.parse import urlencode
 
 import pytest
 import stripe
-from esim_sandbox.stripe_emulator.forms import FormError, decode_pairs, parse_body
 from stripe._encode import _api_encode
+
+from esim_sandbox.stripe_emulator.forms import FormError, decode_pairs, parse_body
 
 
 def test_flat_pairs_stay_strings() -> None:

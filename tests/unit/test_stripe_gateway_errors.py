@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import stripe
+
 from esim_common.providers.stripe import (
     CardDetails,
     StripeGateway,

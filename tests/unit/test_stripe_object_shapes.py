@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from esim_sandbox.stripe_emulator import create_app
 
 SHAPES = Path(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from esim_sandbox.stripe_emulator.errors import ParamError
-from esim_sandbox.stripe_emulator.params import accepted_names, check_params
 from stripe.params import RefundCreateParams
 from stripe.params.checkout import SessionCreateParams
 from stripe.params.issuing import CardCreateParams, CardUpdateParams
+
+from esim_sandbox.stripe_emulator.errors import ParamError
+from esim_sandbox.stripe_emulator.params import accepted_names, check_params
 
 VALID_SESSION = {
     "mode": "payment",

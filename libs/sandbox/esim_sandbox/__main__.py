@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("sandbox emulators are listening:", flush=True)
     print(f"  Stripe        {stripe.url}          (STRIPE_API_BASE; control routes under /_sandbox/)")
-    print(
-        f"  Zendit        {zendit.url}/v1       (ZENDIT_API_BASE; top-up gateway /v1/wallet/topup)"
-    )
+    print(f"  Zendit        {zendit.url}/v1       (ZENDIT_API_BASE; top-up gateway /v1/wallet/topup)")
     print(
         f"  SMTP capture  {LOOPBACK}:{smtp.port}        (messages as .eml files in {args.mail_dir.resolve()})"
     )

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
 from esim_common.logging import NOISY_LOGGERS, configure_logging
 
 LOOPBACK = "127.0.0.1"

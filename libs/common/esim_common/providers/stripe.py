@@ -1,6 +1,8 @@
 """Typed async client for the Stripe calls esim-fulfillment makes, over the official SDK (`client.v1.*`).
 
-Exceptions (the only ones that leave this module; translated in `_call`, the single boundary)::
+Exceptions (the only ones that leave this module; translated in `_call`, the single boundary). The two
+branches also derive from `esim_common.errors.TransientError` / `PermanentError`, so a consumer routes
+a message that failed on Stripe to the right fate without catching anything::
 
     StripeGatewayError             base: `operation`, `http_status`, `code`, `param`, `request_id`;
     │                              messages never contain a card number or CVC
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import stripe
+
+from esim_common.errors import PermanentError, TransientError
 
 if TYPE_CHECKING:
     from stripe.params import RefundCreateParams
@@ -66,12 +70,17 @@ class StripeGatewayError(Exception):
         self.request_id = request_id
 
 
-class StripeTransientError(StripeGatewayError):
+class StripeTransientError(StripeGatewayError, TransientError):
     """Try again later (with the same idempotency key)."""
 
 
-class StripePermanentError(StripeGatewayError):
+class StripePermanentError(StripeGatewayError, PermanentError):
     """Do not retry: the request itself is wrong or refused."""
+
+    @property
+    def reason(self) -> str:  # type: ignore[override]
+        """Short code for the order's failure reason, e.g. `stripe_charge_already_refunded`."""
+        return f"stripe_{self.code or 'request_refused'}"
 
 
 class StripeSignatureError(StripePermanentError):
