@@ -120,3 +120,24 @@ CREATE TABLE outbox (
     published_at    timestamptz
 );
 CREATE INDEX outbox_unpublished_idx ON outbox (created_at) WHERE published_at IS NULL;
+
+-- On Supabase every table in `public` is served by its REST API to anyone holding the shop's public
+-- anon key. Only our services (connecting as the table owner / service role) may touch these tables:
+-- row-level security on with no policies denies the API roles everything; the REVOKE makes it explicit.
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['esim_purchases', 'order_transitions', 'stripe_events', 'wallet_topups',
+                             'issuing_cards', 'sent_emails', 'outbox']
+    LOOP
+        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN
+            EXECUTE format('REVOKE ALL ON TABLE %I FROM anon', t);
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+            EXECUTE format('REVOKE ALL ON TABLE %I FROM authenticated', t);
+        END IF;
+    END LOOP;
+END
+$$;

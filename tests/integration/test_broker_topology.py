@@ -12,10 +12,16 @@ import pytest
 
 from esim_common.consumer import consume
 from esim_common.errors import FailPermanently, RetryLater
-from esim_common.events import OrderFunded, OrderPaid
+from esim_common.events import ALL_EVENTS, OrderFunded, OrderPaid
 from esim_common.money import Money
 from esim_common.publisher import EventPublisher, PublishFailed, create_broker, publish_raw, topic_exchange
-from esim_common.topology import ATTEMPT_HEADER, LAST_ERROR_HEADER, ORIGIN_QUEUE_HEADER, Topology
+from esim_common.topology import (
+    ATTEMPT_HEADER,
+    LAST_ERROR_HEADER,
+    ORIGIN_QUEUE_HEADER,
+    ConsumerQueue,
+    Topology,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -56,8 +62,9 @@ async def wait_until(predicate, timeout: float, interval: float = 0.05) -> None:
 
 
 class Recorder:
-    def __init__(self, raises: BaseException | None = None) -> None:
+    def __init__(self, raises: BaseException | None = None, hook_raises: BaseException | None = None) -> None:
         self.raises = raises
+        self.hook_raises = hook_raises
         self.deliveries: list[float] = []
         self.failures: list[tuple[str, str]] = []
 
@@ -68,6 +75,8 @@ class Recorder:
 
     async def on_failure(self, event: OrderPaid, reason: str) -> None:
         self.failures.append((event.transaction_id, reason))
+        if self.hook_raises is not None:
+            raise self.hook_raises
 
 
 async def run_consumer(amqp_url: str, topology: Topology, recorder: Recorder, *, with_hook: bool = True):
@@ -259,3 +268,75 @@ async def test_published_events_are_persistent_and_carry_their_ids(amqp_url, top
     assert message.message_id == str(event.event_id)
     assert message.correlation_id == event.transaction_id
     assert OrderPaid.model_validate_json(message.body) == event
+
+
+async def test_a_failing_failure_path_is_retried_through_the_tiers_then_dead_lettered_once(
+    amqp_url, topology
+):
+    recorder = Recorder(raises=FailPermanently("offer_disabled"), hook_raises=ConnectionError("db down"))
+    broker = await run_consumer(amqp_url, topology, recorder)
+    queue = topology.queue(QUEUE)
+    try:
+        await EventPublisher(broker, topology).publish(paid_event())
+
+        async def dead_lettered() -> bool:
+            return await queue_depth(amqp_url, queue.dlq) >= 1
+
+        await wait_until(dead_lettered, timeout=25)
+        await asyncio.sleep(1.5)  # a loop would have produced more deliveries and DLQ copies by now
+    finally:
+        await broker.stop()
+
+    assert len(recorder.deliveries) == 4, "first delivery and three retries, not a hot loop"
+    assert len(recorder.failures) == 4
+    assert await queue_depth(amqp_url, queue.dlq) == 1
+    dead = await get_one(amqp_url, queue.dlq)
+    assert "the failure path failed" in dead.headers[LAST_ERROR_HEADER]
+    assert "db down" in dead.headers[LAST_ERROR_HEADER]
+
+
+async def test_when_the_failure_cannot_be_routed_the_broker_dead_letters_the_message_once(amqp_url, topology):
+    recorder = Recorder(raises=RetryLater("zendit answered 503"))
+    queue = topology.queue(QUEUE)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue.retry_tier(topology.retry_delays[0]))  # the copy becomes unroutable
+    broker = await run_consumer(amqp_url, topology, recorder)
+    try:
+        await EventPublisher(broker, topology).publish(paid_event())
+
+        async def dead_lettered() -> bool:
+            return await queue_depth(amqp_url, queue.dlq) >= 1
+
+        await wait_until(dead_lettered, timeout=10)
+        await asyncio.sleep(1.0)
+    finally:
+        await broker.stop()
+    assert len(recorder.deliveries) == 1, "rejected, not requeued: the handler ran once"
+    assert await queue_depth(amqp_url, queue.dlq) == 1
+    assert await queue_depth(amqp_url, queue.name) == 0
+
+
+async def test_every_event_type_is_routable_in_the_production_topology(amqp_url, topology):
+    broker = create_broker(amqp_url)
+    await broker.start()
+    try:
+        for event_type in ALL_EVENTS:
+            await publish_raw(
+                broker,
+                b"{}",
+                exchange=topic_exchange(topology),
+                routing_key=event_type.routing_key,
+                message_id=None,
+                correlation_id=None,
+                headers={},
+            )
+    finally:
+        await broker.stop()
+
+
+def test_a_consumer_wired_to_a_queue_that_never_receives_its_event_is_refused():
+    topo = Topology(queues=(ConsumerQueue("funding.order-paid", ("order.paid",)),))
+    with pytest.raises(ValueError, match=r"not order\.funded"):
+        consume(create_broker("amqp://unused/"), topo, "funding.order-paid", OrderFunded, Recorder().handler)

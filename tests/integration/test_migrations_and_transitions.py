@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from esim_common.migrate import MigrationError, apply_migrations, load_migrations, migrate
 from esim_common.order_states import OrderStatus
@@ -73,7 +75,7 @@ async def test_a_migration_edited_after_it_was_applied_is_refused(database_url):
         await conn.close()
 
 
-async def test_the_schema_refuses_card_numbers_and_float_money(db):
+async def test_the_card_table_holds_four_digits_at_most_and_no_column_holds_float_money(db):
     await db.execute("INSERT INTO wallet_topups (id, amount, currency) VALUES ('tu_1', 5000, 'USD')")
     with pytest.raises((asyncpg.CheckViolationError, asyncpg.StringDataRightTruncationError)):
         await db.execute(
@@ -101,11 +103,18 @@ async def test_a_legal_transition_moves_the_order_stamps_the_step_and_records_th
     assert [(r["from_status"], r["to_status"]) for r in timeline] == [("pending_payment", "paid")]
 
 
-async def test_an_illegal_transition_is_refused_and_changes_nothing(db):
+async def test_an_illegal_transition_is_refused_logged_counted_and_changes_nothing(db, caplog):
     txn = await insert_order(db, OrderStatus.DELIVERED)
+    labels = {"from_state": "delivered", "to_state": "refund_pending"}
+    counted_before = REGISTRY.get_sample_value("esim_illegal_transitions_total", labels) or 0.0
     async with db.acquire() as conn:
-        with pytest.raises(IllegalTransition, match="is delivered; cannot move it to refund_pending"):
+        with (
+            caplog.at_level(logging.WARNING, logger="esim.orders"),
+            pytest.raises(IllegalTransition, match="is delivered; cannot move it to refund_pending"),
+        ):
             await transition(conn, txn, OrderStatus.REFUND_PENDING)
+    assert REGISTRY.get_sample_value("esim_illegal_transitions_total", labels) == counted_before + 1
+    assert [r.getMessage() for r in caplog.records] == ["illegal order transition refused"]
     assert (
         await db.fetchval("SELECT status FROM esim_purchases WHERE transaction_id = $1", txn) == "delivered"
     )

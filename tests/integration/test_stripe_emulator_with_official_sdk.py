@@ -599,7 +599,7 @@ async def test_a_real_time_authorisation_endpoint_decides_and_is_signed(
             await gateway.create_single_use_card(
                 topup_id=f"t{i}", cardholder_id=holder_id, amount=900, currency="USD"
             )
-            for i in range(3)
+            for i in range(4)
         ]
         approved = await authorize(client, cards[0].id, 900)
         stripe_webhook_receiver.approve_authorizations = False
@@ -609,11 +609,15 @@ async def test_a_real_time_authorisation_endpoint_decides_and_is_signed(
             stripe_webhook_receiver.authorization_delay_seconds,
         ) = True, 2.5
         too_slow = await authorize(client, cards[2].id, 900)
+        stripe_webhook_receiver.authorization_delay_seconds = 0.0
+        stripe_webhook_receiver.send_stripe_version = False
+        unversioned = await authorize(client, cards[3].id, 900)
     await http_client.close_async()
 
     assert approved.approved is True and approved.request_history[-1].reason == "webhook_approved"
     assert (refused.approved, refused.request_history[-1].reason) == (False, "webhook_declined")
     assert (too_slow.approved, too_slow.request_history[-1].reason) == (False, "webhook_timeout")
+    assert (unversioned.approved, unversioned.request_history[-1].reason) == (False, "webhook_error")
     request = stripe_webhook_receiver.received[0]
     event = client.construct_event(request.body, request.signature, STRIPE_WEBHOOK_SECRET)
     assert event.type == "issuing_authorization.request" and event.data.object.pending_request.amount == 900

@@ -1,11 +1,12 @@
 """Event contracts and settings: what every service relies on without I/O."""
 
+import json
 import re
 import uuid
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from esim_common.events import ALL_EVENTS, OrderFailed, OrderPaid
 from esim_common.money import Money
@@ -46,12 +47,32 @@ def test_a_newer_schema_version_is_refused_rather_than_misread():
         OrderFailed.model_validate(payload)
 
 
+def _readme_default(value: object) -> str:
+    """How the README's configuration table writes a default."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, list):
+        return "`" + ",".join(item.get_secret_value() for item in value) + "`"
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, bool):
+        value = str(value).lower()
+    return f"`{value}`"
+
+
 def test_every_setting_is_documented_in_the_readme_with_its_default():
     readme = README.read_text()
-    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", readme, flags=re.MULTILINE))
-    expected = {name.upper() for name in Settings.model_fields}
-    assert expected - documented == set(), "add these to the README's configuration table"
-    assert documented - expected == set(), "the README documents settings that do not exist"
+    rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|", readme, flags=re.MULTILINE))
+    defaults = Settings.model_construct()  # field defaults, no environment or .env
+    expected = {name.upper(): _readme_default(getattr(defaults, name)) for name in Settings.model_fields}
+    assert set(expected) - set(rows) == set(), "add these to the README's configuration table"
+    assert set(rows) - set(expected) == set(), "the README documents settings that do not exist"
+    wrong = {
+        name: (rows[name].strip(), default)
+        for name, default in expected.items()
+        if rows[name].strip() != default
+    }
+    assert wrong == {}, "README default differs from the code: (README, code)"
 
 
 def test_webhook_secrets_accept_a_comma_separated_list_for_rotation(monkeypatch):
@@ -72,3 +93,25 @@ def test_production_refuses_to_start_with_sandbox_secrets_and_does_not_echo_them
     assert "zendit_api_key" in message and "admin_api_token" in message
     assert "stripe_api_key" not in message
     assert "sk_live_realkey123456" not in message
+
+
+@pytest.mark.parametrize("amount", [1299.0, "1299", True, 0, -5])
+def test_event_money_must_be_a_positive_whole_number_of_minor_units(amount):
+    payload = {
+        "transaction_id": "txn_1",
+        "offer_id": "ESIM-US-7D-1GB",
+        "price": {"amount": amount, "currency": "USD"},
+        "payment_intent_id": "pi_1",
+    }
+    with pytest.raises(ValidationError, match="amount"):
+        OrderPaid.model_validate(payload)
+    with pytest.raises(ValidationError, match="amount"):
+        OrderPaid.model_validate_json(json.dumps(payload))
+
+
+def test_database_and_broker_passwords_are_secrets_and_stay_out_of_repr(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://esim:db-pass-123456@db:5432/esim")
+    monkeypatch.setenv("AMQP_URL", "amqp://esim:mq-pass-123456@mq:5672/")
+    settings = load_settings()
+    assert {"db-pass-123456", "mq-pass-123456"} <= set(settings.secret_values().values())
+    assert "pass-123456" not in repr(settings)

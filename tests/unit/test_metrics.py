@@ -28,18 +28,18 @@ class CardDeclined(PermanentError):
     pass
 
 
-class FlaggedError(Exception):
-    transient = True
+class BrokenPipe(ConnectionError):
+    pass
 
 
 def calls(endpoint: str, outcome: str) -> float:
     labels = {"provider": "zendit", "endpoint": endpoint, "outcome": outcome}
-    return REGISTRY.get_sample_value("provider_calls_total", labels) or 0.0
+    return REGISTRY.get_sample_value("esim_provider_calls_total", labels) or 0.0
 
 
 def timed(endpoint: str) -> float:
     labels = {"provider": "zendit", "endpoint": endpoint}
-    return REGISTRY.get_sample_value("provider_call_seconds_count", labels) or 0.0
+    return REGISTRY.get_sample_value("esim_provider_call_seconds_count", labels) or 0.0
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_a_successful_call_counts_as_ok_and_is_timed(endpoint: str) -> None:
 
 
 def test_errors_are_counted_by_class_and_re_raised(endpoint: str) -> None:
-    for error in (ZenditTimeout(), FlaggedError(), TimeoutError(), CardDeclined(), KeyError("offer")):
+    for error in (ZenditTimeout(), BrokenPipe(), TimeoutError(), CardDeclined(), KeyError("offer")):
         with pytest.raises(type(error)), observe_provider_call("zendit", endpoint):
             raise error
 

@@ -89,3 +89,28 @@ async def test_construct_event_accepts_any_configured_secret_during_rotation() -
             gateway.construct_event(payload, sign(payload, "whsec_new", timestamp=1), ["whsec_new"])
     finally:
         await gateway.aclose()
+
+
+async def test_an_account_without_issuing_has_a_zero_float_instead_of_crashing(monkeypatch):
+    gateway = StripeGateway(api_key="sk_test_x", api_base="http://127.0.0.1:9")
+
+    async def answer(operation, request):
+        request.close()  # never sent
+        return stripe.Balance.construct_from({"object": "balance", "available": [], "pending": []}, "k")
+
+    monkeypatch.setattr(gateway, "_call", answer)
+    assert await gateway.issuing_available_balance("USD") == 0
+
+
+async def test_a_card_stripe_will_not_reveal_is_a_permanent_error_not_a_crash(monkeypatch):
+    gateway = StripeGateway(api_key="sk_test_x", api_base="http://127.0.0.1:9")
+
+    async def answer(operation, request):
+        request.close()
+        return stripe.issuing.Card.construct_from(
+            {"id": "ic_1", "object": "issuing.card", "last4": "4242"}, "k"
+        )
+
+    monkeypatch.setattr(gateway, "_call", answer)
+    with pytest.raises(StripePermanentError, match="no card details"):
+        await gateway.reveal_card("ic_1")

@@ -115,6 +115,13 @@ async def test_an_unreadable_success_is_transient():
             await client.topup(amount=5000, currency="USD", card=Card(), reference="r1")
 
 
+async def test_a_top_up_not_yet_succeeded_is_transient_so_it_is_asked_again_with_the_same_reference():
+    body = {"topupId": "t_1", "status": "PENDING", "amount": 5000, "currency": "USD"}
+    async with gateway(answering(200, body)) as client:
+        with pytest.raises(TopupGatewayUnavailable, match="PENDING"):
+            await client.topup(amount=5000, currency="USD", card=Card(), reference="r1")
+
+
 async def test_a_gateway_crediting_another_amount_is_an_unclassified_error():
     body = {"topupId": "t_1", "status": "SUCCEEDED", "amount": 500, "currency": "USD"}
     async with gateway(answering(200, body)) as client:

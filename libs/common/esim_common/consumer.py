@@ -7,21 +7,23 @@ nothing; what it raises decides the message's fate (see `esim_common.errors`):
 |-----------------------------------------|-----------------------------------------------------------|
 | returns                                 | ack                                                       |
 | raises TransientError (e.g. RetryLater) | copy to the next retry tier (1 s, 3 s, 10 s), ack          |
-|   ... after the last tier               | copy to `<queue>.dlq`, run the failure hook, ack           |
+|   ... after the last tier               | run the failure hook, copy to `<queue>.dlq`, ack           |
 | raises PermanentError                   | run the failure hook (compensation), ack; no hook → DLQ    |
+| the failure hook raises                 | retry tier while attempts remain, then DLQ                 |
 | raises anything else (a bug)            | copy to `<queue>.dlq` for a person, ack                    |
 | body is not a valid event (poison)      | copy to `<queue>.dlq`, ack                                 |
+| the copy itself is not confirmed        | reject without requeue: the broker dead-letters to the DLQ |
 
 "Copy, then ack" means the broker has confirmed the copy before the original goes, so a crash in
-between duplicates the message (handlers are idempotent) but never loses it. If routing the failure
-itself fails (broker trouble), the message is requeued after a pause; the quorum queue's delivery
-limit dead-letters it if that repeats. FastStream's own ack policy is switched off (`MANUAL`) because
-its default rejects without requeue, which would drop a message from a queue with no dead-letter target.
+between duplicates the message (handlers are idempotent) but never loses it. Nothing is ever requeued
+with a nack: that would re-run the handler in a tight loop, and RabbitMQ 4.3 no longer counts such
+nacks towards a quorum queue's delivery limit. FastStream's own ack policy is switched off (`MANUAL`)
+because its default rejects without requeue, which would drop a message from a queue with no
+dead-letter target.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -54,9 +56,6 @@ FailureHook = Callable[[E, str], Awaitable[None]]
 
 log = logging.getLogger("esim.consumer")
 
-# Pause before requeueing a message whose failure could not be routed (the broker is probably
-# restarting); without it a consumer would spin on the same message.
-REQUEUE_PAUSE_SECONDS = 1.0
 # Headers are visible in the management UI; keep the error short and never let secrets through.
 MAX_ERROR_HEADER_LENGTH = 500
 
@@ -151,27 +150,55 @@ async def handle_delivery(
                 await router.to_retry_tier(message, attempt, exc)
                 return "retried"
             log.error(
-                "retries exhausted, dead-lettered",
+                "retries exhausted",
                 extra={"queue": queue_name, "attempt": attempt, "error": error_summary(exc)},
             )
-            await router.to_dlq(message, exc)
-            if on_failure is not None:
-                await on_failure(event, failure_reason(exc))
-            return "dead_lettered"
+            return await _take_failure_path(message, event, exc, attempt, router, on_failure)
         except PermanentError as exc:
             log.error(
                 "permanent failure",
                 extra={"queue": queue_name, "reason": exc.reason, "error": error_summary(exc)},
             )
-            if on_failure is None:
-                await router.to_dlq(message, exc)
-                return "dead_lettered"
-            await on_failure(event, failure_reason(exc))
-            return "failed_permanently"
+            return await _take_failure_path(message, event, exc, attempt, router, on_failure)
         except Exception as exc:
             log.exception("unexpected error, dead-lettered for an operator", extra={"queue": queue_name})
             await router.to_dlq(message, exc)
             return "dead_lettered"
+
+
+async def _take_failure_path(
+    message: RabbitMessage,
+    event: E,
+    exc: TransientError | PermanentError,
+    attempt: int,
+    router: MessageRouter,
+    on_failure: FailureHook[E] | None,
+) -> str:
+    """Run the service's compensation; a message whose retries ran out also goes to the DLQ.
+
+    A compensation that fails (database down, refund refused) is itself retried through the tiers —
+    bounded by the same attempt counter — and dead-lettered when they are used up, so a failing
+    failure path never loops and never goes quiet.
+    """
+    exhausted = isinstance(exc, TransientError)
+    if on_failure is None:
+        await router.to_dlq(message, exc)
+        return "dead_lettered"
+    try:
+        await on_failure(event, failure_reason(exc))
+    except Exception as hook_exc:
+        log.exception("failure path failed", extra={"queue": router.queue.name, "attempt": attempt})
+        if not exhausted and attempt <= len(router.retry_delays):
+            await router.to_retry_tier(message, attempt, hook_exc)
+            return "retried"
+        await router.to_dlq(
+            message, f"{error_summary(exc)}; then the failure path failed: {error_summary(hook_exc)}"
+        )
+        return "dead_lettered"
+    if exhausted:
+        await router.to_dlq(message, exc)
+        return "dead_lettered"
+    return "failed_permanently"
 
 
 def consume(
@@ -189,6 +216,11 @@ def consume(
     does not declare it again here, so there is exactly one place that defines its arguments.
     """
     queue = topology.queue(queue_name)
+    if event_type.routing_key not in queue.routing_keys:
+        raise ValueError(
+            f"{queue.name} receives {', '.join(queue.routing_keys)}, not {event_type.routing_key} "
+            f"({event_type.__name__}); every message would be dead-lettered as poison"
+        )
     router = MessageRouter(broker, queue, topology.retry_delays)
     subscriber = broker.subscriber(
         RabbitQueue(queue.name, declare=False),
@@ -205,11 +237,13 @@ def consume(
                 message, event_type=event_type, handler=handler, router=router, on_failure=on_failure
             )
         except Exception:
-            # Settling failed (broker trouble, or the failure hook raised): keep the message.
-            log.exception("could not settle message, requeueing", extra={"queue": queue.name})
-            await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
-            await message.nack(requeue=True)
-            metrics.messages_processed_total.labels(queue=queue.name, outcome="requeued").inc()
+            # The copy to a retry tier or the DLQ was not confirmed. Reject without requeue: the work
+            # queue dead-letters to its DLQ inside the broker (at-least-once), so the message is kept
+            # and the handler does not run again in a loop. If the channel itself is gone, the reject
+            # fails too and the broker redelivers the unacked message after the reconnect.
+            log.exception("could not route the failure, rejecting to the DLQ", extra={"queue": queue.name})
+            await message.reject(requeue=False)
+            metrics.messages_processed_total.labels(queue=queue.name, outcome="rejected_to_dlq").inc()
             return
         await message.ack()
         metrics.messages_processed_total.labels(queue=queue.name, outcome=outcome).inc()

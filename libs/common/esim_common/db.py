@@ -22,6 +22,7 @@ async def create_pool(
     *,
     min_size: int = 1,
     max_size: int = 10,
+    statement_cache_size: int = 100,
     deadline_seconds: float = CONNECT_DEADLINE_SECONDS,
 ) -> asyncpg.Pool:
     loop = asyncio.get_running_loop()
@@ -31,11 +32,16 @@ async def create_pool(
         attempt += 1
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, command_timeout=COMMAND_TIMEOUT_SECONDS
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=COMMAND_TIMEOUT_SECONDS,
+                statement_cache_size=statement_cache_size,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             if loop.time() >= give_up_at:
                 raise
+            # The error text can quote the DSN; the log formatter redacts the password from it.
             log.warning(
                 "database not ready, retrying",
                 extra={"attempt": attempt, "error": f"{type(exc).__name__}: {exc}"},

@@ -12,15 +12,33 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from esim_common.money import Money
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _whole_minor_units(value: object) -> object:
+    """Refuse `12.99`, `"1299"` or `true` as an amount before pydantic's lax mode can coerce them."""
+    amount = value.get("amount") if isinstance(value, dict) else getattr(value, "amount", None)
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise ValueError("amount must be an integer number of minor units")
+    return value
+
+
+def _positive(value: Money) -> Money:
+    if value.amount <= 0:
+        raise ValueError("amount must be positive")
+    return value
+
+
+# Money in an event: a positive whole number of minor units with its currency.
+Amount = Annotated[Money, BeforeValidator(_whole_minor_units), AfterValidator(_positive)]
 
 
 class Event(BaseModel):
@@ -39,7 +57,7 @@ class OrderPaid(Event):
 
     routing_key: ClassVar[str] = "order.paid"
     offer_id: str
-    price: Money
+    price: Amount
     payment_intent_id: str
 
 
@@ -48,7 +66,7 @@ class OrderFunded(Event):
 
     routing_key: ClassVar[str] = "order.funded"
     offer_id: str
-    zendit_cost: Money
+    zendit_cost: Amount
     topup_id: str | None = None
 
 
@@ -82,7 +100,7 @@ class OrderRefunded(Event):
 
     routing_key: ClassVar[str] = "order.refunded"
     refund_id: str
-    amount: Money
+    amount: Amount
 
 
 ALL_EVENTS: tuple[type[Event], ...] = (

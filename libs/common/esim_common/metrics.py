@@ -3,13 +3,15 @@
 Labels are drawn from small fixed sets (provider, endpoint template, queue, state, outcome), never ids
 or emails: every distinct label value is a time series kept forever.
 
-    provider_calls_total{provider,endpoint,outcome}   outcome: ok | transient_error | permanent_error
-    provider_call_seconds{provider,endpoint}
-    messages_processed_total{queue,outcome}           outcome: ok | retried | dead_lettered |
-                                                               failed_permanently | requeued
-    message_handling_seconds{queue}
-    illegal_transitions_total{from_state,to_state}
-    orders_transitions_total{to_state}
+    esim_provider_calls_total{provider,endpoint,outcome}  outcome: ok | transient_error | permanent_error
+    esim_provider_call_seconds{provider,endpoint}
+    esim_messages_processed_total{queue,outcome}          outcome: ok | retried | dead_lettered |
+                                                                   failed_permanently | rejected_to_dlq
+    esim_message_handling_seconds{queue}
+    esim_illegal_transitions_total{from_state,to_state}
+    esim_order_transitions_total{to_state}
+
+(The Python names drop the `esim_` prefix.)
 
 plus the seed's dashboard gauges (`esim_success_rate`, …), which only the service that computes them
 exposes: see `set_legacy_gauges`. Broker metrics come from FastStream's Prometheus middleware.
@@ -28,6 +30,8 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_asgi_app, start_http_server
 from prometheus_client.registry import Collector
 
+from esim_common.errors import TransientError
+
 __all__ = [
     "LEGACY_GAUGES",
     "illegal_transitions_total",
@@ -45,7 +49,7 @@ __all__ = [
 ]
 
 ProviderOutcome = Literal["ok", "transient_error", "permanent_error"]
-MessageOutcome = Literal["ok", "retried", "dead_lettered", "failed_permanently", "requeued"]
+MessageOutcome = Literal["ok", "retried", "dead_lettered", "failed_permanently", "rejected_to_dlq"]
 
 # Provider calls are HTTP round trips to Stripe/Zendit: tens of ms to the 10-30 s client timeouts.
 PROVIDER_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -72,39 +76,39 @@ def _get_or_create(kind: type[C], name: str, documentation: str, labels: tuple[s
 
 provider_calls_total = _get_or_create(
     Counter,
-    "provider_calls_total",
+    "esim_provider_calls_total",
     "Calls to external providers by outcome.",
     ("provider", "endpoint", "outcome"),
 )
 provider_call_seconds = _get_or_create(
     Histogram,
-    "provider_call_seconds",
+    "esim_provider_call_seconds",
     "Duration of calls to external providers.",
     ("provider", "endpoint"),
     buckets=PROVIDER_BUCKETS,
 )
 messages_processed_total = _get_or_create(
     Counter,
-    "messages_processed_total",
+    "esim_messages_processed_total",
     "Messages consumed, by how they were settled.",
     ("queue", "outcome"),
 )
 message_handling_seconds = _get_or_create(
     Histogram,
-    "message_handling_seconds",
+    "esim_message_handling_seconds",
     "Time from delivery to settling a message.",
     ("queue",),
     buckets=HANDLING_BUCKETS,
 )
 illegal_transitions_total = _get_or_create(
     Counter,
-    "illegal_transitions_total",
+    "esim_illegal_transitions_total",
     "Order state changes refused by the state machine.",
     ("from_state", "to_state"),
 )
 orders_transitions_total = _get_or_create(
     Counter,
-    "orders_transitions_total",
+    "esim_order_transitions_total",
     "Orders entering each state.",
     ("to_state",),
 )
@@ -114,17 +118,12 @@ orders_transitions_total = _get_or_create(
 
 
 def is_transient_error(exc: BaseException) -> bool:
-    """Default classifier: a `transient` bool attribute wins, else a class named *Transient* in the MRO.
+    """Default classifier: our `TransientError` tree (every provider client maps into it).
 
     Built-in timeouts and connection errors count as transient too, for calls observed before the
     client has mapped them into its own exception tree.
     """
-    flag = getattr(exc, "transient", None)
-    if isinstance(flag, bool):
-        return flag
-    if isinstance(exc, TimeoutError | ConnectionError):
-        return True
-    return any("Transient" in cls.__name__ for cls in type(exc).__mro__)
+    return isinstance(exc, TransientError | TimeoutError | ConnectionError)
 
 
 P = ParamSpec("P")

@@ -127,16 +127,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="esim-migrate", description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", help="defaults to DATABASE_URL")
-    parser.add_argument("--migrations-dir", type=Path, default=DEFAULT_MIGRATIONS_DIR)
+    parser.add_argument("--migrations-dir", type=Path, help="defaults to MIGRATIONS_DIR or deploy/migrations")
     parser.add_argument("--create-database", action="store_true", help="create the database if missing")
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging(service="migrate", level=settings.log_level, secrets=settings.secret_values().values())
     dsn = args.database_url or settings.database_url
+    directory = args.migrations_dir or Path(settings.migrations_dir or DEFAULT_MIGRATIONS_DIR)
     try:
-        applied = asyncio.run(
-            migrate(dsn, directory=args.migrations_dir, create_database=args.create_database)
-        )
+        applied = asyncio.run(migrate(dsn, directory=directory, create_database=args.create_database))
     except (MigrationError, OSError, asyncpg.PostgresError) as exc:
         log.error("migration failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         return 1

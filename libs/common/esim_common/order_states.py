@@ -64,6 +64,7 @@ TERMINAL_STATES: frozenset[OrderStatus] = frozenset(s for s, nxt in ALLOWED_TRAN
 STEP_TIMESTAMP_COLUMN: dict[OrderStatus, str] = {
     S.PAID: "paid_at",
     S.FUNDED: "funded_at",
+    S.PURCHASING: "purchased_at",  # the Zendit purchase was placed
     S.PROVISIONED: "qr_stored_at",
     S.DELIVERED: "emailed_at",
     S.PAYMENT_FAILED: "failed_at",

@@ -9,6 +9,7 @@ a consumer lets the message be retried).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiormq.abc import ConfirmationFrameType
@@ -33,8 +34,13 @@ class PublishFailed(TransientError):
 
 
 def create_broker(amqp_url: str, *, prefetch: int = 16, **kwargs: Any) -> RabbitBroker:
-    """A FastStream broker whose channel confirms every publish and raises on unroutable messages."""
+    """A FastStream broker whose channel confirms every publish and raises on unroutable messages.
+
+    FastStream's own loggers print plain text to stdout; ours go through the JSON formatter and the
+    redaction filter like every other line.
+    """
     channel = Channel(prefetch_count=prefetch, publisher_confirms=True, on_return_raises=True)
+    kwargs.setdefault("logger", logging.getLogger("esim.broker"))
     return RabbitBroker(amqp_url, default_channel=channel, **kwargs)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,6 +35,13 @@ _SANDBOX_SECRETS = {
 }
 
 
+def _url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -51,10 +59,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # --- infrastructure
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/esim"
+    # URLs may hold passwords: kept out of repr, and their passwords are redacted like other secrets.
+    amqp_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    database_url: str = Field(default="postgresql://postgres@127.0.0.1:5432/esim", repr=False)
     database_pool_min_size: int = 1
     database_pool_max_size: int = 10
+    # 0 behind a transaction-mode pooler (Supabase's port 6543, PgBouncer), which breaks prepared statements.
+    database_statement_cache_size: int = 100
+    migrations_dir: str | None = None  # defaults to deploy/migrations of the source tree
     exchange_name: str = "esim.events"
     broker_prefetch: int = 16
 
@@ -140,6 +152,10 @@ class Settings(BaseSettings):
     def secret_values(self) -> dict[str, str]:
         """Every configured secret by field name, for the log redaction filter."""
         found: dict[str, str] = {}
+        for name in ("amqp_url", "database_url"):
+            password = _url_password(getattr(self, name))
+            if password:
+                found[f"{name}.password"] = password
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):

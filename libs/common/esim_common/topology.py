@@ -92,6 +92,9 @@ ESIM_QUEUES: tuple[ConsumerQueue, ...] = (
     ConsumerQueue("notify.order-provisioned", ("order.provisioned",)),
     ConsumerQueue("notify.order-failed", ("order.failed",)),
     ConsumerQueue("reconcile.order-failed", ("order.failed",)),
+    # Outcomes the reconciler counts; they also make every event routable (publishes are mandatory).
+    ConsumerQueue("reconcile.order-delivered", ("order.delivered",)),
+    ConsumerQueue("reconcile.order-refunded", ("order.refunded",)),
 )
 
 

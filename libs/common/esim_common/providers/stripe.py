@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 import stripe
 
 from esim_common.errors import PermanentError, TransientError
+from esim_common.metrics import observe_provider_call
 
 if TYPE_CHECKING:
     from stripe.params import RefundCreateParams
@@ -445,14 +446,16 @@ class StripeGateway:
             "reveal_card",
             self._client.v1.issuing.cards.retrieve_async(card_id, params={"expand": ["number", "cvc"]}),
         )
-        if not card.number or not card.cvc:
+        # Stripe leaves the keys out (not null) when it will not reveal them: plain attribute access raises.
+        number, cvc = getattr(card, "number", None), getattr(card, "cvc", None)
+        if not number or not cvc:
             raise StripePermanentError(
                 f"stripe reveal_card returned no card details for {card_id}", operation="reveal_card"
             )
         return CardDetails(
             card_id=card.id,
-            number=card.number,
-            cvc=card.cvc,
+            number=number,
+            cvc=cvc,
             exp_month=card.exp_month,
             exp_year=card.exp_year,
             last4=card.last4,
@@ -481,9 +484,10 @@ class StripeGateway:
         """The Issuing float available to spend in `currency` (0 when Stripe lists none)."""
         wanted = _to_stripe_currency(currency)
         balance = await self._call("retrieve_balance", self._client.v1.balance.retrieve_async())
-        if balance.issuing is None:
+        issuing = getattr(balance, "issuing", None)  # absent, not null, on accounts without Issuing
+        if not issuing:
             return 0
-        return sum(entry.amount for entry in balance.issuing.available if entry.currency == wanted)
+        return sum(entry.amount for entry in issuing.available if entry.currency == wanted)
 
     # --- Webhooks --------------------------------------------------------------------------------
 
@@ -520,11 +524,13 @@ class StripeGateway:
     # --- The one boundary where SDK exceptions become ours ---------------------------------------
 
     async def _call(self, operation: str, request: Awaitable[T]) -> T:
-        try:
-            return await request
-        except stripe.StripeError as exc:
-            # `from None`: the SDK exception carries the raw HTTP body, which for some calls holds card data.
-            raise translate_error(operation, exc) from None
+        with observe_provider_call("stripe", operation):
+            try:
+                return await request
+            except stripe.StripeError as exc:
+                # `from None`: the SDK exception carries the raw HTTP body, which for some calls holds
+                # card data.
+                raise translate_error(operation, exc) from None
 
 
 _TRANSIENT: tuple[type[stripe.StripeError], ...] = (stripe.APIConnectionError, stripe.RateLimitError)

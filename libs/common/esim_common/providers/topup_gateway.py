@@ -25,6 +25,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from esim_common.errors import PermanentError, TransientError
+from esim_common.metrics import observe_provider_call
 
 __all__ = [
     "CardDetails",
@@ -77,6 +78,9 @@ class TopupDeclined(TopupGatewayError, PermanentError):
     def __init__(self, message: str, *, reason: str, status_code: int | None = None) -> None:
         super().__init__(message, status_code=status_code)
         self.reason = reason
+
+
+SUCCEEDED = "SUCCEEDED"
 
 
 class TopupResult(BaseModel):
@@ -138,6 +142,10 @@ class TopupGatewayClient:
 
     async def topup(self, *, amount: int, currency: str, card: CardDetails, reference: str) -> TopupResult:
         """Charge `card` for `amount` minor units of `currency` and credit the wallet, once per reference."""
+        with observe_provider_call("topup_gateway", "POST /wallet/topup"):
+            return await self._topup(amount=amount, currency=currency, card=card, reference=reference)
+
+    async def _topup(self, *, amount: int, currency: str, card: CardDetails, reference: str) -> TopupResult:
         if amount <= 0:
             raise ValueError(f"top-up amount must be positive, got {amount}")
         if not reference:
@@ -180,6 +188,12 @@ class TopupGatewayClient:
             raise TopupGatewayUnavailable(
                 f"top-up {reference}: unreadable gateway answer", status_code=status
             ) from None
+        if result.status != SUCCEEDED:
+            # Accepted but not (yet) credited: asking again with the same reference is safe and tells.
+            raise TopupGatewayUnavailable(
+                f"top-up {reference}: gateway status is {result.status!r}, not {SUCCEEDED}",
+                status_code=status,
+            )
         if result.amount != amount or result.currency.upper() != currency.upper():
             # The gateway says it credited something else than asked: money moved wrongly, a human decides.
             raise TopupGatewayError(

@@ -29,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from esim_common.errors import PermanentError, TransientError
+from esim_common.logging import redact
 from esim_common.lpa import lpa_string
+from esim_common.metrics import observe_provider_call
 from esim_common.money import Money, from_zendit
 
 __all__ = [
@@ -66,6 +68,16 @@ DEFAULT_TIMEOUT_SECONDS = 10.0
 # Our transaction ids are derived from order ids; Zendit documents alphanumerics, `-` and `_` are common.
 _TRANSACTION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# Path words of the API; any other segment is an id and becomes `{id}` in metric labels.
+_PATH_WORDS = frozenset({"balance", "esim", "offers", "purchases", "qrcode", "refund", "transactions"})
+
+
+def endpoint_template(path: str) -> str:
+    """`esim/purchases/txn-1/qrcode` → `/esim/purchases/{id}/qrcode`: a bounded metric label."""
+    segments = path.split("?")[0].strip("/").split("/")
+    return "/" + "/".join(seg if seg in _PATH_WORDS else "{id}" for seg in segments)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -400,7 +412,7 @@ class ZenditClient:
 
     # -- the one boundary where httpx and HTTP statuses become ZenditError ---------------------------
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "[redacted]")
+        return redact(text, secrets=(self._api_key,))
 
     async def _send(
         self,
@@ -413,6 +425,19 @@ class ZenditClient:
     ) -> httpx.Response:
         what = f"Zendit {method} /{path.split('?')[0]}"
         headers = {"Accept": accept} if accept else None
+        with observe_provider_call("zendit", f"{method} {endpoint_template(path)}"):
+            return await self._request(what, method, path, params=params, json=json, headers=headers)
+
+    async def _request(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        json: Mapping[str, Any] | None,
+        headers: dict[str, str] | None,
+    ) -> httpx.Response:
         try:
             response = await self._http.request(method, path, params=params, json=json, headers=headers)
         except httpx.TimeoutException as exc:
@@ -554,6 +579,8 @@ class ZenditClient:
         return await self._get_model(PurchasePage, "GET", "esim/purchases", params=params)
 
     async def get_qrcode_png(self, transaction_id: str) -> bytes:
+        """Zendit's rendering of the purchase's QR code. Call it only once the purchase is DONE: what
+        Zendit answers before that is undocumented (the emulator answers 400, a permanent error)."""
         path = f"esim/purchases/{_path_segment(transaction_id)}/qrcode"
         response = await self._send("GET", path, accept="image/png")
         if not response.content.startswith(_PNG_SIGNATURE):

@@ -169,10 +169,10 @@ class Webhooks:
 
 
 def _realtime_decision(response: httpx.Response | None, record: EventRecord) -> tuple[bool, str]:
-    """Approve only on HTTP 200 with `{"approved": true}`; Stripe's decline reasons otherwise."""
+    """Approve only on HTTP 200 with `{"approved": true}` and a `Stripe-Version` header, as Stripe does."""
     if response is None:
         return False, "webhook_timeout" if record.attempts[-1].error == "timeout" else "webhook_error"
-    if response.status_code != 200:
+    if response.status_code != 200 or not response.headers.get("Stripe-Version"):
         return False, "webhook_error"
     try:
         answer = response.json()
