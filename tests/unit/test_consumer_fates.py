@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from esim_common.consumer import handle_delivery
-from esim_common.errors import FailPermanently, RetryLater
+from esim_common.errors import CheckAgainLater, FailPermanently, RetryLater
 from esim_common.events import OrderPaid
 from esim_common.money import Money
 from esim_common.providers.stripe import StripePermanentError, StripeSignatureError, StripeTransientError
@@ -102,3 +102,26 @@ async def test_a_permanent_provider_error_takes_the_failure_path_with_its_reason
 async def test_an_ambiguous_topup_outcome_is_dead_lettered_for_a_person_without_compensating():
     error = TopupGatewayError("gateway credited 4000 USD, asked 5000 USD")
     assert await deliver(error) == ("dead_lettered", ["dlq"], [])
+
+
+async def test_work_not_finished_yet_is_checked_again_later_without_using_an_attempt():
+    router = RecordingRouter()
+    parked: list[float] = []
+
+    async def park(message, delay_seconds):
+        parked.append(delay_seconds)
+        return 3
+
+    router.check_again_later = park
+
+    async def handler(event: OrderPaid) -> None:
+        raise CheckAgainLater(5)
+
+    outcome = await handle_delivery(
+        FakeMessage(EVENT.model_dump_json().encode(), {ATTEMPT_HEADER: 4}),
+        event_type=OrderPaid,
+        handler=handler,
+        router=router,
+        on_failure=None,
+    )
+    assert (outcome, parked, router.moves) == ("deferred", [5], [])

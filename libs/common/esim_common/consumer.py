@@ -10,6 +10,7 @@ nothing; what it raises decides the message's fate (see `esim_common.errors`):
 |   ... after the last tier               | run the failure hook, copy to `<queue>.dlq`, ack           |
 | raises PermanentError                   | run the failure hook (compensation), ack; no hook → DLQ    |
 | the failure hook raises                 | retry tier while attempts remain, then DLQ                 |
+| raises CheckAgainLater (not done yet)   | copy to a delay tier, attempts unchanged, ack              |
 | raises anything else (a bug)            | copy to `<queue>.dlq` for a person, ack                    |
 | body is not a valid event (poison)      | copy to `<queue>.dlq`, ack                                 |
 | the copy itself is not confirmed        | reject without requeue: the broker dead-letters to the DLQ |
@@ -37,7 +38,7 @@ from faststream.rabbit.subscriber import RabbitSubscriber
 from pydantic import ValidationError
 
 from esim_common import metrics
-from esim_common.errors import PermanentError, TransientError
+from esim_common.errors import CheckAgainLater, PermanentError, TransientError
 from esim_common.events import Event
 from esim_common.logging import bind_transaction_id, redact
 from esim_common.publisher import publish_raw
@@ -98,6 +99,13 @@ class MessageRouter:
             {ATTEMPT_HEADER: attempt + 1, LAST_ERROR_HEADER: error_summary(exc)},
         )
 
+    async def check_again_later(self, message: RabbitMessage, delay_seconds: float) -> int:
+        """Park the message in the longest delay tier not beyond `delay_seconds`; attempts unchanged."""
+        fitting = [d for d in self.retry_delays if d <= delay_seconds] or [min(self.retry_delays)]
+        delay = max(fitting)
+        await self._copy(message, self.queue.retry_tier(delay), {})
+        return delay
+
     async def to_dlq(self, message: RabbitMessage, exc: BaseException | str) -> None:
         summary = exc if isinstance(exc, str) else error_summary(exc)
         await self._copy(
@@ -141,6 +149,10 @@ async def handle_delivery(
         try:
             await handler(event)
             return "ok"
+        except CheckAgainLater as later:
+            delay = await router.check_again_later(message, later.delay_seconds)
+            log.info("not finished yet, checking again later", extra={"queue": queue_name, "delay_s": delay})
+            return "deferred"
         except TransientError as exc:
             if attempt <= len(router.retry_delays):
                 log.warning(

@@ -35,3 +35,13 @@ class FailPermanently(PermanentError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class CheckAgainLater(Exception):
+    """Raise from a handler: nothing failed, the work is just not finished (a Zendit purchase still
+    IN_PROGRESS). The message comes back after about `delay_seconds` (rounded down to a delay tier)
+    without using up a retry attempt; the handler itself enforces any overall deadline."""
+
+    def __init__(self, delay_seconds: float, detail: str = "") -> None:
+        super().__init__(detail or f"check again in {delay_seconds}s")
+        self.delay_seconds = delay_seconds

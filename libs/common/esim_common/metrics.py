@@ -5,7 +5,7 @@ or emails: every distinct label value is a time series kept forever.
 
     esim_provider_calls_total{provider,endpoint,outcome}  outcome: ok | transient_error | permanent_error
     esim_provider_call_seconds{provider,endpoint}
-    esim_messages_processed_total{queue,outcome}          outcome: ok | retried | dead_lettered |
+    esim_messages_processed_total{queue,outcome}          outcome: ok | retried | deferred | dead_lettered |
                                                                    failed_permanently | rejected_to_dlq
     esim_message_handling_seconds{queue}
     esim_illegal_transitions_total{from_state,to_state}
@@ -49,7 +49,9 @@ __all__ = [
 ]
 
 ProviderOutcome = Literal["ok", "transient_error", "permanent_error"]
-MessageOutcome = Literal["ok", "retried", "dead_lettered", "failed_permanently", "rejected_to_dlq"]
+MessageOutcome = Literal[
+    "ok", "retried", "deferred", "dead_lettered", "failed_permanently", "rejected_to_dlq"
+]
 
 # Provider calls are HTTP round trips to Stripe/Zendit: tens of ms to the 10-30 s client timeouts.
 PROVIDER_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -68,7 +68,14 @@ class Settings(BaseSettings):
     database_statement_cache_size: int = 100
     migrations_dir: str | None = None  # defaults to deploy/migrations of the source tree
     exchange_name: str = "esim.events"
+    # Put in front of every exchange and queue name: several stacks (tests, tenants) on one broker.
+    topology_prefix: str = ""
     broker_prefetch: int = 16
+
+    # --- HTTP (every service serves /healthz and /metrics; webhook and reconcile serve their APIs)
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None  # each service has its own default port (README, "Services")
+    shop_base_url: str = "http://127.0.0.1:8080"  # Checkout returns the customer here
 
     # --- Stripe
     stripe_api_key: SecretStr = SecretStr("sk_test_sandbox")
@@ -102,9 +109,16 @@ class Settings(BaseSettings):
     zendit_min_topup: int = 5000  # minor units of the wallet currency
     zendit_max_topup: int = 100000
     funding_mode: FundingMode = FundingMode.ISSUING_CARD
+    # Zendit finishes ~99% of purchases within 15 s but retries for up to 24 h in supplier outages.
+    purchase_deadline_seconds: int = 86400
+
+    # --- pricing (computed on the server from the Zendit offer; never taken from the client)
+    pricing_markup_percent: int = 30  # on top of Zendit's cost when it suggests no retail price
+    pricing_min_margin: int = 100  # minor units the price must exceed the cost by, or checkout refuses
 
     # --- QR storage
     qr_storage_dir: str = "var/qrcodes"
+    qr_public_base_url: str = "http://127.0.0.1:8082/qrcodes"  # where the stored PNGs are served
     supabase_url: str | None = None
     supabase_service_role_key: SecretStr | None = None
     supabase_bucket: str = "esim-qrcodes"
@@ -116,6 +130,7 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_starttls: bool = False
     smtp_from: str = "eSIM Shop <esim@example.com>"
+    smtp_timeout_seconds: float = 10.0
 
     # --- admin
     admin_api_token: SecretStr = SecretStr("admin-sandbox-token")
