@@ -23,7 +23,10 @@ services:  ## make sure RabbitMQ and PostgreSQL answer (starts the local ones)
 migrate: setup services  ## create the database if needed and apply deploy/migrations
 	$(UV) run --frozen esim-migrate --create-database
 
-run: migrate  ## start the sandbox emulators and say where each one listens (Ctrl-C stops them)
+run: migrate  ## run the whole system in the sandbox, push one sample order through it (Ctrl-C stops it)
+	$(UV) run --frozen python -m esim_sandbox.demo
+
+sandbox: setup  ## only the emulators (Stripe, Zendit, SMTP capture) on their default ports
 	$(UV) run --frozen python -m esim_sandbox
 
 test: setup services  ## the whole suite on the real broker and database

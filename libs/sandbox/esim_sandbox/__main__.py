@@ -19,11 +19,18 @@ from esim_sandbox.serve import LOOPBACK, serve_in_thread
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m esim_sandbox", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=LOOPBACK, help="address to bind (0.0.0.0 in a container)")
     parser.add_argument("--stripe-port", type=int, default=12111)
     parser.add_argument("--zendit-port", type=int, default=12112)
     parser.add_argument("--smtp-port", type=int, default=1025)
     parser.add_argument("--mail-dir", type=Path, default=Path("var/mail"))
     parser.add_argument("--stripe-webhook-url", help="where the Stripe emulator delivers events")
+    parser.add_argument(
+        "--wallet-balance",
+        type=int,
+        default=0,
+        help="opening Zendit wallet balance in USD cents (0: the first order needs a card top-up)",
+    )
     parser.add_argument("--stripe-webhook-secret", default="whsec_sandbox")
     args = parser.parse_args(argv)
 
@@ -31,11 +38,18 @@ def main(argv: list[str] | None = None) -> int:
         stripe_emulator.create_app(
             webhook_url=args.stripe_webhook_url, webhook_secret=args.stripe_webhook_secret
         ),
+        host=args.host,
         port=args.stripe_port,
     )
-    zendit = serve_in_thread(zendit_emulator.create_app(stripe_url=stripe.url), port=args.zendit_port)
+    zendit = serve_in_thread(
+        zendit_emulator.create_app(
+            stripe_url=f"http://{LOOPBACK}:{stripe.port}", wallet_balance=args.wallet_balance
+        ),
+        host=args.host,
+        port=args.zendit_port,
+    )
     args.mail_dir.mkdir(parents=True, exist_ok=True)
-    smtp = smtp_capture.SmtpCapture(args.mail_dir, host=LOOPBACK, port=args.smtp_port)
+    smtp = smtp_capture.SmtpCapture(args.mail_dir, host=args.host, port=args.smtp_port)
     smtp.start()
 
     print("sandbox emulators are listening:", flush=True)

@@ -1,0 +1,184 @@
+"""The whole system as real processes on loopback: the sandbox emulators and the five services.
+
+`make run` (`python -m esim_sandbox.demo`) and the end-to-end tests both start it through `Stack`, so
+what the tests prove is what an operator runs. Each process gets its settings through environment
+variables (the same names as in production), its own HTTP port, and its output in a log file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from esim_sandbox.serve import LOOPBACK, free_port
+
+SERVICES = ("webhook", "funding", "provisioning", "notify", "reconcile")
+DEFAULT_PORTS = {"webhook": 8080, "funding": 8081, "provisioning": 8082, "notify": 8083, "reconcile": 8084}
+SANDBOX_PORTS = {"stripe": 12111, "zendit": 12112, "smtp": 1025}
+# Services wait up to 30 s for Postgres/RabbitMQ themselves; a stack that is not healthy after this
+# long is broken, not slow.
+STARTUP_TIMEOUT_SECONDS = 45.0
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass
+class Process:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(  # noqa: S603 (our own interpreter and modules)
+            self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if not self.running:
+            return
+        assert self.popen is not None
+        self.popen.send_signal(sig)
+        try:
+            self.popen.wait(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown (no cleanup, unacked messages return to their queues)."""
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Stack:
+    """Configuration of one running system; `start()` launches it, `stop()` ends every process."""
+
+    database_url: str
+    amqp_url: str
+    workdir: Path
+    topology_prefix: str = ""
+    use_default_ports: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, Process] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for name in (*SANDBOX_PORTS, *SERVICES):
+            default = SANDBOX_PORTS.get(name) or DEFAULT_PORTS[name]
+            self.ports[name] = default if self.use_default_ports else free_port()
+
+    def url(self, name: str) -> str:
+        return f"http://{LOOPBACK}:{self.ports[name]}"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.workdir / "mail"
+
+    @property
+    def qr_dir(self) -> Path:
+        return self.workdir / "qrcodes"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def service_env(self, name: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "ZENDIT_", "SMTP_"))}
+        env.update(
+            {
+                "DATABASE_URL": self.database_url,
+                "AMQP_URL": self.amqp_url,
+                "TOPOLOGY_PREFIX": self.topology_prefix,
+                "HTTP_HOST": LOOPBACK,
+                "HTTP_PORT": str(self.ports[name]),
+                "STRIPE_API_BASE": self.url("stripe"),
+                "ZENDIT_API_BASE": f"{self.url('zendit')}/v1",
+                "ZENDIT_TOPUP_URL": f"{self.url('zendit')}/v1/wallet/topup",
+                "SMTP_HOST": LOOPBACK,
+                "SMTP_PORT": str(self.ports["smtp"]),
+                "QR_STORAGE_DIR": str(self.qr_dir),
+                "QR_PUBLIC_BASE_URL": f"{self.url('provisioning')}/qrcodes",
+                "SHOP_BASE_URL": self.url("webhook"),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _sandbox_process(self) -> Process:
+        command = [
+            sys.executable,
+            "-m",
+            "esim_sandbox",
+            f"--stripe-port={self.ports['stripe']}",
+            f"--zendit-port={self.ports['zendit']}",
+            f"--smtp-port={self.ports['smtp']}",
+            f"--mail-dir={self.mail_dir}",
+            f"--stripe-webhook-url={self.url('webhook')}/api/webhooks/stripe",
+        ]
+        return Process("sandbox", command, self.service_env("webhook"), self.logs_dir / "sandbox.log")
+
+    def _service_process(self, name: str) -> Process:
+        return Process(
+            name, [sys.executable, "-m", name], self.service_env(name), self.logs_dir / f"{name}.log"
+        )
+
+    def start(self) -> None:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.processes["sandbox"] = self._sandbox_process()
+        self.processes["sandbox"].start()
+        self._wait_for_http("sandbox", f"{self.url('stripe')}/_sandbox/health")
+        for name in SERVICES:
+            self.processes[name] = self._service_process(name)
+            self.processes[name].start()
+        for name in SERVICES:
+            self.wait_healthy(name)
+
+    def wait_healthy(self, name: str) -> None:
+        self._wait_for_http(name, f"{self.url(name)}/healthz")
+
+    def _wait_for_http(self, name: str, url: str) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        process = self.processes[name]
+        while time.monotonic() < deadline:
+            if not process.running:
+                raise RuntimeError(f"{name} exited during start-up:\n{process.log_tail()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"{name} not healthy at {url} within {STARTUP_TIMEOUT_SECONDS}s:\n{process.log_tail()}"
+        )
+
+    def restart(self, name: str) -> None:
+        process = self.processes[name]
+        process.stop()
+        process.start()
+        self.wait_healthy(name)
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.processes[name].stop()
