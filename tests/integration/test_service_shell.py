@@ -18,7 +18,7 @@ async def test_a_started_service_is_healthy_serves_metrics_and_declares_its_topo
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as client:
             health = await client.get("/healthz")
-            metrics = await client.get("/metrics/")
+            metrics = await client.get("/metrics")
         connection = await aio_pika.connect(service_settings.amqp_url)
         async with connection:
             channel = await connection.channel()

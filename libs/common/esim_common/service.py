@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 import asyncpg
 import uvicorn
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
-from prometheus_client import REGISTRY
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from esim_common.db import create_pool
 from esim_common.logging import configure_logging
-from esim_common.metrics import metrics_asgi_app
 from esim_common.publisher import EventPublisher, create_broker
 from esim_common.settings import Settings
 from esim_common.topology import Topology, declare_from_url, esim_topology
@@ -136,9 +135,12 @@ def service_app(ctx: ServiceContext, *, title: str, routers: Sequence[APIRouter]
             {"status": "ok" if healthy else "unhealthy", **checks}, status_code=200 if healthy else 503
         )
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
     for router in routers:
         app.include_router(router)
-    app.mount("/metrics", metrics_asgi_app())
     return app
 
 

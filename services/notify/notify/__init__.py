@@ -1,1 +1,2 @@
-"""The notify service. A placeholder until the next issue puts the service on top of libs/common."""
+"""The notify service: emails the customer their eSIM (or the news that their order failed) exactly
+once per order and template, and alerts the operator when only a person can help."""

@@ -1,1 +1,2 @@
-"""The reconcile service. A placeholder until the next issue puts the service on top of libs/common."""
+"""The reconcile service: logs and counts order outcomes, computes the seed's business gauges from
+Postgres, and serves the admin API (`POST /api/admin/reconcile-zendit`)."""

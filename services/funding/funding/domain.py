@@ -1,0 +1,228 @@
+"""The funding rules, pure: no database, broker or HTTP here, so every rule is testable on its own.
+
+next_step(order)          what a delivery of order.paid should do with an order in this state
+reserved_amount(orders)   the wallet money other orders were promised but Zendit has not taken yet
+WalletPosition            available (Zendit) minus reserved (ours): what an order may still spend
+topup_amount(shortfall)   the shortfall rounded up to ZENDIT_MIN_TOPUP, refused above ZENDIT_MAX_TOPUP
+topup_ids / plan_topup    the deterministic ids of an order's top-ups and which one comes next
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from esim_common.money import Money, ceil_to_multiple
+from esim_common.order_states import OrderStatus
+
+S = OrderStatus
+
+# ------------------------------------------------------------------------------------ the guard
+
+
+class Step(StrEnum):
+    FUND = "fund"  # make sure the wallet can pay, then announce order.funded
+    ANNOUNCE = "announce"  # already funded: publish order.funded again (heals a crash before publish)
+    RESUME_FAILURE = "resume_failure"  # funding already failed: finish the refund (take the failure path)
+    NOTHING = "nothing"  # past funding, or failed elsewhere: this message has nothing left to do
+    UNEXPECTED = "unexpected"  # order.paid for an order that is not paid: a person must look
+
+
+_FUND_FROM = frozenset({S.PAID, S.FUNDING, S.AWAITING_FUNDS})
+# Later states on the happy path: provisioning has the order.funded it acted on, re-announcing heals nothing.
+_PAST_FUNDING = frozenset({S.PURCHASING, S.PROVISIONED, S.DELIVERED})
+_FUNDING_FAILED = frozenset({S.TOPUP_FAILED, S.REFUND_PENDING})
+
+
+def next_step(status: OrderStatus, *, ever_funded: bool) -> Step:
+    """What to do with an order in `status` when order.paid is (re)delivered.
+
+    `ever_funded` tells a refund that funding started (never funded) from one that a purchase failure
+    started: only the first is ours to resume.
+    """
+    if status in _FUND_FROM:
+        return Step.FUND
+    if status == S.FUNDED:
+        return Step.ANNOUNCE
+    if status in _PAST_FUNDING:
+        return Step.NOTHING
+    if status in _FUNDING_FAILED and not ever_funded:
+        return Step.RESUME_FAILURE
+    if status == S.PENDING_PAYMENT:
+        return Step.UNEXPECTED
+    return Step.NOTHING  # refunded, needs_attention, purchase_failed, payment_failed, a purchase refund
+
+
+# ------------------------------------------------------------------------------------ reservations
+
+# Orders that were promised wallet money: funded, or buying (their purchase may not have reached Zendit).
+RESERVING_STATES: frozenset[OrderStatus] = frozenset({S.FUNDED, S.PURCHASING})
+# Zendit statuses at which a purchase's cost is no longer ours to reserve: Zendit holds it from
+# AUTHORIZED on (availableBalance already excludes it), debits it on DONE, releases it on FAILED.
+ZENDIT_HOLDS_OR_RELEASED: frozenset[str] = frozenset({"AUTHORIZED", "IN_PROGRESS", "DONE", "FAILED"})
+
+
+@dataclass(frozen=True)
+class OrderCost:
+    """What the reservation rule needs to know about another order."""
+
+    status: OrderStatus
+    zendit_status: str | None
+    cost: Money | None
+
+
+def reserves_wallet(order: OrderCost) -> bool:
+    """An order reserves its cost from being funded until Zendit itself holds (or releases) it.
+
+    When unsure (no Zendit status recorded yet) the cost stays reserved: counting it twice costs at
+    most an early top-up, not counting it could let two orders spend the same money.
+    """
+    return order.status in RESERVING_STATES and order.zendit_status not in ZENDIT_HOLDS_OR_RELEASED
+
+
+def reserved_amount(orders: Iterable[OrderCost], currency: str) -> Money:
+    """The sum of the costs other orders reserve from a wallet in `currency`.
+
+    A cost in another currency cannot be paid from this wallet (such orders are refused before
+    funding), so it reserves nothing of it.
+    """
+    total = Money.zero(currency)
+    for order in orders:
+        if order.cost is not None and order.cost.currency == currency and reserves_wallet(order):
+            total += order.cost
+    return total
+
+
+@dataclass(frozen=True)
+class WalletPosition:
+    available: Money  # Zendit's availableBalance (its own holds already taken out)
+    reserved: Money  # promised to other orders, not yet held by Zendit
+
+    @property
+    def free(self) -> Money:
+        return self.available - self.reserved
+
+    def covers(self, cost: Money) -> bool:
+        return self.free >= cost
+
+    def shortfall(self, cost: Money) -> Money:
+        """How much is missing for `cost` (zero when covered)."""
+        missing = cost - self.free
+        return missing if missing.amount > 0 else Money.zero(cost.currency)
+
+
+# ------------------------------------------------------------------------------------ top-ups
+
+
+class TopupAboveMaximum(ValueError):
+    """The top-up this order needs is larger than ZENDIT_MAX_TOPUP allows in one go."""
+
+
+def topup_amount(shortfall: Money, *, min_topup: int, max_topup: int) -> Money:
+    """At least the shortfall, rounded up to a multiple of `min_topup` so that one top-up also covers
+    the orders right behind this one (fewer cards, fewer card fees)."""
+    if shortfall.amount <= 0:
+        raise ValueError(f"nothing to top up: shortfall is {shortfall}")
+    amount = ceil_to_multiple(shortfall.amount, max(min_topup, 1))
+    if amount > max_topup:
+        raise TopupAboveMaximum(
+            f"a top-up of {Money(amount, shortfall.currency)} is above the maximum of "
+            f"{Money(max_topup, shortfall.currency)}"
+        )
+    return Money(amount, shortfall.currency)
+
+
+def issuing_float_covers(issuing_available: int, topup: Money) -> bool:
+    return issuing_available >= topup.amount
+
+
+# One order needs more than one top-up only when other orders took the money between its top-up and
+# its re-check; three in a row means something is wrong (a gateway that says "succeeded" but does
+# not credit), and retrying through the tiers then refunding is better than topping up forever.
+MAX_TOPUPS_PER_ORDER = 3
+
+
+def topup_ids(transaction_id: str) -> list[str]:
+    """The ids of an order's possible top-ups, in order. Derived from our own ids, so a redelivery
+    finds the same top-up (and through it the same card and gateway reference) again."""
+    return [f"tu_{transaction_id}"] + [f"tu_{transaction_id}-{n}" for n in range(2, MAX_TOPUPS_PER_ORDER + 1)]
+
+
+class TopupStatus(StrEnum):
+    PENDING = "pending"
+    CARD_CREATED = "card_created"
+    SUBMITTED = "submitted"
+    SUCCEEDED = "succeeded"
+    DECLINED = "declined"
+    FAILED = "failed"
+
+    @property
+    def is_open(self) -> bool:
+        return self in (TopupStatus.PENDING, TopupStatus.CARD_CREATED, TopupStatus.SUBMITTED)
+
+    @property
+    def is_failure(self) -> bool:
+        return self in (TopupStatus.DECLINED, TopupStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class StartTopup:
+    topup_id: str
+
+
+@dataclass(frozen=True)
+class ResumeTopup:
+    """Another delivery of the same order is driving this top-up (or one was interrupted): join it."""
+
+    topup_id: str
+
+
+@dataclass(frozen=True)
+class TopupFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class TopupsExhausted:
+    count: int
+
+
+TopupPlan = StartTopup | ResumeTopup | TopupFailed | TopupsExhausted
+
+
+def plan_topup(transaction_id: str, existing: Sequence[tuple[str, TopupStatus, str | None]]) -> TopupPlan:
+    """The wallet is short: which top-up to drive, given this order's top-ups `(id, status, reason)`
+    as they were BEFORE the balance was read.
+
+    An open one is joined, never skipped: it may be paying right now. A succeeded one seen before the
+    balance read is already in that balance, so being short after it means others spent the money
+    and the next top-up is due.
+    """
+    by_id = {topup_id: (status, reason) for topup_id, status, reason in existing}
+    ids = topup_ids(transaction_id)
+    done = [topup_id for topup_id in ids if topup_id in by_id]
+    if done:
+        status, reason = by_id[done[-1]]
+        if status.is_open:
+            return ResumeTopup(done[-1])
+        if status.is_failure:
+            return TopupFailed(order_failure_reason(status, reason))
+    if len(done) >= len(ids):
+        return TopupsExhausted(len(done))
+    return StartTopup(ids[len(done)])
+
+
+def order_failure_reason(status: TopupStatus, topup_reason: str | None) -> str:
+    """The order's failure code for a top-up that ended badly (the gateway's own code stays on the
+    top-up row): `topup_declined`, or the top-up's reason (`issuing_float_low`, ...)."""
+    if status == TopupStatus.DECLINED:
+        return "topup_declined"
+    return topup_reason or "topup_failed"
+
+
+def card_expiry(exp_month: int, exp_year: int) -> str:
+    """`MM/YYYY`, the only expiry form we store (issuing_cards.card_exp)."""
+    if not 1 <= exp_month <= 12 or not 1000 <= exp_year <= 9999:
+        raise ValueError(f"not a card expiry: {exp_month}/{exp_year}")
+    return f"{exp_month:02d}/{exp_year}"

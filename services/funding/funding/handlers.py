@@ -1,0 +1,40 @@
+"""The funding service's one subscriber: order.paid → (top-up) → order.funded, or refund on failure.
+
+What the handler raises decides the message's fate (esim_common.consumer): a Zendit/Stripe/gateway
+outage retries through the tiers with the same idempotency keys; a declined top-up, an unknown offer or
+a currency mismatch takes the failure path at once; a short wallet in prefunded mode checks again later.
+"""
+
+from __future__ import annotations
+
+from esim_common.compensation import fail_and_refund
+from esim_common.consumer import consume
+from esim_common.events import OrderPaid
+from esim_common.order_states import OrderStatus
+from esim_common.providers.stripe import StripeGateway
+from esim_common.service import ServiceContext
+from funding.fund_order import FundOrder
+
+QUEUE = "funding.order-paid"
+
+
+def register(ctx: ServiceContext, *, fund_order: FundOrder, stripe: StripeGateway) -> None:
+    async def on_order_paid(event: OrderPaid) -> None:
+        """Make sure the Zendit wallet can pay for the order (topping it up when short), then publish
+        order.funded."""
+        await fund_order(event)
+
+    async def on_funding_failed(event: OrderPaid, reason: str) -> None:
+        """Funding failed for good: close its top-ups, then refund the customer once and announce it."""
+        await fund_order.give_up(event.transaction_id, reason)
+        await fail_and_refund(
+            pool=ctx.pool,
+            stripe=stripe,
+            publisher=ctx.publisher,
+            transaction_id=event.transaction_id,
+            failed_state=OrderStatus.TOPUP_FAILED,
+            step="funding",
+            reason=reason,
+        )
+
+    consume(ctx.broker, ctx.topology, QUEUE, OrderPaid, on_order_paid, on_failure=on_funding_failed)

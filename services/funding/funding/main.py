@@ -1,0 +1,95 @@
+"""Wiring only: `create_app(settings)` builds the funding service; nothing connects until it starts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+from fastapi import FastAPI
+
+from esim_common.providers import stripe_gateway, topup_gateway, zendit_client
+from esim_common.providers.stripe import StripeGateway
+from esim_common.providers.topup_gateway import TopupGatewayClient
+from esim_common.providers.zendit import ZenditClient
+from esim_common.service import ServiceContext, service_app
+from esim_common.settings import FundingMode, Settings
+from funding import handlers
+from funding.cardholder import PlatformCardholder
+from funding.fund_order import FundOrder
+from funding.topups import TopupPhases
+
+log = logging.getLogger("esim.funding")
+
+DEFAULT_PORT = 8081
+
+
+@dataclass
+class Providers:
+    stripe: StripeGateway
+    zendit: ZenditClient
+    gateway: TopupGatewayClient
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Providers:
+        return cls(
+            stripe=stripe_gateway(settings), zendit=zendit_client(settings), gateway=topup_gateway(settings)
+        )
+
+    async def aclose(self) -> None:
+        await self.stripe.aclose()
+        await self.zendit.aclose()
+        await self.gateway.aclose()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    ctx = ServiceContext.build("funding", settings)
+    providers = Providers.from_settings(settings)
+    mode = settings.effective_funding_mode
+    if mode == FundingMode.PREFUNDED and settings.funding_mode == FundingMode.ISSUING_CARD:
+        log.warning(
+            "STRIPE_ISSUING_AVAILABLE=false: funding runs in prefunded mode; short orders wait in "
+            "awaiting_funds until the Zendit wallet is funded from the Zendit console"
+        )
+    log.info("funding mode", extra={"funding_mode": mode.value})
+
+    def pool() -> asyncpg.Pool:  # a getter: the pool exists only once the service has started
+        return ctx.pool
+
+    topups = TopupPhases(
+        pool=pool,
+        stripe=providers.stripe,
+        gateway=providers.gateway,
+        cardholder=PlatformCardholder(stripe=providers.stripe, settings=settings),
+    )
+    fund_order = FundOrder(
+        pool=pool,
+        publisher=ctx.publisher,
+        zendit=providers.zendit,
+        topups=topups,
+        mode=mode,
+        min_topup=settings.zendit_min_topup,
+        max_topup=settings.zendit_max_topup,
+    )
+    handlers.register(ctx, fund_order=fund_order, stripe=providers.stripe)
+
+    app = service_app(ctx, title="funding")
+    _close_on_shutdown(app, providers)
+    return app
+
+
+def _close_on_shutdown(app: FastAPI, providers: Providers) -> None:
+    """Close the provider clients after the service's own lifespan (broker, pool) has stopped."""
+    service_lifespan = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with service_lifespan(app):
+                yield
+        finally:
+            await providers.aclose()
+
+    app.router.lifespan_context = lifespan

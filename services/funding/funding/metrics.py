@@ -1,0 +1,41 @@
+"""The funding service's own metrics (bounded labels only) and its operator alerts.
+
+    esim_funding_topups_total{outcome}               succeeded | declined | failed
+    esim_funding_operator_alerts_total{reason}       issuing_float_low | wallet_short | ...
+    esim_zendit_wallet_available_minor_units{currency}
+    esim_stripe_issuing_available_minor_units{currency}
+
+An operator alert is an ERROR log line with a stable `alert` key plus the counter above, which is what
+the Prometheus alert rules and log-based alerting match on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge
+
+log = logging.getLogger("esim.funding.alerts")
+
+topups_total = Counter(
+    "esim_funding_topups_total", "Zendit wallet top-ups that reached a final outcome.", ("outcome",)
+)
+operator_alerts_total = Counter(
+    "esim_funding_operator_alerts_total", "Situations the funding service cannot fix alone.", ("reason",)
+)
+wallet_available = Gauge(
+    "esim_zendit_wallet_available_minor_units",
+    "Zendit wallet availableBalance at the last funding decision.",
+    ("currency",),
+)
+issuing_available = Gauge(
+    "esim_stripe_issuing_available_minor_units",
+    "Stripe Issuing float available at the last top-up.",
+    ("currency",),
+)
+
+
+def operator_alert(reason: str, message: str, **facts: object) -> None:
+    """Tell the operator (log line + counter). `facts` are amounts and ids, never card data."""
+    operator_alerts_total.labels(reason=reason).inc()
+    log.error(message, extra={"alert": reason, **facts})

@@ -1,0 +1,182 @@
+"""The funding service's SQL: top-ups, issuing cards, wallet reservations. Named SQL, typed rows.
+
+Order states change only through `esim_common.orders.transition`; this module records facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+
+from esim_common.money import Money
+from esim_common.order_repository import record
+from esim_common.order_states import OrderStatus
+from esim_common.providers.stripe import IssuedCard
+from funding.domain import RESERVING_STATES, OrderCost, TopupStatus, card_expiry
+
+# Advisory locks, two-int keys (class, id): a key space of their own, apart from one-bigint locks.
+# The wallet lock serialises every "is there enough money?" decision, so two orders cannot both count
+# the same balance. A top-up lock lets one worker at a time run a phase of that top-up (two deliveries
+# of one order join the same top-up instead of racing through it). Both are transaction-scoped, so they
+# also work behind a transaction-mode pooler (Supabase, PgBouncer) and die with a crashed worker.
+WALLET_LOCK_CLASS = 7_230_001
+TOPUP_LOCK_CLASS = 7_230_002
+LOCK_WALLET = f"SELECT pg_advisory_xact_lock({WALLET_LOCK_CLASS}, 0)"
+LOCK_TOPUP = f"SELECT pg_advisory_xact_lock({TOPUP_LOCK_CLASS}, hashtext($1))"
+
+
+class WalletTopup(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    amount: int
+    currency: str
+    status: TopupStatus
+    card_id: str | None
+    gateway_reference: str | None
+    gateway_topup_id: str | None
+    order_ids: list[str]
+    failure_reason: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    card_active: bool | None = None  # from issuing_cards; None when no card was created
+
+    @property
+    def money(self) -> Money:
+        return Money(self.amount, self.currency)
+
+
+SELECT_RESERVING = """
+    SELECT status, zendit_status, zendit_cost, zendit_cost_currency
+      FROM esim_purchases
+     WHERE status = ANY($1::text[]) AND transaction_id <> $2
+"""
+
+RECORD_COST_IF_MISSING = """
+    UPDATE esim_purchases SET zendit_cost = $2, zendit_cost_currency = $3, updated_at = now()
+     WHERE transaction_id = $1 AND zendit_cost IS NULL
+"""
+
+INSERT_TOPUP = """
+    INSERT INTO wallet_topups (id, amount, currency, gateway_reference, order_ids)
+    VALUES ($1, $2, $3, $1, $4)
+    ON CONFLICT (id) DO NOTHING
+"""
+SELECT_TOPUPS = """
+    SELECT t.*, c.active AS card_active
+      FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
+     WHERE t.id = ANY($1::text[])
+     ORDER BY t.created_at, t.id
+"""
+MARK_CARD_CREATED = """
+    UPDATE wallet_topups SET status = 'card_created', card_id = $2, updated_at = now()
+     WHERE id = $1 AND status = 'pending'
+"""
+# Counted per hand-over: a top-up that needed three gateway calls says so.
+MARK_SUBMITTED = """
+    UPDATE wallet_topups SET status = 'submitted', attempts = attempts + 1, updated_at = now()
+     WHERE id = $1 AND status IN ('card_created', 'submitted')
+"""
+# Only an open top-up can end; a final one keeps its first outcome.
+FINISH_TOPUP = """
+    UPDATE wallet_topups
+       SET status = $2, gateway_topup_id = COALESCE($3, gateway_topup_id),
+           failure_reason = COALESCE($4, failure_reason), updated_at = now()
+     WHERE id = $1 AND status IN ('pending', 'card_created', 'submitted')
+"""
+INSERT_CARD = """
+    INSERT INTO issuing_cards (card_id, card_last4, card_exp, amount, currency, topup_id)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT DO NOTHING
+"""
+MARK_CARD_CANCELLED = """
+    UPDATE issuing_cards SET active = false, cancelled_at = COALESCE(cancelled_at, now())
+     WHERE card_id = $1
+"""
+
+
+async def reserving_orders(conn: asyncpg.Connection, *, exclude: str) -> list[OrderCost]:
+    rows = await conn.fetch(SELECT_RESERVING, [s.value for s in RESERVING_STATES], exclude)
+    return [
+        OrderCost(
+            status=OrderStatus(row["status"]),
+            zendit_status=row["zendit_status"],
+            cost=Money(row["zendit_cost"], row["zendit_cost_currency"].strip())
+            if row["zendit_cost"] is not None and row["zendit_cost_currency"]
+            else None,
+        )
+        for row in rows
+    ]
+
+
+async def record_cost_if_missing(pool: asyncpg.Pool, transaction_id: str, cost: Money) -> None:
+    await pool.execute(RECORD_COST_IF_MISSING, transaction_id, cost.amount, cost.currency)
+
+
+def _topup(row: asyncpg.Record) -> WalletTopup:
+    values = dict(row)
+    values["currency"] = values["currency"].strip()  # char(3)
+    return WalletTopup.model_validate(values)
+
+
+async def get_topups(conn: asyncpg.Connection | asyncpg.Pool, ids: Sequence[str]) -> list[WalletTopup]:
+    """The top-ups with these ids that exist, oldest first, with whether their card is still active."""
+    return [_topup(row) for row in await conn.fetch(SELECT_TOPUPS, list(ids))]
+
+
+async def get_topup(conn: asyncpg.Connection | asyncpg.Pool, topup_id: str) -> WalletTopup:
+    found = await get_topups(conn, [topup_id])
+    if not found:
+        raise LookupError(f"top-up {topup_id} does not exist")
+    return found[0]
+
+
+async def start_topup(
+    conn: asyncpg.Connection, *, topup_id: str, amount: Money, transaction_id: str
+) -> WalletTopup:
+    """Record the intent (status pending) before any card exists; a second call finds the first row."""
+    await conn.execute(INSERT_TOPUP, topup_id, amount.amount, amount.currency, [transaction_id])
+    return await get_topup(conn, topup_id)
+
+
+async def record_card(
+    conn: asyncpg.Connection, *, topup: WalletTopup, card: IssuedCard, transaction_id: str
+) -> WalletTopup:
+    """The card exists: keep last4 and expiry (never the number or CVC) and move to card_created."""
+    async with conn.transaction():
+        await conn.execute(
+            INSERT_CARD,
+            card.id,
+            card.last4,
+            card_expiry(card.exp_month, card.exp_year),
+            topup.amount,
+            topup.currency,
+            topup.id,
+        )
+        await conn.execute(MARK_CARD_CREATED, topup.id, card.id)
+        await record(conn, transaction_id, stripe_issuing_card_id=card.id)
+    return await get_topup(conn, topup.id)
+
+
+async def mark_submitted(conn: asyncpg.Connection, topup_id: str) -> None:
+    await conn.execute(MARK_SUBMITTED, topup_id)
+
+
+async def finish_topup(
+    conn: asyncpg.Connection,
+    topup_id: str,
+    status: TopupStatus,
+    *,
+    gateway_topup_id: str | None = None,
+    failure_reason: str | None = None,
+) -> WalletTopup:
+    await conn.execute(FINISH_TOPUP, topup_id, status.value, gateway_topup_id, failure_reason)
+    return await get_topup(conn, topup_id)
+
+
+async def mark_card_cancelled(conn: asyncpg.Connection, card_id: str) -> None:
+    await conn.execute(MARK_CARD_CANCELLED, card_id)

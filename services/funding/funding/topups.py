@@ -1,0 +1,204 @@
+"""A wallet top-up as resumable phases, each recorded in `wallet_topups` before and after its side effect.
+
+    pending ──Issuing float ok, card created──► card_created ──► submitted ──gateway 200──► succeeded
+       │                                                          │  ▲ 5xx / timeout: retried later
+       └─ Issuing float too low ─► failed                         │  └ with the same reference
+                                                                  └──gateway 4xx──► declined
+
+The top-up id (`tu_{txn}`, see `domain.topup_ids`) is the idempotency root: the Stripe card is created
+with the key `issuing-card:{topup_id}` and the gateway is called with `reference = topup_id`, so a
+redelivered message resumes the same top-up and can never pay twice.
+
+Each phase runs in one transaction holding the top-up's advisory lock and re-reads the row first, so
+two deliveries of the same order (duplicates, replicas) take turns: the second finds the phase done
+and moves on. A crash inside a phase rolls it back; the repeat is safe because every provider call in
+it is idempotent. `submitted` is committed before the gateway call, so `abandon` knows when a card may
+already have paid.
+
+The card's number and CVC are read just before the gateway call and live only in a local variable for
+that call. The card is cancelled once the outcome is known (succeeded, declined) and when we give up;
+Stripe cancels a single-use card after its one payment anyway, and cancelling again is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from esim_common.errors import FailPermanently
+from esim_common.providers.stripe import CardDetails, StripeGateway
+from esim_common.providers.topup_gateway import (
+    TopupDeclined,
+    TopupGatewayClient,
+    TopupGatewayError,
+    TopupGatewayUnavailable,
+)
+from funding import domain
+from funding import repository as repo
+from funding.cardholder import PlatformCardholder
+from funding.domain import TopupStatus
+from funding.metrics import issuing_available, operator_alert, topups_total
+from funding.repository import WalletTopup
+
+log = logging.getLogger("esim.funding.topups")
+
+
+class TopupPhases:
+    def __init__(
+        self,
+        *,
+        pool: Callable[[], asyncpg.Pool],
+        stripe: StripeGateway,
+        gateway: TopupGatewayClient,
+        cardholder: PlatformCardholder,
+    ) -> None:
+        self._pool = pool  # a getter: the pool exists only once the service has started
+        self._stripe = stripe
+        self._gateway = gateway
+        self._cardholder = cardholder
+
+    async def settle_interrupted(self, transaction_id: str) -> None:
+        """Finish this order's top-ups that a crash or a transient error interrupted, and cancel any
+        card still active. Runs before the balance check: a submitted top-up may already have paid."""
+        for topup in await repo.get_topups(self._pool(), domain.topup_ids(transaction_id)):
+            if topup.status.is_open or topup.card_active:
+                await self.finish(topup.id, transaction_id)
+
+    async def finish(self, topup_id: str, transaction_id: str) -> WalletTopup:
+        """Drive a top-up from wherever it is to a final status; a failed one raises FailPermanently."""
+        await self._issue_card(topup_id, transaction_id)
+        await self._mark_submitted(topup_id)
+        await self._submit(topup_id)
+        topup = await self._retire_card(topup_id)
+        if topup.status.is_failure:
+            raise FailPermanently(
+                domain.order_failure_reason(topup.status, topup.failure_reason),
+                f"top-up {topup.id} {topup.status.value}: {topup.failure_reason or 'no reason given'}",
+            )
+        return topup
+
+    async def abandon(self, transaction_id: str, reason: str) -> None:
+        """We give up on this order: close its open top-ups as failed and cancel their cards."""
+        for found in await repo.get_topups(self._pool(), domain.topup_ids(transaction_id)):
+            async with self._locked(found.id) as (conn, topup):
+                if topup.status == TopupStatus.SUBMITTED:
+                    # The gateway may have charged the card before it stopped answering: money may sit
+                    # in the wallet without an order. Reconciliation against Zendit's CREDITs settles it.
+                    operator_alert(
+                        "topup_outcome_unknown",
+                        "giving up on a top-up whose gateway outcome is unknown; check Zendit /transactions",
+                        topup_id=topup.id,
+                        amount=topup.amount,
+                        currency=topup.currency,
+                    )
+                if topup.status.is_open:
+                    await self._end(conn, topup, TopupStatus.FAILED, failure_reason=reason)
+            await self._retire_card(found.id)
+
+    # ------------------------------------------------------------------------------------ phases
+
+    @asynccontextmanager
+    async def _locked(self, topup_id: str) -> AsyncIterator[tuple[asyncpg.Connection, WalletTopup]]:
+        """One phase: a transaction holding this top-up's lock, with the row as it is now."""
+        async with self._pool().acquire() as conn, conn.transaction():
+            await conn.execute(repo.LOCK_TOPUP, topup_id)
+            yield conn, await repo.get_topup(conn, topup_id)
+
+    async def _issue_card(self, topup_id: str, transaction_id: str) -> None:
+        """pending → card_created (or failed when the Issuing float cannot pay the top-up)."""
+        async with self._locked(topup_id) as (conn, topup):
+            if topup.status != TopupStatus.PENDING:
+                return
+            available = await self._stripe.issuing_available_balance(topup.currency)
+            issuing_available.labels(currency=topup.currency).set(available)
+            if not domain.issuing_float_covers(available, topup.money):
+                operator_alert(
+                    "issuing_float_low",
+                    "the Stripe Issuing balance cannot pay a wallet top-up: fund Issuing",
+                    issuing_available=available,
+                    topup_amount=topup.amount,
+                    currency=topup.currency,
+                    topup_id=topup.id,
+                )
+                await self._end(conn, topup, TopupStatus.FAILED, failure_reason="issuing_float_low")
+                return
+            card = await self._stripe.create_single_use_card(
+                topup_id=topup.id,
+                cardholder_id=await self._cardholder.id(),
+                amount=topup.amount,
+                currency=topup.currency,
+            )
+            await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
+        log.info("single-use card created", extra={"topup_id": topup_id, "card_id": card.id})
+
+    async def _mark_submitted(self, topup_id: str) -> None:
+        """card_created → submitted, committed before the card is handed over (counts hand-overs)."""
+        async with self._locked(topup_id) as (conn, topup):
+            if topup.status in (TopupStatus.CARD_CREATED, TopupStatus.SUBMITTED):
+                await repo.mark_submitted(conn, topup_id)
+
+    async def _submit(self, topup_id: str) -> None:
+        """submitted → succeeded | declined: the one call that moves money, with the card just revealed."""
+        mismatch: TopupGatewayError | None = None
+        async with self._locked(topup_id) as (conn, topup):
+            if topup.status != TopupStatus.SUBMITTED:
+                return  # another delivery finished it while we waited for the lock
+            assert topup.card_id is not None and topup.gateway_reference is not None  # set with the card
+            card: CardDetails | None = None
+            try:
+                card = await self._stripe.reveal_card(topup.card_id)
+                result = await self._gateway.topup(
+                    amount=topup.amount,
+                    currency=topup.currency,
+                    card=card,
+                    reference=topup.gateway_reference,
+                )
+            except TopupDeclined as exc:
+                log.warning("wallet top-up declined", extra={"topup_id": topup_id, "reason": exc.reason})
+                await self._end(conn, topup, TopupStatus.DECLINED, failure_reason=exc.reason)
+                return
+            except TopupGatewayUnavailable:
+                raise  # the card stays usable: the retry repeats the same reference, the gateway replays
+            except TopupGatewayError as exc:
+                # Neither declined nor unavailable: the gateway credited something other than we asked.
+                # The card was charged; record it as failed (committed below), stop the card, and let
+                # the message go to the DLQ for a person.
+                await self._end(conn, topup, TopupStatus.FAILED, failure_reason="gateway_answer_mismatch")
+                mismatch = exc
+            else:
+                await self._end(conn, topup, TopupStatus.SUCCEEDED, gateway_topup_id=result.topup_id)
+                log.info(
+                    "wallet topped up", extra={"topup_id": topup_id, "gateway_topup_id": result.topup_id}
+                )
+            finally:
+                card = None  # the number and CVC were needed for that one call only
+        if mismatch is not None:
+            await self._retire_card(topup_id)
+            raise mismatch
+
+    async def _retire_card(self, topup_id: str) -> WalletTopup:
+        """Cancel the card of a top-up whose outcome is known; returns the top-up as it ends up."""
+        async with self._locked(topup_id) as (conn, topup):
+            if topup.status.is_open or topup.card_id is None or not topup.card_active:
+                return topup
+            await self._stripe.cancel_card(topup.card_id)
+            await repo.mark_card_cancelled(conn, topup.card_id)
+            log.info("single-use card cancelled", extra={"topup_id": topup_id, "card_id": topup.card_id})
+            return await repo.get_topup(conn, topup_id)
+
+    async def _end(
+        self,
+        conn: asyncpg.Connection,
+        topup: WalletTopup,
+        status: TopupStatus,
+        *,
+        gateway_topup_id: str | None = None,
+        failure_reason: str | None = None,
+    ) -> None:
+        await repo.finish_topup(
+            conn, topup.id, status, gateway_topup_id=gateway_topup_id, failure_reason=failure_reason
+        )
+        topups_total.labels(outcome=status.value).inc()  # under the lock, from an open top-up: once

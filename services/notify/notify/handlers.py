@@ -1,0 +1,140 @@
+"""Notify's consumers: the eSIM email, the failure email and operator alerts, each sent once.
+
+notify.order-provisioned  on_order_provisioned   provisioned → delivered, publishes order.delivered
+                          on_delivery_failed     (failure path) provisioned → needs_attention,
+                                                 publishes order.failed(step=delivery)
+notify.order-failed       on_order_failed        customer email; operator email for refund/delivery
+                          on_failure_email_failed (failure path) logs an operator alert
+"""
+
+from __future__ import annotations
+
+import logging
+from email.message import EmailMessage
+from typing import Protocol
+
+from esim_common.consumer import consume
+from esim_common.events import OrderDelivered, OrderFailed, OrderProvisioned
+from esim_common.order_repository import Order, get_order
+from esim_common.order_states import OrderStatus
+from esim_common.orders import transition
+from esim_common.service import ServiceContext
+from notify import domain, emails
+from notify.mailer import EmailRejected, EmailTransientError
+from notify.metrics import emails_total, operator_alerts_total
+from notify.resilience import database_outage_is_transient
+from notify.sent_emails import send_once
+
+log = logging.getLogger("esim.notify")
+
+
+class Mailer(Protocol):
+    async def send(self, message: EmailMessage) -> None: ...
+
+
+class UnknownOrder(LookupError):
+    """An event names an order this database does not have: a bug or a misrouted message (DLQ)."""
+
+
+class Notifier:
+    def __init__(self, ctx: ServiceContext, mailer: Mailer) -> None:
+        self._ctx = ctx
+        self._mailer = mailer
+
+    @database_outage_is_transient
+    async def on_order_provisioned(self, event: OrderProvisioned) -> None:
+        """Email the customer their eSIM once, then mark the order delivered and announce it."""
+        txn = event.transaction_id
+        order = await self._order(txn)
+        decision = domain.delivery_decision(order.status)
+        if decision is domain.DeliveryDecision.SKIP:
+            log.warning("not delivering: the order is not provisioned", extra={"status": order.status.value})
+            emails_total.labels(template=domain.TEMPLATE_ESIM_DELIVERY, outcome="skipped").inc()
+            return
+        if decision is domain.DeliveryDecision.SEND:
+            message = await emails.esim_delivery_email(order, self._ctx.settings)
+            await self._send_once(message, txn, domain.TEMPLATE_ESIM_DELIVERY)
+            async with self._ctx.pool.acquire() as conn:
+                await transition(conn, txn, OrderStatus.DELIVERED, reason="eSIM emailed")
+        await self._ctx.publisher.publish(OrderDelivered(transaction_id=txn))
+
+    @database_outage_is_transient
+    async def on_delivery_failed(self, event: OrderProvisioned, reason: str) -> None:
+        """The eSIM email failed for good: the order waits for an operator, who is alerted."""
+        txn = event.transaction_id
+        log.error(
+            "OPERATOR ALERT: the eSIM email could not be delivered",
+            extra={"alert": "operator", "step": "delivery", "reason": reason},
+        )
+        operator_alerts_total.labels(step="delivery").inc()
+        order = await self._order(txn)
+        if order.status not in (OrderStatus.PROVISIONED, OrderStatus.NEEDS_ATTENTION):
+            log.warning("delivery failure not recorded: order moved on", extra={"status": order.status.value})
+            return
+        failure = f"email_failed: {reason}"[:200]
+        if order.status is OrderStatus.PROVISIONED:
+            async with self._ctx.pool.acquire() as conn:
+                await transition(conn, txn, OrderStatus.NEEDS_ATTENTION, failure_reason=failure)
+        await self._ctx.publisher.publish(OrderFailed(transaction_id=txn, step="delivery", reason=failure))
+
+    @database_outage_is_transient
+    async def on_order_failed(self, event: OrderFailed) -> None:
+        """Tell the customer once what happened and whether they were refunded; email the operator
+        once when only a person can resolve it (the refund failed, or the eSIM email did)."""
+        order = await self._order(event.transaction_id)
+        settings = self._ctx.settings
+        if domain.customer_is_told(event.step):
+            message = emails.order_failed_email(order, event, settings)
+            await self._send_once(message, order.transaction_id, domain.TEMPLATE_ORDER_FAILED)
+        if domain.operator_is_alerted(event.step):
+            message = emails.operator_alert_email(order, event, settings)
+            await self._send_once(message, order.transaction_id, domain.TEMPLATE_OPERATOR_ALERT)
+
+    async def on_failure_email_failed(self, event: OrderFailed, reason: str) -> None:
+        """Nobody could be emailed about a failed order: the log line is the alert of last resort."""
+        log.error(
+            "OPERATOR ALERT: could not email about a failed order",
+            extra={"alert": "operator", "step": event.step, "event_reason": event.reason, "reason": reason},
+        )
+        operator_alerts_total.labels(step=event.step).inc()
+
+    async def _order(self, transaction_id: str) -> Order:
+        order = await get_order(self._ctx.pool, transaction_id)
+        if order is None:
+            raise UnknownOrder(f"order {transaction_id} does not exist")
+        return order
+
+    async def _send_once(self, message: EmailMessage, transaction_id: str, template: str) -> None:
+        try:
+            outcome = await send_once(
+                self._ctx.pool, self._mailer.send, message, transaction_id=transaction_id, template=template
+            )
+        except EmailRejected:
+            emails_total.labels(template=template, outcome="rejected").inc()
+            raise
+        except EmailTransientError:
+            emails_total.labels(template=template, outcome="transient_error").inc()
+            raise
+        emails_total.labels(template=template, outcome=outcome.value).inc()
+        log.info("email " + outcome.value.replace("_", " "), extra={"template": template})
+
+
+def register(ctx: ServiceContext, mailer: Mailer) -> Notifier:
+    notifier = Notifier(ctx, mailer)
+    consume(
+        ctx.broker,
+        ctx.topology,
+        "notify.order-provisioned",
+        OrderProvisioned,
+        notifier.on_order_provisioned,
+        on_failure=notifier.on_delivery_failed,
+    )
+    consume(
+        ctx.broker,
+        ctx.topology,
+        "notify.order-failed",
+        OrderFailed,
+        notifier.on_order_failed,
+        on_failure=notifier.on_failure_email_failed,
+    )
+    return notifier

@@ -1,0 +1,17 @@
+"""Notify's own series (bounded labels: template and outcome only)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+# outcome: sent | already_sent | rejected | transient_error | skipped
+emails_total = Counter(
+    "esim_emails_total",
+    "Emails by template and what happened to them.",
+    ("template", "outcome"),
+)
+operator_alerts_total = Counter(
+    "esim_operator_alerts_total",
+    "Operator alerts raised by notify, by the step that needs a person.",
+    ("step",),
+)

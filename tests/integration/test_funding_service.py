@@ -1,0 +1,624 @@
+"""The funding service in-process on the real broker and database, against the Stripe and Zendit emulators.
+
+Each test pays a real Checkout Session in the Stripe emulator (so a refund has a PaymentIntent to go
+to), inserts the order as `paid`, publishes `order.paid` and watches what the running service does:
+order states, rows, the emulators' books, and the events it publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from fastapi import FastAPI
+from funding.main import create_app
+from prometheus_client import REGISTRY
+
+from esim_common.events import Event, OrderPaid
+from esim_common.money import Money
+from esim_common.order_repository import create_order, get_order, record
+from esim_common.order_states import OrderStatus
+from esim_common.orders import transition
+from esim_common.providers.stripe import BillingAddress, StripeGateway
+from esim_common.service import ServiceContext
+from esim_common.settings import FundingMode, Settings
+from esim_common.topology import delete
+
+pytestmark = [pytest.mark.broker, pytest.mark.db]
+
+S = OrderStatus
+OFFER = "ESIM-GLOBAL-30D-5GB"  # the seed's offer: costs 23.00 + 1.15 USD
+COST = Money(2415, "USD")
+PRICE = Money(3900, "USD")
+MIN_TOPUP = 5000  # the default ZENDIT_MIN_TOPUP
+OUTCOMES = ("ok", "retried", "deferred", "dead_lettered", "failed_permanently", "rejected_to_dlq")
+
+
+# ------------------------------------------------------------------------------------ harness
+
+
+@dataclass
+class Funding:
+    """The running service and ways to look at its effects."""
+
+    app: FastAPI
+    settings: Settings
+    amqp_url: str
+
+    @property
+    def ctx(self) -> ServiceContext:
+        return self.app.state.ctx
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.ctx.pool
+
+    async def deliver(self, event: Event) -> None:
+        await self.ctx.publisher.publish(event)
+
+    def handled(self, *outcomes: str) -> float:
+        """Deliveries of funding.order-paid settled so far (by any outcome, or the ones given)."""
+        queue = self.ctx.topology.queue("funding.order-paid").name
+        return sum(
+            REGISTRY.get_sample_value("esim_messages_processed_total", {"queue": queue, "outcome": o}) or 0
+            for o in outcomes or OUTCOMES
+        )
+
+    async def wait_handled(self, count: int, *, within: float = 30.0) -> None:
+        await eventually(lambda: self.handled() >= count, within=within, what=f"{count} deliveries handled")
+
+    async def wait_status(self, txn: str, status: OrderStatus, *, within: float = 30.0) -> None:
+        async def reached() -> bool:
+            order = await get_order(self.pool, txn)
+            return order is not None and order.status == status
+
+        await eventually(reached, within=within, what=f"order {txn} {status.value}")
+
+    async def messages(self, queue: str) -> list[dict[str, Any]]:
+        """Take every message waiting in one of the (prefixed) consumer queues."""
+        name = self.ctx.topology.queue(queue).name
+        connection = await aio_pika.connect(self.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            work = await channel.get_queue(name, ensure=False)
+            taken = []
+            while (message := await work.get(no_ack=True, fail=False)) is not None:
+                taken.append(json.loads(message.body))
+            return taken
+
+
+async def eventually(check: Callable[[], Any], *, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running(settings: Settings, amqp_url: str) -> AsyncIterator[Funding]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield Funding(app=app, settings=settings, amqp_url=amqp_url)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        await asyncio.wait_for(delete(await connection.channel(), app.state.ctx.topology), timeout=10)
+
+
+@pytest.fixture
+async def funding(service_settings, amqp_url) -> AsyncIterator[Funding]:
+    async with running(service_settings, amqp_url) as service:
+        yield service
+
+
+async def pay_for_order(
+    pool: asyncpg.Pool,
+    stripe_gateway: StripeGateway,
+    stripe_emulator,
+    *,
+    offer_id: str = OFFER,
+    cost: Money = COST,
+    price: Money = PRICE,
+) -> OrderPaid:
+    """An order as the webhook leaves it: paid through Checkout, `paid`, with its cost; and its event."""
+    txn = f"txn-{uuid.uuid4().hex[:16]}"
+    session = await stripe_gateway.create_checkout_session(
+        transaction_id=txn,
+        amount=price.amount,
+        currency=price.currency,
+        product_name=offer_id,
+        success_url="http://shop.test/ok",
+        cancel_url="http://shop.test/cancel",
+    )
+    intent_id = (await asyncio.to_thread(stripe_emulator.pay, session.id))["payment_intent"]["id"]
+    async with pool.acquire() as conn:
+        await create_order(
+            conn,
+            transaction_id=txn,
+            offer_id=offer_id,
+            price=price,
+            zendit_cost=cost,
+            recipient_email="ada@example.com",
+            recipient_name="Ada Lovelace",
+        )
+        await record(conn, txn, stripe_payment_intent_id=intent_id, stripe_checkout_session_id=session.id)
+        await transition(conn, txn, S.PAID)
+    return OrderPaid(transaction_id=txn, offer_id=offer_id, price=price, payment_intent_id=intent_id)
+
+
+@pytest.fixture
+def paid_order(funding, stripe_gateway, stripe_emulator):
+    async def make(**order: Any) -> OrderPaid:
+        return await pay_for_order(funding.pool, stripe_gateway, stripe_emulator, **order)
+
+    return make
+
+
+def set_wallet(zendit_emulator, balance: int) -> None:
+    zendit_emulator.control("POST", "wallet", {"balance": balance})
+
+
+def wallet(zendit_emulator) -> dict[str, Any]:
+    return zendit_emulator.control("GET", "state")
+
+
+def cards_for(stripe_emulator, topup_id: str) -> list[dict[str, Any]]:
+    return [
+        c for c in stripe_emulator.state.find("issuing.card") if c["metadata"].get("topup_id") == topup_id
+    ]
+
+
+def approved_charges(stripe_emulator, card_id: str) -> list[dict[str, Any]]:
+    return [a for a in stripe_emulator.state.find("issuing.authorization", card=card_id) if a["approved"]]
+
+
+async def credits(zendit_client) -> list[Any]:
+    page = await zendit_client.list_transactions(limit=100, offset=0)
+    return [t for t in page.transactions if t.type == "CREDIT"]
+
+
+async def rows(pool: asyncpg.Pool, sql: str, *args: Any) -> list[dict[str, Any]]:
+    return [dict(row) for row in await pool.fetch(sql, *args)]
+
+
+# ------------------------------------------------------------------------------------ happy paths
+
+
+async def test_an_order_the_wallet_covers_is_funded_without_a_card(
+    funding, paid_order, zendit_emulator, stripe_emulator
+):
+    set_wallet(zendit_emulator, 10_000)
+    event = await paid_order()
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.FUNDED)
+    await funding.wait_handled(1)
+
+    funded = await funding.messages("provisioning.order-funded")
+    assert [(m["transaction_id"], m["zendit_cost"], m["topup_id"]) for m in funded] == [
+        (event.transaction_id, {"amount": 2415, "currency": "USD"}, None)
+    ]
+    assert cards_for(stripe_emulator, f"tu_{event.transaction_id}") == []
+    assert await rows(funding.pool, "SELECT id FROM wallet_topups") == []
+    assert wallet(zendit_emulator)["wallet"]["balance"] == 10_000
+    order = await get_order(funding.pool, event.transaction_id)
+    assert order.funded_at is not None and order.stripe_issuing_card_id is None
+
+
+async def test_a_short_wallet_is_topped_up_with_one_cancelled_single_use_card(
+    funding, paid_order, zendit_emulator, zendit_client, stripe_emulator
+):
+    set_wallet(zendit_emulator, 1_000)  # 24.15 needed, 10.00 there: 14.15 short → one 50.00 top-up
+    event = await paid_order()
+    txn, topup_id = event.transaction_id, f"tu_{event.transaction_id}"
+
+    await funding.deliver(event)
+    await funding.wait_status(txn, S.FUNDED)
+
+    [card] = cards_for(stripe_emulator, topup_id)
+    assert card["status"] == "canceled"
+    assert [limit["interval"] for limit in card["spending_controls"]["spending_limits"]] == [
+        "per_authorization",
+        "all_time",
+    ]
+    assert {limit["amount"] for limit in card["spending_controls"]["spending_limits"]} == {MIN_TOPUP}
+    assert card["lifecycle_controls"]["cancel_after"]["payment_count"] == 1
+    assert len(approved_charges(stripe_emulator, card["id"])) == 1
+
+    [stored] = await rows(funding.pool, "SELECT * FROM issuing_cards")
+    assert stored["card_id"] == card["id"] and stored["topup_id"] == topup_id
+    assert stored["card_last4"] == card["last4"]
+    assert stored["card_exp"] == f"{card['exp_month']:02d}/{card['exp_year']}"
+    assert stored["active"] is False and stored["cancelled_at"] is not None
+    assert (stored["amount"], stored["currency"].strip()) == (MIN_TOPUP, "USD")
+
+    [topup] = await rows(funding.pool, "SELECT * FROM wallet_topups")
+    assert (topup["id"], topup["status"], topup["amount"], topup["card_id"]) == (
+        topup_id,
+        "succeeded",
+        MIN_TOPUP,
+        card["id"],
+    )
+    assert topup["gateway_reference"] == topup_id and topup["gateway_topup_id"]
+    assert topup["order_ids"] == [txn]
+
+    state = wallet(zendit_emulator)
+    assert state["wallet"]["balance"] == 1_000 + MIN_TOPUP
+    assert state["topups"][topup_id]["status"] == "SUCCEEDED"
+    assert [(c.amount, c.product_type) for c in await credits(zendit_client)] == [
+        (MIN_TOPUP, "WALLET_RECHARGE")
+    ]
+
+    order = await get_order(funding.pool, txn)
+    assert order.stripe_issuing_card_id == card["id"]
+    await funding.wait_handled(1)
+    funded = await funding.messages("provisioning.order-funded")
+    assert [(m["transaction_id"], m["topup_id"]) for m in funded] == [(txn, topup_id)]
+
+    # The full card number and CVC reached no row of ours.
+    secret = stripe_emulator.state.card_secrets[card["id"]]
+    dump = json.dumps(
+        [
+            await rows(funding.pool, "SELECT * FROM issuing_cards"),
+            await rows(funding.pool, "SELECT * FROM wallet_topups"),
+            await rows(funding.pool, "SELECT * FROM esim_purchases"),
+            await rows(funding.pool, "SELECT * FROM order_transitions"),
+        ],
+        default=str,
+    )
+    assert secret.number not in dump and f'"{secret.cvc}"' not in dump
+
+
+async def test_redelivered_order_paid_tops_up_once_and_charges_the_card_once(
+    funding, paid_order, zendit_emulator, zendit_client, stripe_emulator
+):
+    set_wallet(zendit_emulator, 1_000)
+    event = await paid_order()
+    txn, topup_id = event.transaction_id, f"tu_{event.transaction_id}"
+
+    for _ in range(3):  # the same message, three times, as a broker redelivery would hand it over
+        await funding.deliver(event)
+    await funding.wait_handled(3)
+
+    order = await get_order(funding.pool, txn)
+    assert order.status == S.FUNDED
+    [card] = cards_for(stripe_emulator, topup_id)
+    assert len(approved_charges(stripe_emulator, card["id"])) == 1
+    assert len(await rows(funding.pool, "SELECT * FROM wallet_topups")) == 1
+    assert len(await rows(funding.pool, "SELECT * FROM issuing_cards")) == 1
+    assert list(wallet(zendit_emulator)["topups"]) == [topup_id]
+    assert wallet(zendit_emulator)["wallet"]["balance"] == 1_000 + MIN_TOPUP
+    assert len(await credits(zendit_client)) == 1
+    funded = await funding.messages("provisioning.order-funded")
+    assert 1 <= len(funded) <= 3 and {m["transaction_id"] for m in funded} == {txn}
+
+
+async def test_a_funded_order_whose_event_was_lost_is_announced_again(funding, paid_order, zendit_emulator):
+    event = await paid_order()
+    async with funding.pool.acquire() as conn:  # a crash between the commit and the publish
+        await transition(conn, event.transaction_id, S.FUNDING)
+        await transition(conn, event.transaction_id, S.FUNDED)
+
+    await funding.deliver(event)
+    await funding.wait_handled(1)
+
+    funded = await funding.messages("provisioning.order-funded")
+    assert [m["transaction_id"] for m in funded] == [event.transaction_id]
+    assert funding.handled("ok") == 1
+
+
+async def test_an_order_without_a_recorded_cost_gets_zendits_cost_before_funding(
+    funding, paid_order, zendit_emulator
+):
+    set_wallet(zendit_emulator, 10_000)
+    event = await paid_order()
+    await funding.pool.execute(
+        "UPDATE esim_purchases SET zendit_cost = NULL, zendit_cost_currency = NULL WHERE transaction_id = $1",
+        event.transaction_id,
+    )
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.FUNDED)
+
+    order = await get_order(funding.pool, event.transaction_id)
+    assert order.zendit_cost_money == COST
+
+
+async def test_money_reserved_for_funded_orders_is_not_spent_twice(
+    funding, paid_order, zendit_emulator, stripe_emulator
+):
+    set_wallet(zendit_emulator, 10_000)
+    earlier = await paid_order(cost=Money(8_000, "USD"), price=Money(9_900, "USD"))
+    async with funding.pool.acquire() as conn:  # funded, its purchase not yet at Zendit: 80.00 reserved
+        await transition(conn, earlier.transaction_id, S.FUNDING)
+        await transition(conn, earlier.transaction_id, S.FUNDED)
+    event = await paid_order()
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.FUNDED)
+
+    # 100.00 available, 80.00 reserved: 20.00 free < 24.15, so this order needed a top-up of its own.
+    assert len(cards_for(stripe_emulator, f"tu_{event.transaction_id}")) == 1
+    assert wallet(zendit_emulator)["wallet"]["balance"] == 10_000 + MIN_TOPUP
+
+
+# ------------------------------------------------------------------------------------ transient gateway
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_gateway_503_is_retried_with_the_same_reference_and_charges_once(
+    when, funding, paid_order, zendit_emulator, zendit_client, stripe_emulator
+):
+    # "after": the gateway charged the card and credited the wallet, then the answer was lost.
+    set_wallet(zendit_emulator, 1_000)
+    zendit_emulator.control("POST", "faults", {"endpoint": "wallet_topup", "status": 503, "when": when})
+    event = await paid_order()
+    topup_id = f"tu_{event.transaction_id}"
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.FUNDED)
+
+    assert funding.handled("retried") == 1
+    [card] = cards_for(stripe_emulator, topup_id)
+    assert len(approved_charges(stripe_emulator, card["id"])) == 1
+    assert card["status"] == "canceled"
+    assert len(await credits(zendit_client)) == 1
+    assert wallet(zendit_emulator)["wallet"]["balance"] == 1_000 + MIN_TOPUP
+    [topup] = await rows(funding.pool, "SELECT status, attempts FROM wallet_topups")
+    assert topup == {"status": "succeeded", "attempts": 2}
+
+
+# ------------------------------------------------------------------------------------ resume points
+
+
+@pytest.fixture
+async def platform_card(funding, stripe_gateway):
+    """A single-use card for `topup_id`, made the way the service makes it (same idempotency key)."""
+
+    async def make(topup_id: str, amount: int):
+        s = funding.settings
+        holder = await stripe_gateway.ensure_cardholder(
+            name=s.stripe_issuing_cardholder_name,
+            email=s.service_owner_email,
+            billing_address=BillingAddress(
+                line1=s.stripe_issuing_address_line1,
+                city=s.stripe_issuing_address_city,
+                state=s.stripe_issuing_address_state,
+                postal_code=s.stripe_issuing_address_postal,
+                country=s.stripe_issuing_address_country,
+            ),
+        )
+        return await stripe_gateway.create_single_use_card(
+            topup_id=topup_id, cardholder_id=holder.id, amount=amount, currency="USD"
+        )
+
+    return make
+
+
+async def _leave_topup(pool, *, txn: str, topup_id: str, card, status: str) -> None:
+    """What a worker that crashed in this phase leaves behind."""
+    async with pool.acquire() as conn:
+        await transition(conn, txn, S.FUNDING)
+        await conn.execute(
+            "INSERT INTO wallet_topups (id, amount, currency, status, card_id, gateway_reference, order_ids)"
+            " VALUES ($1, $2, 'USD', $3, $4, $1, $5)",
+            topup_id,
+            MIN_TOPUP,
+            status,
+            card.id,
+            [txn],
+        )
+        await conn.execute(
+            "INSERT INTO issuing_cards (card_id, card_last4, card_exp, amount, currency, topup_id)"
+            " VALUES ($1, $2, $3, $4, 'USD', $5)",
+            card.id,
+            card.last4,
+            f"{card.exp_month:02d}/{card.exp_year}",
+            MIN_TOPUP,
+            topup_id,
+        )
+
+
+async def test_continues_from_card_created_with_the_same_card(
+    funding, paid_order, platform_card, zendit_emulator, stripe_emulator
+):
+    set_wallet(zendit_emulator, 1_000)
+    event = await paid_order()
+    topup_id = f"tu_{event.transaction_id}"
+    card = await platform_card(topup_id, MIN_TOPUP)
+    await _leave_topup(
+        funding.pool, txn=event.transaction_id, topup_id=topup_id, card=card, status="card_created"
+    )
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.FUNDED)
+
+    assert [c["id"] for c in cards_for(stripe_emulator, topup_id)] == [card.id]
+    assert len(approved_charges(stripe_emulator, card.id)) == 1
+    assert wallet(zendit_emulator)["wallet"]["balance"] == 1_000 + MIN_TOPUP
+
+
+async def test_continues_from_submitted_after_the_charge_landed_without_charging_again(
+    funding,
+    paid_order,
+    platform_card,
+    zendit_emulator,
+    zendit_client,
+    stripe_emulator,
+    topup_gateway_client,
+    stripe_gateway,
+):
+    set_wallet(zendit_emulator, 1_000)
+    event = await paid_order()
+    topup_id = f"tu_{event.transaction_id}"
+    card = await platform_card(topup_id, MIN_TOPUP)
+    # The crashed worker had handed the card to the gateway, which charged it; then it died.
+    await topup_gateway_client.topup(
+        amount=MIN_TOPUP, currency="USD", card=await stripe_gateway.reveal_card(card.id), reference=topup_id
+    )
+    await _leave_topup(
+        funding.pool, txn=event.transaction_id, topup_id=topup_id, card=card, status="submitted"
+    )
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.FUNDED)
+
+    assert len(approved_charges(stripe_emulator, card.id)) == 1
+    assert len(await credits(zendit_client)) == 1
+    assert wallet(zendit_emulator)["wallet"]["balance"] == 1_000 + MIN_TOPUP
+    [stored] = await rows(funding.pool, "SELECT active FROM issuing_cards")
+    assert stored["active"] is False
+
+
+# ------------------------------------------------------------------------------------ failure paths
+
+
+async def _assert_refunded_once(funding, stripe_emulator, event: OrderPaid, reason: str) -> None:
+    order = await get_order(funding.pool, event.transaction_id)
+    assert order.status == S.REFUNDED and order.failure_reason == reason
+    refunds = stripe_emulator.state.find("refund", payment_intent=event.payment_intent_id)
+    assert len(refunds) == 1 and refunds[0]["amount"] == PRICE.amount
+    path = await rows(
+        funding.pool,
+        "SELECT to_status FROM order_transitions WHERE transaction_id = $1 ORDER BY id",
+        event.transaction_id,
+    )
+    assert [p["to_status"] for p in path][-3:] == ["topup_failed", "refund_pending", "refunded"]
+    await eventually(
+        lambda: funding.handled("failed_permanently", "dead_lettered") >= 1,
+        within=10,
+        what="failure path ran",
+    )
+    failed = await funding.messages("notify.order-failed")
+    assert [(m["step"], m["reason"]) for m in failed] == [("funding", reason)]
+    refunded = await funding.messages("reconcile.order-refunded")
+    assert [(m["refund_id"], m["amount"]["amount"]) for m in refunded] == [(refunds[0]["id"], PRICE.amount)]
+    assert await funding.messages("provisioning.order-funded") == []
+
+
+@pytest.fixture
+def declining_card_network(stripe_emulator, stripe_webhook_receiver):
+    """Our real-time authorisation endpoint says no: the gateway's charge of the card is declined."""
+    stripe_webhook_receiver.approve_authorizations = False
+    stripe_emulator.set_issuing_authorization_webhook(f"{stripe_webhook_receiver.url}/issuing")
+    yield
+    stripe_emulator.set_issuing_authorization_webhook(None)
+
+
+async def test_a_declined_topup_fails_the_order_and_refunds_it_once(
+    funding, paid_order, zendit_emulator, stripe_emulator, declining_card_network
+):
+    set_wallet(zendit_emulator, 1_000)
+    event = await paid_order()
+    topup_id = f"tu_{event.transaction_id}"
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.REFUNDED)
+
+    await _assert_refunded_once(funding, stripe_emulator, event, "topup_declined")
+    assert funding.handled("failed_permanently") == 1
+    [topup] = await rows(funding.pool, "SELECT status, failure_reason FROM wallet_topups")
+    assert topup == {"status": "declined", "failure_reason": "CARD_DECLINED"}
+    [card] = cards_for(stripe_emulator, topup_id)
+    assert card["status"] == "canceled"
+    [stored] = await rows(funding.pool, "SELECT active, cancelled_at FROM issuing_cards")
+    assert stored["active"] is False and stored["cancelled_at"] is not None
+    assert wallet(zendit_emulator)["wallet"]["balance"] == 1_000
+
+    # A late redelivery finds the order refunded: no second refund, no second card.
+    await funding.deliver(event)
+    await funding.wait_handled(2)
+    assert len(stripe_emulator.state.find("refund", payment_intent=event.payment_intent_id)) == 1
+    assert len(cards_for(stripe_emulator, topup_id)) == 1
+
+
+async def test_a_low_issuing_float_fails_fast_with_an_operator_alert_and_no_card(
+    funding, paid_order, zendit_emulator, stripe_emulator, caplog
+):
+    set_wallet(zendit_emulator, 1_000)
+    event = await paid_order()
+    saved = dict(stripe_emulator.state.issuing_available)
+    stripe_emulator.state.issuing_available["usd"] = MIN_TOPUP - 1
+    try:
+        await funding.deliver(event)
+        await funding.wait_status(event.transaction_id, S.REFUNDED)
+    finally:
+        stripe_emulator.state.issuing_available.update(saved)
+
+    await _assert_refunded_once(funding, stripe_emulator, event, "issuing_float_low")
+    assert cards_for(stripe_emulator, f"tu_{event.transaction_id}") == []
+    [topup] = await rows(funding.pool, "SELECT status, failure_reason, card_id FROM wallet_topups")
+    assert topup == {"status": "failed", "failure_reason": "issuing_float_low", "card_id": None}
+    alerts = [r for r in caplog.records if getattr(r, "alert", None) == "issuing_float_low"]
+    assert len(alerts) == 1 and alerts[0].issuing_available == MIN_TOPUP - 1
+
+
+async def test_an_offer_priced_in_another_currency_than_the_wallet_is_refunded(
+    funding, paid_order, zendit_emulator, stripe_emulator
+):
+    event = await paid_order(offer_id="ESIM-GB-30D-3GB-GBP", cost=Money(735, "GBP"))
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.REFUNDED)
+
+    await _assert_refunded_once(funding, stripe_emulator, event, "currency_mismatch")
+    assert await rows(funding.pool, "SELECT id FROM wallet_topups") == []
+
+
+async def test_a_gateway_that_never_answers_is_given_up_the_card_cancelled_and_the_order_refunded(
+    funding, paid_order, zendit_emulator, stripe_emulator, caplog
+):
+    set_wallet(zendit_emulator, 1_000)
+    zendit_emulator.control("POST", "faults", {"endpoint": "wallet_topup", "status": 503, "count": 10})
+    event = await paid_order()
+    topup_id = f"tu_{event.transaction_id}"
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.REFUNDED, within=40)  # tiers: 1 s + 3 s + 10 s
+
+    await _assert_refunded_once(funding, stripe_emulator, event, "retries_exhausted")
+    [card] = cards_for(stripe_emulator, topup_id)
+    assert card["status"] == "canceled" and approved_charges(stripe_emulator, card["id"]) == []
+    [topup] = await rows(funding.pool, "SELECT status, failure_reason, attempts FROM wallet_topups")
+    assert topup == {"status": "failed", "failure_reason": "retries_exhausted", "attempts": 4}
+    assert any(getattr(r, "alert", None) == "topup_outcome_unknown" for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------ prefunded mode
+
+
+async def test_in_prefunded_mode_a_short_order_waits_for_the_operator_then_is_funded(
+    service_settings, amqp_url, stripe_gateway, stripe_emulator, zendit_emulator, caplog
+):
+    settings = service_settings.model_copy(update={"funding_mode": FundingMode.PREFUNDED})
+    set_wallet(zendit_emulator, 1_000)
+    async with running(settings, amqp_url) as funding:
+        event = await pay_for_order(funding.pool, stripe_gateway, stripe_emulator)
+
+        await funding.deliver(event)
+        await funding.wait_status(event.transaction_id, S.AWAITING_FUNDS)
+        await eventually(lambda: funding.handled("deferred") >= 1, within=10, what="deferred")
+        set_wallet(zendit_emulator, 1_000 + 2_000)  # the operator adds 20.00 in the Zendit console
+        await funding.wait_status(event.transaction_id, S.FUNDED, within=30)
+
+        await eventually(lambda: funding.handled("ok") >= 1, within=10, what="funded delivery acked")
+        assert [m["transaction_id"] for m in await funding.messages("provisioning.order-funded")] == [
+            event.transaction_id
+        ]
+    assert cards_for(stripe_emulator, f"tu_{event.transaction_id}") == []
+    alerts = [r for r in caplog.records if getattr(r, "alert", None) == "wallet_short"]
+    assert len(alerts) == 1 and alerts[0].amount_to_add == COST.amount - 1_000

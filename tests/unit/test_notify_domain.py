@@ -1,0 +1,99 @@
+"""Notify's decisions: which emails an event calls for and the facts that go in them."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from notify import domain
+from notify.domain import DeliveryDecision, RefundOutcome
+
+from esim_common.order_states import OrderStatus
+
+
+def test_only_a_provisioned_order_is_emailed_and_a_delivered_one_is_only_announced_again():
+    decisions = {status: domain.delivery_decision(status) for status in OrderStatus}
+    assert decisions.pop(OrderStatus.PROVISIONED) is DeliveryDecision.SEND
+    assert decisions.pop(OrderStatus.DELIVERED) is DeliveryDecision.ANNOUNCE
+    assert set(decisions.values()) == {DeliveryDecision.SKIP}
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (OrderStatus.REFUNDED, RefundOutcome.REFUNDED),
+        (OrderStatus.NEEDS_ATTENTION, RefundOutcome.INVESTIGATING),
+        (OrderStatus.PAYMENT_FAILED, RefundOutcome.NOT_CHARGED),
+        (OrderStatus.REFUND_PENDING, RefundOutcome.PENDING),
+    ],
+)
+def test_the_failure_email_says_what_happened_to_the_money_from_the_order_status(status, outcome):
+    assert domain.refund_outcome(status) is outcome
+
+
+def test_a_failed_refund_or_email_alerts_the_operator_and_a_failed_email_is_not_followed_by_another():
+    assert [
+        s for s in ("payment", "funding", "purchase", "delivery", "refund") if domain.operator_is_alerted(s)
+    ] == [
+        "delivery",
+        "refund",
+    ]
+    assert not domain.customer_is_told("delivery")
+    assert domain.customer_is_told("refund") and domain.customer_is_told("funding")
+
+
+def test_activation_data_for_manual_entry_comes_from_the_smdp_address_and_code():
+    data = domain.activation_data(" smdp.example.com ", "ABC-123")
+    assert (data.smdp_address, data.activation_code, data.lpa) == (
+        "smdp.example.com",
+        "ABC-123",
+        "LPA:1$smdp.example.com$ABC-123",
+    )
+
+
+def test_a_whole_lpa_string_in_the_activation_code_is_split_for_manual_entry():
+    data = domain.activation_data(None, "LPA:1$rsp.example.net$MATCHING-ID")
+    assert (data.smdp_address, data.activation_code, data.lpa) == (
+        "rsp.example.net",
+        "MATCHING-ID",
+        "LPA:1$rsp.example.net$MATCHING-ID",
+    )
+
+
+def test_missing_activation_data_is_refused():
+    with pytest.raises(ValueError):
+        domain.activation_data("smdp.example.com", None)
+
+
+def test_the_apple_link_carries_the_lpa_string_and_encodes_what_would_break_the_url():
+    link = domain.apple_setup_link("LPA:1$smdp.example.com$A&B #1")
+    assert link.startswith(
+        "https://esimsetup.apple.com/esim_qrcode_provisioning?carddata=LPA:1$smdp.example.com$"
+    )
+    assert parse_qs(urlsplit(link).query) == {"carddata": ["LPA:1$smdp.example.com$A&B #1"]}
+
+
+def test_every_attempt_at_one_email_has_the_same_message_id_and_odd_ids_are_hashed():
+    first = domain.message_id("txn-1", "esim_delivery", "eSIM Shop <esim@shop.example>")
+    assert (
+        first
+        == domain.message_id("txn-1", "esim_delivery", "esim@shop.example")
+        == "<esim_delivery.txn-1@shop.example>"
+    )
+    odd = domain.message_id("../a b>c", "order_failed", "nobody")
+    assert (
+        odd.startswith("<order_failed.") and odd.endswith("@localhost>") and " " not in odd and "/" not in odd
+    )
+
+
+def test_a_transaction_id_that_could_leave_the_qr_directory_gets_no_file_name():
+    assert domain.plain_file_name("txn-1") == "txn-1.png"
+    assert domain.plain_file_name("../../etc/passwd") is None
+    assert domain.plain_file_name(".hidden") is None
+
+
+def test_a_display_name_loses_line_breaks_and_control_characters():
+    assert (
+        domain.display_name("Ada\r\nBcc: evil@example.com\x00 Lovelace")
+        == "AdaBcc: evil@example.com Lovelace"
+    )

@@ -1,0 +1,121 @@
+"""The email templates: every one renders, values are escaped in HTML, and the MIME shape is right."""
+
+from __future__ import annotations
+
+import string
+from datetime import UTC, datetime
+
+import pytest
+from notify import emails, rendering
+from notify.compose import InlineImage, build_message
+from notify.rendering import RenderedEmail
+
+from esim_common.events import OrderFailed
+from esim_common.order_repository import Order
+from esim_common.order_states import OrderStatus
+from esim_common.settings import load_settings
+
+SETTINGS = load_settings(_env_file=None)
+
+
+def order(status: OrderStatus = OrderStatus.PROVISIONED, **changes: object) -> Order:
+    now = datetime.now(UTC)
+    fields = {
+        "id": 1, "transaction_id": "txn-1", "user_id": None, "offer_id": "ESIM-GLOBAL-30D-5GB",
+        "price": 1299, "currency": "USD", "zendit_cost": 900, "zendit_cost_currency": "USD",
+        "stripe_payment_intent_id": "pi_1", "stripe_issuing_card_id": None, "zendit_transaction_id": "z-1",
+        "zendit_status": "DONE", "qr_code_url": None, "status": status, "recipient_email": "ada@example.com",
+        "recipient_name": "Ada Lovelace", "stripe_checkout_session_id": None, "capture_method": "automatic",
+        "refund_id": None, "refund_status": None, "failure_reason": None, "funding_attempts": 1,
+        "purchase_attempts": 1, "created_at": now, "updated_at": now, "paid_at": now, "funded_at": None,
+        "purchased_at": None, "qr_stored_at": None, "emailed_at": None, "failed_at": None,
+        "refunded_at": None, "iccid": None, "smdp_address": "smdp.example.com", "activation_code": "CODE-1",
+    }  # fmt: skip
+    return Order.model_validate({**fields, **changes})
+
+
+@pytest.mark.parametrize("name", ["esim_delivery", "order_failed", "operator_alert"])
+def test_every_placeholder_of_a_template_is_one_its_email_fills(name):
+    """A typo in a template would otherwise only show up as a KeyError in production."""
+    used: set[str] = set()
+    for suffix in (".subject.txt", ".txt", ".html"):
+        path = rendering.TEMPLATES_DIR / f"{name}{suffix}"
+        if path.exists():
+            for match in string.Template.pattern.finditer(path.read_text()):
+                assert match.group("invalid") is None, f"stray $ in {path.name}"
+                used.add(match.group("named") or match.group("braced") or "")
+    used.discard("")
+    rendering.render(name, dict.fromkeys(used, "x"))  # renders with exactly these values
+
+
+def test_html_gets_escaped_values_and_text_gets_them_as_typed():
+    rendered = rendering.render(
+        "order_failed",
+        {
+            "name": "<b>Bob</b> & Co",
+            "offer_id": "O",
+            "transaction_id": "T",
+            "what_happened": "W",
+            "refund_status": "R",
+        },
+    )
+    assert "&lt;b&gt;Bob&lt;/b&gt; &amp; Co" in rendered.html and "<b>Bob" not in rendered.html
+    assert "<b>Bob</b> & Co" in rendered.text
+
+
+def test_a_subject_stays_one_line_whatever_the_values():
+    rendered = rendering.render("order_failed", dict.fromkeys(
+        ["name", "offer_id", "transaction_id", "what_happened", "refund_status"], "a\r\nBcc: x@example.com"
+    ))  # fmt: skip
+    assert "\n" not in rendered.subject and "\r" not in rendered.subject
+
+
+async def test_the_esim_email_has_text_html_with_inline_qr_and_the_qr_attached(tmp_path):
+    settings = SETTINGS.model_copy(update={"qr_storage_dir": str(tmp_path)})
+    message = await emails.esim_delivery_email(order(iccid=None), settings)
+    types = [part.get_content_type() for part in message.walk()]
+    assert types == [
+        "multipart/mixed", "multipart/alternative", "text/plain", "multipart/related", "text/html",
+        "image/png", "image/png",
+    ]  # fmt: skip
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    assert "ICCID: shown in your phone's settings" in text  # the phrase for a missing ICCID
+    assert "Activation code: CODE-1" in text and "SM-DP+ address: smdp.example.com" in text
+
+
+async def test_an_order_without_activation_data_fails_permanently():
+    from esim_common.errors import FailPermanently
+
+    with pytest.raises(FailPermanently) as failure:
+        await emails.esim_delivery_email(order(activation_code=None), SETTINGS)
+    assert failure.value.reason == "activation_data_missing"
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (OrderStatus.REFUNDED, "You have been refunded 12.99 USD"),
+        (OrderStatus.NEEDS_ATTENTION, "We are looking into it"),
+        (OrderStatus.PAYMENT_FAILED, "You have not been charged"),
+    ],
+)
+def test_the_failure_email_tells_the_customer_about_their_money(status, expected):
+    event = OrderFailed(transaction_id="txn-1", step="purchase", reason="purchase_failed")
+    message = emails.order_failed_email(order(status), event, SETTINGS)
+    assert expected in message.get_body(preferencelist=("plain",)).get_content()
+
+
+def test_the_operator_alert_goes_to_the_service_owner_with_what_to_do():
+    event = OrderFailed(transaction_id="txn-1", step="refund", reason="refund_failed: card_declined")
+    message = emails.operator_alert_email(order(OrderStatus.NEEDS_ATTENTION), event, SETTINGS)
+    body = message.get_content()
+    assert message["To"] == SETTINGS.service_owner_email
+    assert "Reason: refund_failed: card_declined" in body and "Refund the payment by hand" in body
+
+
+def test_a_message_without_html_is_plain_text():
+    message = build_message(
+        RenderedEmail("s", "t", None), sender="a@example.com", to_address="b@example.com", message_id="<m@x>",
+        qr=InlineImage(b"png", "cid"),
+    )  # fmt: skip
+    assert message.get_content_type() == "text/plain"
