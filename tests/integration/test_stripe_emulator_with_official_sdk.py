@@ -621,3 +621,23 @@ async def test_a_real_time_authorisation_endpoint_decides_and_is_signed(
     request = stripe_webhook_receiver.received[0]
     event = client.construct_event(request.body, request.signature, STRIPE_WEBHOOK_SECRET)
     assert event.type == "issuing_authorization.request" and event.data.object.pending_request.amount == 900
+
+
+async def test_refunds_are_listed_by_payment_intent(stripe_emulator: Any) -> None:
+    client = stripe.StripeClient(stripe_emulator.api_key, base_addresses={"api": stripe_emulator.url})
+    async with StripeGateway(api_key=stripe_emulator.api_key, api_base=stripe_emulator.url) as gateway:
+        intents = []
+        for txn in ("txn_list_a", "txn_list_b"):
+            session = await gateway.create_checkout_session(
+                transaction_id=f"{txn}_{uuid.uuid4().hex[:6]}",
+                amount=700,
+                currency="USD",
+                product_name="eSIM",
+                success_url="http://shop/ok",
+                cancel_url="http://shop/no",
+            )
+            intents.append(stripe_emulator.pay(session.id)["payment_intent"]["id"])
+        refund = await gateway.create_refund(transaction_id="txn_list_a", payment_intent_id=intents[0])
+    listed = client.v1.refunds.list({"payment_intent": intents[0]}).data
+    assert [r.id for r in listed] == [refund.id]
+    assert client.v1.refunds.list({"payment_intent": intents[1]}).data == []

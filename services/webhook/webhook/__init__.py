@@ -1,1 +1,1 @@
-"""The webhook service. A placeholder until the next issue puts the service on top of libs/common."""
+"""The webhook service: the HTTP edge (checkout, Stripe webhooks, order status); publishes order.paid."""

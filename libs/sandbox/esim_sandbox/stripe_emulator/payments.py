@@ -11,6 +11,7 @@ from stripe.params import (
     PaymentIntentCaptureParams,
     PaymentIntentRetrieveParams,
     RefundCreateParams,
+    RefundListParams,
     RefundRetrieveParams,
 )
 
@@ -19,6 +20,7 @@ from .api import Call, api_route
 from .coerce import as_currency, merge_metadata, metadata, opt_int, opt_str
 from .errors import ParamError, StripeApiError, invalid_value, unexpected_state
 from .ids import new_id, now
+from .lists import paginate
 from .state import StripeState
 
 REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
@@ -225,6 +227,11 @@ async def retrieve_refund(call: Call) -> dict[str, Any]:
     return call.render(call.state.get("refund", call.path["refund"]))
 
 
+async def list_refunds(call: Call) -> dict[str, Any]:
+    filters = {key: call.params[key] for key in ("payment_intent", "charge") if call.params.get(key)}
+    return paginate(call, call.state.find("refund", **filters), "/v1/refunds")
+
+
 async def retrieve_charge(call: Call) -> dict[str, Any]:
     return call.render(call.state.get("charge", call.path["charge"]))
 
@@ -248,5 +255,6 @@ def routes() -> list[Route]:
         ),
         api_route("/v1/charges/{charge}", retrieve_charge, method="GET", spec=ChargeRetrieveParams),
         api_route("/v1/refunds", create_refund, method="POST", spec=RefundCreateParams),
+        api_route("/v1/refunds", list_refunds, method="GET", spec=RefundListParams),
         api_route("/v1/refunds/{refund}", retrieve_refund, method="GET", spec=RefundRetrieveParams),
     ]

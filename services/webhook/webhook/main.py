@@ -1,0 +1,65 @@
+"""Wiring only: `create_app(settings)` builds the context and the provider clients and returns the app.
+
+Routes: POST /api/create-checkout-session, POST /api/webhooks/stripe, GET /api/orders/{transactionId},
+/checkout/success and /checkout/cancel (minimal pages for when SHOP_BASE_URL is this service), plus
+/healthz and /metrics from the service shell and /readyz here. This service consumes no queue; it
+publishes `order.paid`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+from esim_common.service import ServiceContext, service_app
+from esim_common.settings import Settings
+from webhook import checkout, order_status, shop_pages, stripe_webhooks
+from webhook.ports import Ports
+
+SERVICE_NAME = "webhook"
+DEFAULT_PORT = 8080
+
+
+def _operations(ctx: ServiceContext, ports: Ports) -> APIRouter:
+    """/readyz, and a lifespan that closes the provider clients' HTTP pools when the app stops (FastAPI
+    nests an included router's lifespan inside the shell's, which starts and stops the context)."""
+
+    @asynccontextmanager
+    async def close_ports(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await ports.aclose()
+
+    router = APIRouter(tags=["operations"], lifespan=close_ports)
+
+    @router.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Ready for traffic: the database answers and the broker connection is up (publishes work)."""
+        checks = await ctx.health()
+        ready = all(checks.values())
+        body = {"status": "ready" if ready else "not_ready", **checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return router
+
+
+def create_app(settings: Settings) -> FastAPI:
+    ctx = ServiceContext.build(SERVICE_NAME, settings)
+    ports = Ports.build(ctx)
+    app: FastAPI = service_app(
+        ctx,
+        title="esim webhook",
+        routers=[
+            checkout.router,
+            stripe_webhooks.router,
+            order_status.router,
+            shop_pages.router,
+            _operations(ctx, ports),
+        ],
+    )
+    app.state.ports = ports
+    return app
