@@ -20,7 +20,6 @@ import aio_pika
 import asyncpg
 import pytest
 from fastapi import FastAPI
-from funding.main import create_app
 from prometheus_client import REGISTRY
 
 from esim_common.events import Event, OrderPaid
@@ -32,6 +31,7 @@ from esim_common.providers.stripe import BillingAddress, StripeGateway
 from esim_common.service import ServiceContext
 from esim_common.settings import FundingMode, Settings
 from esim_common.topology import delete
+from funding.main import create_app
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 

@@ -24,7 +24,6 @@ import pytest
 import qrcode
 import zxingcpp
 from aiosmtpd.controller import Controller
-from notify.main import create_app
 from PIL import Image
 from prometheus_client import REGISTRY
 
@@ -36,6 +35,7 @@ from esim_common.service import ServiceContext
 from esim_common.settings import Settings
 from esim_common.topology import delete
 from esim_sandbox.smtp_capture import SmtpCapture
+from notify.main import create_app
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 

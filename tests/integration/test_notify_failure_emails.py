@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 import aio_pika
 import asyncpg
 import pytest
-from notify.main import create_app
 from prometheus_client import REGISTRY
 
 from esim_common.events import FailedStep, OrderFailed
@@ -20,6 +19,7 @@ from esim_common.order_repository import create_order
 from esim_common.service import ServiceContext
 from esim_common.settings import Settings
 from esim_common.topology import delete
+from notify.main import create_app
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 

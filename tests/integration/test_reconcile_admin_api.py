@@ -11,9 +11,9 @@ import asyncpg
 import httpx
 import pytest
 from pydantic import SecretStr
-from reconcile.main import create_app
 
 from esim_common.topology import delete
+from reconcile.main import create_app
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 

@@ -10,6 +10,7 @@ import asyncpg
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+
 from reconcile.business_metrics import BusinessMetrics
 from reconcile.main import create_app
 

@@ -8,11 +8,11 @@ import uuid
 import aio_pika
 import pytest
 from prometheus_client import REGISTRY
-from reconcile.main import create_app
 
 from esim_common.events import OrderDelivered, OrderFailed, OrderRefunded
 from esim_common.money import Money
 from esim_common.topology import delete
+from reconcile.main import create_app
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 

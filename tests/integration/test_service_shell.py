@@ -22,7 +22,9 @@ async def test_a_started_service_is_healthy_serves_metrics_and_declares_its_topo
         connection = await aio_pika.connect(service_settings.amqp_url)
         async with connection:
             channel = await connection.channel()
-            declared = await channel.declare_queue(ctx.topology.queue("funding.order-paid").name, passive=True)
+            declared = await channel.declare_queue(
+                ctx.topology.queue("funding.order-paid").name, passive=True
+            )
     finally:
         await ctx.stop()
     assert health.status_code == 200 and health.json() == {"status": "ok", "broker": True, "database": True}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
+from esim_common.money import Money
+from esim_common.order_states import OrderStatus
 from funding.domain import (
     MAX_TOPUPS_PER_ORDER,
     OrderCost,
@@ -24,9 +27,6 @@ from funding.domain import (
     topup_amount,
     topup_ids,
 )
-
-from esim_common.money import Money
-from esim_common.order_states import OrderStatus
 
 S = OrderStatus
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from notify import domain
-from notify.domain import DeliveryDecision, RefundOutcome
 
 from esim_common.order_states import OrderStatus
+from notify import domain
+from notify.domain import DeliveryDecision, RefundOutcome
 
 
 def test_only_a_provisioned_order_is_emailed_and_a_delivered_one_is_only_announced_again():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import aiosmtplib
 import pytest
-from notify.mailer import EmailRejected, _classify
 
 from esim_common.errors import PermanentError, TransientError
+from notify.mailer import EmailRejected, _classify
 
 
 @pytest.mark.parametrize(

@@ -6,14 +6,14 @@ import string
 from datetime import UTC, datetime
 
 import pytest
-from notify import emails, rendering
-from notify.compose import InlineImage, build_message
-from notify.rendering import RenderedEmail
 
 from esim_common.events import OrderFailed
 from esim_common.order_repository import Order
 from esim_common.order_states import OrderStatus
 from esim_common.settings import load_settings
+from notify import emails, rendering
+from notify.compose import InlineImage, build_message
+from notify.rendering import RenderedEmail
 
 SETTINGS = load_settings(_env_file=None)
 

@@ -6,6 +6,9 @@ import math
 
 import pytest
 from pydantic import ValidationError
+
+from esim_common.metrics import legacy_gauge_values
+from esim_common.order_states import TERMINAL_STATES, OrderStatus
 from reconcile.domain import (
     ADMIN_ACTIONS,
     FAILED_STATES,
@@ -14,9 +17,6 @@ from reconcile.domain import (
     status_counts,
 )
 from reconcile.schemas import AdminRequest
-
-from esim_common.metrics import legacy_gauge_values
-from esim_common.order_states import TERMINAL_STATES, OrderStatus
 
 
 def test_failed_and_in_flight_orders_never_overlap_and_exclude_delivered_and_unpaid_ones():

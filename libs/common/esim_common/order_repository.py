@@ -50,6 +50,10 @@ class Order(BaseModel):
     emailed_at: datetime | None
     failed_at: datetime | None
     refunded_at: datetime | None
+    # The delivered eSIM's activation facts (migration 0002), set when the order is provisioned.
+    iccid: str | None = None
+    smdp_address: str | None = None
+    activation_code: str | None = None
 
     @property
     def price_money(self) -> Money:
@@ -117,6 +121,9 @@ RECORDABLE = frozenset(
         "zendit_transaction_id",
         "zendit_status",
         "qr_code_url",
+        "iccid",
+        "smdp_address",
+        "activation_code",
         "refund_id",
         "refund_status",
         "failure_reason",

@@ -1,1 +1,1 @@
-"""The provisioning service. A placeholder until the next issue puts the service on top of libs/common."""
+"""The provisioning service: buys funded orders' eSIMs from Zendit and stores their QR codes."""

@@ -1,0 +1,154 @@
+"""Provisioning's business rules. Pure: no database, broker, HTTP or clock, so tests call them directly.
+
+funded ─► purchasing ─► (poll Zendit, never blocking the consumer) ─► provisioned
+              │  DONE: QR rendered, verified, stored
+              ├─ FAILED INSUFFICIENT_FUNDS ─► funding (fund again; the next attempt gets a new id)
+              ├─ FAILED other ─► purchase_failed ─► refund (compensation)
+              └─ not final after the deadline ─► needs_attention (Zendit may still deliver)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from esim_common.order_states import OrderStatus
+
+S = OrderStatus
+
+# ------------------------------------------------------------------------------ Zendit transaction ids
+
+# Zendit has no idempotency header and reusing a transactionId is undocumented: each attempt gets its
+# own id derived from our order id, `<txn>` first and `<txn>-r<n>` after a FAILED attempt.
+RETRY_ID_SEPARATOR = "-r"
+
+# An attempt ends FAILED with INSUFFICIENT_FUNDS when the wallet was short after all; funding then
+# tops up again. Three rounds cover a race with another order's debit; more means the balance check
+# and Zendit disagree for good, and looping would hold the customer's money indefinitely.
+MAX_PURCHASE_ATTEMPTS = 3
+
+
+def zendit_transaction_id(transaction_id: str, attempt: int) -> str:
+    """The Zendit `transactionId` of attempt `attempt` (1-based) of our order `transaction_id`."""
+    if attempt < 1:
+        raise ValueError(f"attempts count from 1, got {attempt}")
+    if attempt == 1:
+        return transaction_id
+    return f"{transaction_id}{RETRY_ID_SEPARATOR}{attempt}"
+
+
+# ------------------------------------------------------------------------------ what a message asks of us
+
+
+class Step(StrEnum):
+    """What an `order.funded` delivery means for an order in a given state."""
+
+    START = "start"  # funded: open a new purchase attempt
+    CONTINUE = "continue"  # purchasing: look at (or place) the current attempt's purchase
+    ANNOUNCE = "announce"  # provisioned/delivered: re-publish order.provisioned (heals a lost publish)
+    FUND_AGAIN = "fund_again"  # back in funding after INSUFFICIENT_FUNDS: re-publish order.paid
+    FINISH_REFUND = "finish_refund"  # purchase failed, refund not finished: resume the compensation
+    IGNORE = "ignore"  # nothing for provisioning to do (not funded yet, or already failed for good)
+
+
+def next_step(status: OrderStatus, purchase_attempts: int) -> Step:
+    """Idempotency in one table: every state an order can be in when `order.funded` (re)arrives."""
+    if status == S.FUNDED:
+        return Step.START
+    if status == S.PURCHASING:
+        return Step.CONTINUE
+    if status in (S.PROVISIONED, S.DELIVERED):
+        return Step.ANNOUNCE
+    # Orders reach these states through provisioning only once a purchase was attempted; without an
+    # attempt they belong to funding (a first funding round or a top-up failure), not to us.
+    if purchase_attempts >= 1 and status == S.FUNDING:
+        return Step.FUND_AGAIN
+    if purchase_attempts >= 1 and status in (S.PURCHASE_FAILED, S.REFUND_PENDING):
+        return Step.FINISH_REFUND
+    return Step.IGNORE
+
+
+# ------------------------------------------------------------------------------ a purchase's outcome
+
+DONE = "DONE"
+FAILED = "FAILED"
+INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+
+
+class Outcome(StrEnum):
+    PENDING = "pending"  # ACCEPTED, PENDING, AUTHORIZED, IN_PROGRESS: check again later
+    DONE = "done"
+    FUND_AGAIN = "fund_again"  # FAILED for lack of wallet funds, attempts left
+    FAILED = "failed"  # FAILED for good: refund
+
+
+def outcome_of(status: str, error_code: str | None, attempt: int) -> Outcome:
+    if status == DONE:
+        return Outcome.DONE
+    if status != FAILED:
+        return Outcome.PENDING
+    if error_code == INSUFFICIENT_FUNDS and attempt < MAX_PURCHASE_ATTEMPTS:
+        return Outcome.FUND_AGAIN
+    return Outcome.FAILED
+
+
+# Failure reasons starting with this prefix mean "Zendit will not deliver": the purchase is FAILED,
+# or the POST was refused and a GET confirmed that no purchase exists. Only those may be refunded.
+ZENDIT_REFUSED_PREFIX = "zendit_"
+
+
+def purchase_failure_reason(error_code: str | None) -> str:
+    """`zendit_product_unavailable` for a purchase that ended FAILED with PRODUCT_UNAVAILABLE."""
+    return f"{ZENDIT_REFUSED_PREFIX}{(error_code or 'failed').lower()}"
+
+
+def refund_is_safe(reason: str, status: OrderStatus) -> bool:
+    """Refund only when Zendit cannot deliver any more (or the refund was decided already).
+
+    Anything else reaching the failure path — retries used up on a storage or broker error after the
+    purchase may have been DONE, a purchase we cannot read — must not give the money back while the
+    customer may also get the eSIM: an operator looks at it instead.
+    """
+    return reason.startswith(ZENDIT_REFUSED_PREFIX) or status in (S.PURCHASE_FAILED, S.REFUND_PENDING)
+
+
+# ------------------------------------------------------------------------------ when to look again
+
+# Zendit finishes ~99% of purchases within 15 s and suggests polling about once a second.
+FAST_POLL_WINDOW_SECONDS = 15.0
+FAST_POLL_SECONDS = 1.0
+# A purchase still open after that waits on a supplier; a few minutes of 3 s checks catch the
+# stragglers quickly without hammering the API.
+MEDIUM_POLL_WINDOW_SECONDS = 180.0
+MEDIUM_POLL_SECONDS = 3.0
+# A supplier outage: Zendit keeps retrying for up to 24 h; 10 s (the longest delay tier) is plenty.
+SLOW_POLL_SECONDS = 10.0
+
+
+def poll_delay(elapsed_seconds: float) -> float:
+    """Seconds until the next look at a purchase placed `elapsed_seconds` ago."""
+    if elapsed_seconds < FAST_POLL_WINDOW_SECONDS:
+        return FAST_POLL_SECONDS
+    if elapsed_seconds < MEDIUM_POLL_WINDOW_SECONDS:
+        return MEDIUM_POLL_SECONDS
+    return SLOW_POLL_SECONDS
+
+
+@dataclass(frozen=True)
+class CheckAgain:
+    delay_seconds: float
+
+
+@dataclass(frozen=True)
+class DeadlinePassed:
+    waited_seconds: float
+
+
+DEADLINE_REASON = "purchase_deadline_exceeded"
+
+
+def next_check(elapsed_seconds: float, deadline_seconds: float) -> CheckAgain | DeadlinePassed:
+    """Keep waiting for a purchase that is not final, or hand it to an operator at the deadline."""
+    if elapsed_seconds >= deadline_seconds:
+        return DeadlinePassed(waited_seconds=elapsed_seconds)
+    return CheckAgain(delay_seconds=poll_delay(elapsed_seconds))

@@ -1,0 +1,32 @@
+"""Provisioning's own series (bounded labels only; provider calls and messages are counted in common)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prometheus_client import Counter, Histogram
+
+PurchaseOutcome = Literal["done", "fund_again", "failed", "deadline_exceeded", "needs_attention"]
+
+purchase_outcomes_total = Counter(
+    "esim_zendit_purchase_outcomes_total",
+    "Zendit purchase attempts by how they ended for the order.",
+    ("outcome",),
+)
+
+# From the attempt's start to the moment we saw it DONE: Zendit's ~15 s typical, hours in an outage.
+purchase_seconds = Histogram(
+    "esim_zendit_purchase_seconds",
+    "Time from placing a Zendit purchase to seeing it DONE.",
+    buckets=(1, 2, 5, 10, 15, 30, 60, 300, 1800, 3600, 21600, 86400),
+)
+
+operator_alerts_total = Counter(
+    "esim_provisioning_operator_alerts_total",
+    "Orders provisioning handed to an operator (needs_attention), by reason.",
+    ("reason",),
+)
+
+
+def count_outcome(outcome: PurchaseOutcome) -> None:
+    purchase_outcomes_total.labels(outcome=outcome).inc()

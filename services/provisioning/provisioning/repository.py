@@ -1,0 +1,117 @@
+"""Provisioning's writes to an order: each state change together with the facts it records, atomically.
+
+State changes go through `esim_common.orders.transition` (guarded, audited); facts through
+`order_repository.record`. Each function here is one transaction, so a crash leaves the order either
+before the step or after it, never with a new state but without its facts.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from esim_common.order_repository import Order, get_order, record
+from esim_common.order_states import OrderStatus
+from esim_common.orders import transition
+from provisioning.domain import zendit_transaction_id
+
+S = OrderStatus
+
+# The current attempt began when the order last entered `purchasing`; `purchased_at` keeps the first
+# attempt's time (it is stamped once), so it is only the fallback. The database's clock measures it,
+# the same clock that stamped it, so a skewed service host cannot shorten or stretch the deadline.
+ATTEMPT_ELAPSED_SECONDS = """
+    SELECT EXTRACT(EPOCH FROM now() - COALESCE(
+               (SELECT max(at) FROM order_transitions WHERE transaction_id = $1 AND to_status = 'purchasing'),
+               o.purchased_at,
+               o.updated_at))::float8
+      FROM esim_purchases AS o
+     WHERE o.transaction_id = $1
+"""
+
+
+async def must_get(
+    conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str, *, lock: bool = False
+) -> Order:
+    order = await get_order(conn, transaction_id, lock=lock)
+    if order is None:
+        # order.funded is published after the order row is committed: a missing row is a bug (DLQ).
+        raise LookupError(f"order {transaction_id} does not exist")
+    return order
+
+
+async def start_attempt(pool: asyncpg.Pool, transaction_id: str) -> Order:
+    """funded → purchasing with the next attempt's Zendit id, under the row lock.
+
+    Returns the order as it is afterwards; when another worker got there first (a duplicate message)
+    the order is returned unchanged and the caller just follows its state.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        order = await must_get(conn, transaction_id, lock=True)
+        if order.status != S.FUNDED:
+            return order
+        attempt = order.purchase_attempts + 1
+        zendit_id = zendit_transaction_id(transaction_id, attempt)
+        await transition(conn, transaction_id, S.PURCHASING, reason=f"zendit purchase {zendit_id}")
+        # zendit_status is cleared: the previous attempt's FAILED says nothing about this one.
+        await record(
+            conn,
+            transaction_id,
+            zendit_transaction_id=zendit_id,
+            purchase_attempts=attempt,
+            zendit_status=None,
+        )
+        return await must_get(conn, transaction_id)
+
+
+async def attempt_elapsed_seconds(pool: asyncpg.Pool, transaction_id: str) -> float:
+    """Seconds since the current purchase attempt started."""
+    elapsed = await pool.fetchval(ATTEMPT_ELAPSED_SECONDS, transaction_id)
+    if elapsed is None:
+        raise LookupError(f"order {transaction_id} does not exist")
+    return float(elapsed)
+
+
+async def record_zendit_status(pool: asyncpg.Pool, transaction_id: str, status: str) -> None:
+    await record(pool, transaction_id, zendit_status=status)
+
+
+async def mark_provisioned(
+    pool: asyncpg.Pool,
+    transaction_id: str,
+    *,
+    qr_code_url: str,
+    iccid: str,
+    smdp_address: str,
+    activation_code: str,
+) -> Order:
+    """purchasing → provisioned with the QR URL and the activation facts the email needs."""
+    async with pool.acquire() as conn, conn.transaction():
+        await record(
+            conn,
+            transaction_id,
+            zendit_status="DONE",
+            qr_code_url=qr_code_url,
+            iccid=iccid or None,
+            smdp_address=smdp_address or None,
+            activation_code=activation_code or None,
+        )
+        await transition(conn, transaction_id, S.PROVISIONED, reason="qr code stored")
+        return await must_get(conn, transaction_id)
+
+
+async def send_back_to_funding(pool: asyncpg.Pool, transaction_id: str, *, reason: str) -> Order:
+    """purchasing → funding after a purchase FAILED for lack of wallet funds."""
+    async with pool.acquire() as conn, conn.transaction():
+        await record(conn, transaction_id, zendit_status="FAILED")
+        await transition(conn, transaction_id, S.FUNDING, reason=reason)
+        return await must_get(conn, transaction_id)
+
+
+async def hold_for_operator(pool: asyncpg.Pool, transaction_id: str, *, reason: str) -> bool:
+    """purchasing → needs_attention; False when the order is no longer purchasing (nothing changed)."""
+    async with pool.acquire() as conn, conn.transaction():
+        order = await must_get(conn, transaction_id, lock=True)
+        if order.status != S.PURCHASING:
+            return False
+        await transition(conn, transaction_id, S.NEEDS_ATTENTION, failure_reason=reason)
+        return True

@@ -1,0 +1,90 @@
+"""Where QR PNGs are kept: one small interface, a local-directory implementation today.
+
+    QrStorage.save(name, png) -> public URL     store (or replace) `<name>.png`, say where it is served
+
+Supabase Storage (bucket `SUPABASE_BUCKET`, when `SUPABASE_URL` and `SUPABASE_SERVICE_ROLE_KEY` are set)
+will be a second implementation of the same protocol, chosen in `main.py`; nothing else changes.
+Saving is idempotent: a redelivered message renders the same image and replaces the file with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from esim_common.errors import TransientError
+
+# Names are our transaction ids: the alphabet Zendit accepts for ids. Anything else (a `/`, `..`, a
+# NUL byte) is refused before it gets near a path.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+PNG_SUFFIX = ".png"
+
+
+class QrStorageError(TransientError):
+    """The PNG could not be stored (disk full, a storage service down): retry later."""
+
+
+class QrStorage(Protocol):
+    async def save(self, name: str, png: bytes) -> str:
+        """Store `png` as `<name>.png`, replacing any previous version; return its public URL."""
+        ...
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_PATTERN.fullmatch(name))
+
+
+class LocalQrStorage:
+    """PNGs in a local directory, served by the provisioning app at `public_base_url/<name>.png`."""
+
+    def __init__(self, directory: Path, public_base_url: str) -> None:
+        self.directory = directory
+        self.public_base_url = public_base_url.rstrip("/")
+
+    def path_of(self, name: str) -> Path | None:
+        """The file for `name`, or None when `name` is not a valid QR name (never a path outside)."""
+        if not valid_name(name):
+            return None
+        return self.directory / f"{name}{PNG_SUFFIX}"
+
+    def url_of(self, name: str) -> str:
+        return f"{self.public_base_url}/{name}{PNG_SUFFIX}"
+
+    async def save(self, name: str, png: bytes) -> str:
+        path = self.path_of(name)
+        if path is None:
+            raise ValueError(f"not a valid QR code name: {name!r}")
+        try:
+            await asyncio.to_thread(_write_atomically, path, png)
+        except OSError as exc:
+            raise QrStorageError(f"could not store the QR code in {self.directory}: {exc.strerror}") from exc
+        return self.url_of(name)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, flush it to disk, then rename over `path`.
+
+    A reader (the HTTP route, an email being built) sees the old file or the new one, never half of
+    one; a crash leaves at most a stray `.tmp` file, never a truncated PNG under the real name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    # The rename itself lives in the directory: flush it too, or a power cut can undo it.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
