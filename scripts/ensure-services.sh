@@ -36,7 +36,14 @@ fi
 if ! answers "$mq_host" "$mq_port"; then
   if [[ "$mq_host" == 127.0.0.1 || "$mq_host" == localhost ]] && command -v rabbitmq-server >/dev/null; then
     echo "ensure-services: starting the local RabbitMQ"
-    rabbitmq-server -detached || true
+    # With the default 1024 open files, RabbitMQ 3.10's file-handle budget (~930) runs out once a few
+    # hundred quorum queues exist, and from then on it accepts TCP connections but never answers the
+    # AMQP handshake. Start it with the hard limit instead (the Debian wrapper's `su` would reset it).
+    if id rabbitmq >/dev/null 2>&1 && [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]]; then
+      su rabbitmq -s /bin/sh -c 'ulimit -n "$(ulimit -Hn)"; /usr/lib/rabbitmq/bin/rabbitmq-server -detached' || true
+    else
+      (ulimit -n "$(ulimit -Hn)"; rabbitmq-server -detached) || true
+    fi
   fi
 fi
 

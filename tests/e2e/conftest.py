@@ -42,4 +42,4 @@ def stack(e2e_database_url: str, amqp_url: str, tmp_path_factory) -> Iterator[St
         running.start()
         yield running
     finally:
-        running.stop()
+        running.stop(delete_topology=True)

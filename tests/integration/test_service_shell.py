@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from esim_common.service import ServiceContext, service_app
+from esim_common.topology import delete_from_url
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -27,6 +28,7 @@ async def test_a_started_service_is_healthy_serves_metrics_and_declares_its_topo
             )
     finally:
         await ctx.stop()
+        await delete_from_url(service_settings.amqp_url, ctx.topology)
     assert health.status_code == 200 and health.json() == {"status": "ok", "broker": True, "database": True}
     assert metrics.status_code == 200 and "esim_messages_processed_total" in metrics.text
     assert declared.name == f"{service_settings.topology_prefix}funding.order-paid"
@@ -43,4 +45,5 @@ async def test_a_service_whose_database_is_gone_reports_unhealthy(service_settin
     finally:
         ctx._pool = None
         await ctx.stop()
+        await delete_from_url(service_settings.amqp_url, ctx.topology)
     assert health.status_code == 503 and health.json()["database"] is False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import asyncpg
 import pytest
 
 from esim_common.consumer import handle_delivery
@@ -125,3 +126,17 @@ async def test_work_not_finished_yet_is_checked_again_later_without_using_an_att
         on_failure=None,
     )
     assert (outcome, parked, router.moves) == ("deferred", [5], [])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.PostgresConnectionError("gone"),
+        asyncpg.QueryCanceledError("lock timeout"),
+        ConnectionResetError(),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_a_database_outage_is_retried_not_dead_lettered_as_a_bug(error):
+    assert await deliver(error) == ("retried", ["retry:1s"], [])
+    assert await deliver(error, attempt=4) == ("dead_lettered", ["dlq"], ["retries_exhausted"])

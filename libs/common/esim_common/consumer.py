@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import asyncpg
 from faststream.middlewares import AckPolicy
 from faststream.rabbit import RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
@@ -59,6 +60,23 @@ log = logging.getLogger("esim.consumer")
 
 # Headers are visible in the management UI; keep the error short and never let secrets through.
 MAX_ERROR_HEADER_LENGTH = 500
+
+
+# A database that is restarting, failing over or momentarily overloaded is a transient condition for
+# every handler, not a bug: retry through the tiers instead of dead-lettering the order.
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.QueryCanceledError,  # statement or lock timeout
+    TimeoutError,
+    ConnectionError,
+)
+
+
+RETRYABLE: tuple[type[BaseException], ...] = (TransientError, *DATABASE_UNAVAILABLE)
 
 
 def error_summary(exc: BaseException) -> str:
@@ -153,7 +171,7 @@ async def handle_delivery(
             delay = await router.check_again_later(message, later.delay_seconds)
             log.info("not finished yet, checking again later", extra={"queue": queue_name, "delay_s": delay})
             return "deferred"
-        except TransientError as exc:
+        except RETRYABLE as exc:
             if attempt <= len(router.retry_delays):
                 log.warning(
                     "transient failure, retrying",
@@ -181,7 +199,7 @@ async def handle_delivery(
 async def _take_failure_path(
     message: RabbitMessage,
     event: E,
-    exc: TransientError | PermanentError,
+    exc: BaseException,
     attempt: int,
     router: MessageRouter,
     on_failure: FailureHook[E] | None,
@@ -192,7 +210,7 @@ async def _take_failure_path(
     bounded by the same attempt counter — and dead-lettered when they are used up, so a failing
     failure path never loops and never goes quiet.
     """
-    exhausted = isinstance(exc, TransientError)
+    exhausted = not isinstance(exc, PermanentError)
     if on_failure is None:
         await router.to_dlq(message, exc)
         return "dead_lettered"

@@ -54,7 +54,8 @@ PLACEHOLDER = "[REDACTED]"
 # Shorter "secrets" (a dev password like `guest`, a port) would redact ordinary words all over the logs.
 MIN_SECRET_LENGTH = 6
 # Chatty at INFO (a line per AMQP frame or HTTP request) without telling an operator anything new.
-NOISY_LOGGERS = ("aiormq", "aio_pika", "httpx", "httpcore")
+# `stripe` logs whole response bodies at DEBUG, card reveals included: never below WARNING.
+NOISY_LOGGERS = ("aiormq", "aio_pika", "httpx", "httpcore", "stripe")
 
 _transaction_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("transaction_id", default=None)
 

@@ -153,8 +153,14 @@ async def declare_from_url(amqp_url: str, topology: Topology) -> None:
 
 
 async def delete(channel: AbstractChannel, topology: Topology) -> None:
-    """Remove a (test) topology again."""
+    """Remove a (test) topology again: retry tiers first, so none dead-letters into a deleted queue."""
     for queue in topology.queues:
-        for name in (queue.name, queue.dlq, *(queue.retry_tier(d) for d in topology.retry_delays)):
+        for name in (*(queue.retry_tier(d) for d in topology.retry_delays), queue.name, queue.dlq):
             await channel.queue_delete(name)
     await channel.exchange_delete(topology.exchange)
+
+
+async def delete_from_url(amqp_url: str, topology: Topology) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        await delete(await connection.channel(), topology)

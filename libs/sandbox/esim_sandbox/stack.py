@@ -7,6 +7,7 @@ variables (the same names as in production), its own HTTP port, and its output i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from esim_common.topology import delete_from_url, esim_topology
 from esim_sandbox.serve import LOOPBACK, free_port
 
 SERVICES = ("webhook", "funding", "provisioning", "notify", "reconcile")
@@ -179,6 +181,11 @@ class Stack:
         process.start()
         self.wait_healthy(name)
 
-    def stop(self) -> None:
+    def stop(self, *, delete_topology: bool = False) -> None:
+        """Stop every process; with `delete_topology`, also remove this stack's (prefixed) queues, which
+        would otherwise pile up on the broker run after run."""
         for name in reversed(list(self.processes)):
             self.processes[name].stop()
+        if delete_topology and self.topology_prefix:
+            topology = esim_topology(prefix=self.topology_prefix)
+            asyncio.run(delete_from_url(self.amqp_url, topology))

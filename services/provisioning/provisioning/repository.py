@@ -102,7 +102,9 @@ async def mark_provisioned(
 async def send_back_to_funding(pool: asyncpg.Pool, transaction_id: str, *, reason: str) -> Order:
     """purchasing → funding after a purchase FAILED for lack of wallet funds."""
     async with pool.acquire() as conn, conn.transaction():
-        await record(conn, transaction_id, zendit_status="FAILED")
+        # Cleared, not "FAILED": funding reserves the cost of funded orders whose purchase has not been
+        # authorised yet, and must do so for this order's next attempt too.
+        await record(conn, transaction_id, zendit_status=None)
         await transition(conn, transaction_id, S.FUNDING, reason=reason)
         return await must_get(conn, transaction_id)
 
