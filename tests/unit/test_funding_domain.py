@@ -57,6 +57,10 @@ def test_a_funding_failure_whose_refund_did_not_finish_is_resumed(status):
     assert next_step(status, ever_funded=False) == Step.RESUME_FAILURE
 
 
+def test_a_failed_top_up_of_an_order_funded_once_before_is_still_resumed():
+    assert next_step(S.TOPUP_FAILED, ever_funded=True) == Step.RESUME_FAILURE
+
+
 def test_a_refund_started_by_a_purchase_failure_is_not_ours_to_resume():
     assert next_step(S.REFUND_PENDING, ever_funded=True) == Step.NOTHING
 

@@ -47,6 +47,8 @@ def next_step(status: OrderStatus, *, ever_funded: bool) -> Step:
         return Step.ANNOUNCE
     if status in _PAST_FUNDING:
         return Step.NOTHING
+    if status == S.TOPUP_FAILED:  # only funding enters it, even for an order funded once before
+        return Step.RESUME_FAILURE
     if status in _FUNDING_FAILED and not ever_funded:
         return Step.RESUME_FAILURE
     if status == S.PENDING_PAYMENT:

@@ -22,7 +22,6 @@ from esim_common.service import ServiceContext
 from notify import domain, emails
 from notify.mailer import EmailRejected, EmailTransientError
 from notify.metrics import emails_total, operator_alerts_total
-from notify.resilience import database_outage_is_transient
 from notify.sent_emails import send_once
 
 log = logging.getLogger("esim.notify")
@@ -41,7 +40,6 @@ class Notifier:
         self._ctx = ctx
         self._mailer = mailer
 
-    @database_outage_is_transient
     async def on_order_provisioned(self, event: OrderProvisioned) -> None:
         """Email the customer their eSIM once, then mark the order delivered and announce it."""
         txn = event.transaction_id
@@ -58,7 +56,6 @@ class Notifier:
                 await transition(conn, txn, OrderStatus.DELIVERED, reason="eSIM emailed")
         await self._ctx.publisher.publish(OrderDelivered(transaction_id=txn))
 
-    @database_outage_is_transient
     async def on_delivery_failed(self, event: OrderProvisioned, reason: str) -> None:
         """The eSIM email failed for good: the order waits for an operator, who is alerted."""
         txn = event.transaction_id
@@ -77,7 +74,6 @@ class Notifier:
                 await transition(conn, txn, OrderStatus.NEEDS_ATTENTION, failure_reason=failure)
         await self._ctx.publisher.publish(OrderFailed(transaction_id=txn, step="delivery", reason=failure))
 
-    @database_outage_is_transient
     async def on_order_failed(self, event: OrderFailed) -> None:
         """Tell the customer once what happened and whether they were refunded; email the operator
         once when only a person can resolve it (the refund failed, or the eSIM email did)."""

@@ -14,7 +14,6 @@ from esim_common.events import Event, OrderDelivered, OrderFailed, OrderRefunded
 from esim_common.order_repository import get_order
 from esim_common.service import ServiceContext
 from reconcile.metrics import order_outcome_events_total, unknown_order_events_total
-from reconcile.resilience import database_outage_is_transient
 
 log = logging.getLogger("esim.reconcile")
 
@@ -23,18 +22,15 @@ class OutcomeLog:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
 
-    @database_outage_is_transient
     async def on_order_delivered(self, event: OrderDelivered) -> None:
         """An eSIM reached its customer."""
         await self._record(event, "order delivered")
 
-    @database_outage_is_transient
     async def on_order_failed(self, event: OrderFailed) -> None:
         """An order failed for good; a failed refund or email is an operator's job (notify emails them)."""
         level = logging.ERROR if event.step in ("refund", "delivery") else logging.WARNING
         await self._record(event, "order failed", level=level, step=event.step, reason=event.reason)
 
-    @database_outage_is_transient
     async def on_order_refunded(self, event: OrderRefunded) -> None:
         """A customer got their money back."""
         await self._record(
