@@ -49,8 +49,26 @@ async def follow_order(database_url: str, transaction_id: str) -> dict[str, obje
     conn = await asyncpg.connect(database_url)
     try:
         seen = 0
+        money_seen: set[tuple[object, ...]] = set()
         started = time.monotonic()
         while time.monotonic() - started < FOLLOW_TIMEOUT_SECONDS:
+            # The wallet top-up and its single-use card are not order states: show them as they happen.
+            money = await conn.fetch(
+                "SELECT t.id, t.status, t.amount, t.currency, c.card_last4, c.active FROM wallet_topups t"
+                " LEFT JOIN issuing_cards c ON c.topup_id = t.id WHERE $1 = ANY(t.order_ids) OR t.id LIKE $2",
+                transaction_id,
+                f"tu_{transaction_id}%",
+            )
+            for row in money:
+                key = tuple(row.values())
+                if key not in money_seen:
+                    money_seen.add(key)
+                    card = f", card …{row['card_last4']} {'active' if row['active'] else 'cancelled'}"
+                    print(
+                        f"  {'':>15}   top-up {row['id']}: {row['status']}, {row['amount']} {row['currency']}"
+                        + (card if row["card_last4"] else ""),
+                        flush=True,
+                    )
             rows = await conn.fetch(
                 "SELECT from_status, to_status, at, reason FROM order_transitions"
                 " WHERE transaction_id = $1 ORDER BY id",
@@ -125,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C (or make forwarding it) must not cut the clean-up short and orphan processes.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
         print("stopped.", flush=True)
 
