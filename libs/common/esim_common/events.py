@@ -103,6 +103,14 @@ class OrderRefunded(Event):
     amount: Amount
 
 
+class PurchaseUpdateHint(Event):
+    """Zendit says a purchase changed (its webhook). A hint only: the receiver re-fetches the purchase
+    with our own key before acting; nothing in the webhook's body is trusted."""
+
+    routing_key: ClassVar[str] = "zendit.purchase-updated"
+    zendit_transaction_id: str = Field(min_length=1, max_length=80)
+
+
 ALL_EVENTS: tuple[type[Event], ...] = (
     OrderPaid,
     OrderFunded,
@@ -110,4 +118,5 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     OrderDelivered,
     OrderFailed,
     OrderRefunded,
+    PurchaseUpdateHint,
 )

@@ -25,6 +25,11 @@ class CaptureMode(StrEnum):
     MANUAL = "manual"
 
 
+class PricingRule(StrEnum):
+    SUGGESTED_RETAIL = "suggested_retail"  # Zendit's suggested price when it gives one, else cost + markup
+    COST_PLUS_MARKUP = "cost_plus_markup"  # always cost + markup
+
+
 # Values that mean "nobody configured this": refused outside the sandbox.
 _SANDBOX_SECRETS = {
     "sk_test_sandbox",
@@ -32,6 +37,7 @@ _SANDBOX_SECRETS = {
     "sand_test_key",
     "topup_test_key",
     "admin-sandbox-token",
+    "zendit_webhook_sandbox",
 }
 
 
@@ -111,8 +117,14 @@ class Settings(BaseSettings):
     funding_mode: FundingMode = FundingMode.ISSUING_CARD
     # Zendit finishes ~99% of purchases within 15 s but retries for up to 24 h in supplier outages.
     purchase_deadline_seconds: int = 86400
+    # Zendit webhooks carry no signature: the console sends this header with this value (a hint only).
+    zendit_webhook_header: str = "X-Zendit-Webhook-Secret"
+    zendit_webhook_secret: SecretStr = SecretStr("zendit_webhook_sandbox")
+    # The shop's catalogue (GET /api/offers) is served from a cache refreshed this often in the background.
+    catalogue_refresh_seconds: int = 300
 
     # --- pricing (computed on the server from the Zendit offer; never taken from the client)
+    pricing_rule: PricingRule = PricingRule.SUGGESTED_RETAIL
     pricing_markup_percent: int = 30  # on top of Zendit's cost when it suggests no retail price
     pricing_min_margin: int = 100  # minor units the price must exceed the cost by, or checkout refuses
 

@@ -88,7 +88,11 @@ class Topology:
 # The production topology: one queue per consumer and purpose, named `<service>.<event>`.
 ESIM_QUEUES: tuple[ConsumerQueue, ...] = (
     ConsumerQueue("funding.order-paid", ("order.paid",)),
+    # Manual capture mode: the authorised payment is captured once the eSIM has been emailed.
+    ConsumerQueue("funding.order-delivered", ("order.delivered",)),
     ConsumerQueue("provisioning.order-funded", ("order.funded",)),
+    # Zendit webhook hints: re-check a purchase now instead of at its next scheduled poll.
+    ConsumerQueue("provisioning.purchase-hint", ("zendit.purchase-updated",)),
     ConsumerQueue("notify.order-provisioned", ("order.provisioned",)),
     ConsumerQueue("notify.order-failed", ("order.failed",)),
     ConsumerQueue("reconcile.order-failed", ("order.failed",)),
