@@ -40,8 +40,8 @@ check: setup  ## lint and type-check
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy libs/common/esim_common
 
-bench: setup services  ## run the benchmarks and record their results under bench/results
-	@echo "No benchmarks yet: they arrive with the services (issues 4-6)."
+bench: setup services  ## run the benchmarks and record their results under bench/results (BENCH_ARGS=...)
+	$(UV) run --frozen python -m bench.webhook_load $(BENCH_ARGS)
 
 clean:  ## remove the environment and local artefacts
 	rm -rf .venv var .pytest_cache .ruff_cache .mypy_cache

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.stripe_emulator",
     "tests.fixtures.zendit_emulator",
     "tests.fixtures.smtp_capture",
+    "tests.fixtures.private_rabbitmq",
 ]

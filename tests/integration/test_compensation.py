@@ -8,7 +8,7 @@ import aio_pika
 import pytest
 
 from esim_common.compensation import fail_and_refund
-from esim_common.events import OrderFailed
+from esim_common.events import OrderFailed, OrderRefunded
 from esim_common.money import Money
 from esim_common.order_repository import create_order, get_order, record
 from esim_common.order_states import OrderStatus
@@ -21,8 +21,11 @@ pytestmark = [pytest.mark.broker, pytest.mark.db]
 PRICE = Money(1299, "USD")
 
 
-async def paid_order(db, gateway: StripeGateway, stripe_emulator, *, path: tuple[OrderStatus, ...]) -> str:
-    """An order paid for real in the Stripe emulator, then walked through `path`."""
+async def paid_order(
+    db, gateway: StripeGateway, stripe_emulator, *, path: tuple[OrderStatus, ...], capture_method="automatic"
+) -> str:
+    """An order paid for real in the Stripe emulator (only authorised when `manual`), then walked
+    through `path`."""
     txn = f"txn_{uuid.uuid4().hex[:16]}"
     session = await gateway.create_checkout_session(
         transaction_id=txn,
@@ -31,6 +34,7 @@ async def paid_order(db, gateway: StripeGateway, stripe_emulator, *, path: tuple
         product_name="eSIM",
         success_url="http://shop/ok",
         cancel_url="http://shop/cancel",
+        capture_method=capture_method,
     )
     payment_intent = stripe_emulator.pay(session.id)["payment_intent"]["id"]
     async with db.acquire() as conn:
@@ -42,6 +46,7 @@ async def paid_order(db, gateway: StripeGateway, stripe_emulator, *, path: tuple
             zendit_cost=Money(500, "USD"),
             recipient_email="ada@example.com",
             recipient_name="Ada",
+            capture_method=capture_method,
         )
         await record(conn, txn, stripe_payment_intent_id=payment_intent)
         for state in path:
@@ -103,6 +108,33 @@ async def test_a_failed_topup_is_refunded_exactly_once_even_when_the_failure_pat
     failed = await messages_in(amqp_url, topology.queue("notify.order-failed").name)
     assert {m.correlation_id for m in failed} == {txn} and len(failed) == 2  # announced on each run
     assert len(await messages_in(amqp_url, topology.queue("reconcile.order-refunded").name)) == 2
+
+
+async def test_a_released_authorisation_is_recorded_as_released_not_as_a_refund(
+    db, gateway, stripe_emulator, publisher, topology, amqp_url
+):
+    """Manual capture: the hold is cancelled. No refund exists, so no refund id is stored (a pi_ id is
+    not one) and order.refunded says so with an empty refund_id."""
+    txn = await paid_order(
+        db, gateway, stripe_emulator, path=(OrderStatus.PAID, OrderStatus.FUNDING), capture_method="manual"
+    )
+    final = await fail_and_refund(
+        pool=db,
+        stripe=gateway,
+        publisher=publisher,
+        transaction_id=txn,
+        failed_state=OrderStatus.TOPUP_FAILED,
+        step="funding",
+        reason="CARD_DECLINED",
+    )
+
+    order = await get_order(db, txn)
+    assert final == OrderStatus.REFUNDED
+    assert (order.refund_id, order.refund_status) == (None, "canceled")
+    assert stripe_emulator.state.get("payment_intent", order.stripe_payment_intent_id)["status"] == "canceled"
+    assert stripe_emulator.state.find("refund", payment_intent=order.stripe_payment_intent_id) == []
+    refunded = await messages_in(amqp_url, topology.queue("reconcile.order-refunded").name)
+    assert [OrderRefunded.model_validate_json(m.body).refund_id for m in refunded] == [""]
 
 
 async def test_a_delivered_order_is_never_refunded(db, gateway, stripe_emulator, publisher):

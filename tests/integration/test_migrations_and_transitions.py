@@ -146,3 +146,21 @@ async def test_two_workers_racing_on_one_order_move_it_once(db):
     results = await asyncio.gather(*(pay() for _ in range(5)))
     assert sorted(results) == [False, False, False, False, True]
     assert await db.fetchval("SELECT count(*) FROM order_transitions WHERE transaction_id = $1", txn) == 1
+
+
+async def test_only_a_manual_capture_order_records_a_capture_and_captured_means_a_capture_time(db):
+    automatic, manual = await insert_order(db), await insert_order(db)
+    await db.execute("UPDATE esim_purchases SET capture_method = 'manual' WHERE transaction_id = $1", manual)
+    set_capture = """UPDATE esim_purchases SET capture_status = $2, captured_at = CASE WHEN $3 THEN now() END
+                      WHERE transaction_id = $1"""
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(set_capture, automatic, "failed", False)
+    # A NULL status must not carry a capture time either (a CHECK that is NULL would pass).
+    for status, with_time in (("captured", False), ("failed", True), (None, True)):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await db.execute(set_capture, manual, status, with_time)
+    for status, with_time in ((None, False), ("failed", False), ("captured", True)):  # what funding writes
+        await db.execute(set_capture, manual, status, with_time)
+    assert await db.fetchval(
+        "SELECT capture_status FROM esim_purchases WHERE transaction_id = $1", manual
+    ) == ("captured")

@@ -104,6 +104,25 @@ async def test_a_refunded_order_gets_one_failure_email_that_says_it_was_refunded
     assert txn in text
 
 
+async def test_a_released_authorisation_is_told_as_not_charged_not_as_a_refund(
+    service_settings, db, smtp_capture
+):
+    """Manual capture: compensation cancelled the hold instead of refunding (refund_status canceled)."""
+    txn = await failed_order(db, "refunded")
+    await db.execute(
+        "UPDATE esim_purchases SET capture_method = 'manual', refund_status = 'canceled' "
+        "WHERE transaction_id = $1",
+        txn,
+    )
+    async with running_notify(service_settings) as ctx:
+        await publish_failure(ctx, txn, "funding")
+
+    assert len(smtp_capture.messages) == 1
+    text = smtp_capture.messages[0].get_body(preferencelist=("plain",)).get_content()
+    assert "You have not been charged" in text and "hold of 12.99 USD" in text
+    assert "refunded" not in text and "business days" not in text
+
+
 async def test_a_failed_refund_tells_the_customer_we_are_on_it_and_emails_the_operator(
     service_settings, db, smtp_capture
 ):

@@ -288,7 +288,7 @@ async def test_a_slow_purchase_does_not_hold_the_consumer_while_it_waits_for_zen
 
 
 # ------------------------------------------------------------------------------------------- idempotency
-async def test_a_redelivered_order_funded_buys_one_esim_and_announces_it_again(
+async def test_a_redelivered_order_funded_buys_one_esim_and_announces_it_once(
     start_provisioning, funded_order, db, zendit_emulator
 ):
     service = await start_provisioning()
@@ -298,15 +298,16 @@ async def test_a_redelivered_order_funded_buys_one_esim_and_announces_it_again(
     first = await service.publish_funded(txn)
     await service.publish_funded(txn, event_id=first.event_id)  # the same message, delivered twice
     await wait_for_status(db, txn, OrderStatus.PROVISIONED)
-    await wait_for_messages(service, "notify.order-provisioned", 1)
+    announced = await wait_for_messages(service, "notify.order-provisioned", 1)
     await service.publish_funded(txn, event_id=first.event_id)  # and once more after the fact
-    again = await wait_for_messages(service, "notify.order-provisioned", 1)
+    again = await wait_for_messages(service, "notify.order-provisioned", 1, within=3.0)
 
     assert zendit_purchases(zendit_emulator, txn) == [txn]
     assert zendit_posts() - posts_before == 1
     assert (await order_of(db, txn)).purchase_attempts == 1
-    # A redelivery after the state change re-publishes (heals a publish lost in a crash).
-    assert [m["transaction_id"] for m in again] == [txn]
+    # order.provisioned goes out once (outbox): a redelivery finds it published. A publish that was
+    # lost is published by the next delivery instead (test_provisioning_hints.py).
+    assert [m["transaction_id"] for m in announced] == [txn] and again == []
 
 
 async def test_two_workers_racing_on_duplicate_messages_place_one_purchase(

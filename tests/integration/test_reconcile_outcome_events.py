@@ -89,3 +89,35 @@ async def test_outcomes_for_known_and_unknown_orders_are_acked_and_counted_never
     assert dead == [0, 0, 0]
     assert unknown_failures() == unknown_before + 1
     assert await db.fetchval("SELECT status FROM esim_purchases WHERE transaction_id = $1", txn) == "refunded"
+
+
+async def test_a_capture_failure_is_logged_as_an_error_like_other_failures_an_operator_must_fix(
+    service_settings, db, caplog
+):
+    """Manual capture: a delivered order's payment could not be captured, money the shop is owed."""
+    txn = f"txn-{uuid.uuid4().hex[:16]}"
+    await db.execute(
+        """INSERT INTO esim_purchases (transaction_id, offer_id, price, currency, recipient_email,
+                                       recipient_name, status, capture_method)
+           VALUES ($1, 'O', 1000, 'USD', 'c@example.com', 'C', 'delivered', 'manual')""",
+        txn,
+    )
+    app = create_app(service_settings)
+    ctx = app.state.ctx
+    await ctx.start()
+    try:
+        for step, reason in (("capture", "capture_failed: retries_exhausted"), ("funding", "topup_declined")):
+            await ctx.publisher.publish(OrderFailed(transaction_id=txn, step=step, reason=reason))
+        await wait_for(lambda: settled(ctx, "reconcile.order-failed") == 2)
+    finally:
+        await ctx.stop()
+        connection = await aio_pika.connect(service_settings.amqp_url)
+        async with connection:
+            await delete(await connection.channel(), ctx.topology)
+
+    levels = {
+        record.step: record.levelname
+        for record in caplog.records
+        if record.getMessage() == "order failed" and getattr(record, "step", None)
+    }
+    assert levels == {"capture": "ERROR", "funding": "WARNING"}

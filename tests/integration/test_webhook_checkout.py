@@ -6,6 +6,8 @@ httpx's ASGITransport). The fixtures here are shared with test_webhook_stripe_ev
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,11 +19,16 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from esim_common.order_repository import Order, get_order
+from esim_common.money import Money
+from esim_common.order_repository import Order, create_order, get_order
+from esim_common.providers import stripe_gateway
 from esim_common.service import ServiceContext
 from esim_common.settings import CaptureMode, Settings
 from esim_common.topology import delete
 from esim_sandbox.serve import free_port
+from webhook import idempotency_repository as keys
+from webhook.checkout import FINGERPRINT_ENDPOINT, KEY_LEASE_SECONDS
+from webhook.idempotency import request_fingerprint
 from webhook.main import create_app
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
@@ -42,14 +49,17 @@ class Edge:
     def ctx(self) -> ServiceContext:
         return self.app.state.ctx
 
-    async def checkout(self, offer_id: str = US_OFFER, **fields: Any) -> httpx.Response:
+    async def checkout(
+        self, offer_id: str = US_OFFER, *, idempotency_key: str | bytes | None = None, **fields: Any
+    ) -> httpx.Response:
         body = {
             "offerId": offer_id,
             "recipientEmail": "ada@example.com",
             "fullName": "Ada Lovelace",
             **fields,
         }
-        return await self.client.post("/api/create-checkout-session", json=body)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+        return await self.client.post("/api/create-checkout-session", json=body, headers=headers)
 
     async def order(self, transaction_id: str) -> Order:
         order = await get_order(self.ctx.pool, transaction_id)
@@ -219,6 +229,21 @@ async def test_a_zendit_outage_is_a_503_and_creates_nothing(edge: Edge, zendit_e
     assert await edge.count("SELECT count(*) FROM esim_purchases") == 0
 
 
+async def test_a_404_from_zendits_balance_is_a_misconfiguration_not_an_unknown_offer(
+    edge: Edge, zendit_emulator, caplog
+):
+    # What a wrong ZENDIT_API_BASE looks like: the offer answers, our wallet's balance is "not found".
+    zendit_emulator.control("POST", "faults", {"endpoint": "get_balance", "status": 404})
+    with caplog.at_level("ERROR", logger="esim.webhook.checkout"):
+        response = await edge.checkout()
+
+    assert response.status_code == 502
+    assert "misconfigured" in response.json()["detail"] and US_OFFER not in response.json()["detail"]
+    assert [r.levelname for r in caplog.records if "wallet balance" in r.getMessage()] == ["ERROR"]
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 0
+    assert (await edge.checkout()).status_code == 200  # the fault was for one call: nothing cached
+
+
 async def test_stripe_unreachable_is_a_503_and_leaves_no_order_behind(make_edge: EdgeFactory):
     edge = await make_edge(stripe_api_base=f"http://127.0.0.1:{free_port()}", stripe_max_network_retries=0)
     response = await edge.checkout()
@@ -231,6 +256,315 @@ async def test_stripe_refusing_the_session_is_a_502_and_leaves_no_order_behind(m
     response = await edge.checkout()
     assert response.status_code == 502
     assert await edge.count("SELECT count(*) FROM esim_purchases") == 0
+
+
+# ------------------------------------------------------------------------------- Idempotency-Key
+
+
+# What `Edge.checkout()` sends, in its canonical (validated) form.
+DEFAULT_REQUEST = {
+    "offer_id": US_OFFER,
+    "recipient_email": "ada@example.com",
+    "full_name": "Ada Lovelace",
+    "user_id": None,
+}
+
+
+def new_key() -> str:
+    return f"checkout-{uuid.uuid4()}"
+
+
+def unique_email() -> str:
+    return f"ada-{uuid.uuid4().hex[:10]}@example.com"
+
+
+def sessions_for(stripe_emulator, email: str) -> list[dict[str, Any]]:
+    """Checkout Sessions the (module-wide) emulator holds for this test's unique email."""
+    return stripe_emulator.state.find("checkout.session", customer_email=email)
+
+
+async def key_rows(edge: Edge) -> list[dict[str, Any]]:
+    return [dict(r) for r in await edge.ctx.pool.fetch("SELECT * FROM checkout_idempotency_keys")]
+
+
+async def test_the_same_key_and_body_replay_the_first_answer_without_a_second_order_or_session(
+    edge: Edge, stripe_emulator, zendit_emulator
+):
+    key, email = new_key(), unique_email()
+    first = await edge.checkout(idempotency_key=key, recipientEmail=email)
+    assert first.status_code == 200, first.text
+    # The replay needs neither Zendit nor Stripe: it is answered from Postgres.
+    zendit_emulator.control("POST", "faults", {"endpoint": "*", "status": 503, "count": 10})
+    second = await edge.checkout(idempotency_key=key, recipientEmail=email)
+
+    assert second.status_code == 200, second.text
+    assert second.json() == first.json()
+    assert second.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 1
+    assert [s["id"] for s in sessions_for(stripe_emulator, email)] == [first.json()["sessionId"]]
+    assert zendit_emulator.control("GET", "state")["faults"][0]["remaining"] == 10  # Zendit not asked
+
+
+async def test_a_retry_that_serialises_the_same_request_differently_is_the_same_request(
+    edge: Edge, stripe_emulator
+):
+    key, email = new_key(), unique_email()
+    first = await edge.checkout(idempotency_key=key, recipientEmail=email, userId="u-1")
+    retry = await edge.client.post(
+        "/api/create-checkout-session",
+        content=json.dumps(
+            {
+                "userId": "u-1",
+                "fullName": "  Ada Lovelace ",
+                "price": 1,  # ignored by the server, so not part of the request
+                "recipientEmail": email,
+                "offerId": US_OFFER,
+            }
+        ),
+        headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+    )
+    assert retry.status_code == 200 and retry.json() == first.json()
+    assert len(sessions_for(stripe_emulator, email)) == 1
+
+
+async def test_the_key_row_holds_the_request_fingerprint_and_the_answer(edge: Edge):
+    key = new_key()
+    created = await checkout_ok(edge, idempotency_key=key)
+    [row] = await key_rows(edge)
+    assert row["request_fingerprint"] == request_fingerprint(FINGERPRINT_ENDPOINT, DEFAULT_REQUEST)
+    assert row["idempotency_key"] == key and row["transaction_id"] == created["transactionId"]
+    assert (row["session_id"], row["session_url"]) == (created["sessionId"], created["url"])
+    assert (row["amount"], row["currency"]) == (US_OFFER_PRICE, "USD")
+    assert row["completed_at"] is not None
+
+
+async def test_the_key_table_is_closed_to_supabase_api_roles(edge: Edge):
+    assert await edge.ctx.pool.fetchval(
+        "SELECT relrowsecurity FROM pg_class WHERE relname = 'checkout_idempotency_keys'"
+    )
+
+
+async def test_the_same_key_with_another_body_is_a_422_that_changes_nothing(edge: Edge, stripe_emulator):
+    key, email = new_key(), unique_email()
+    first = await checkout_ok(edge, idempotency_key=key, recipientEmail=email)
+    other = await edge.checkout("ESIM-US-30D-10GB", idempotency_key=key, recipientEmail=email)
+
+    assert other.status_code == 422
+    assert "different request" in other.json()["detail"]
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 1
+    assert len(sessions_for(stripe_emulator, email)) == 1
+    [row] = await key_rows(edge)
+    assert row["transaction_id"] == first["transactionId"]
+
+
+async def test_five_concurrent_requests_with_one_key_make_one_order_and_one_session(
+    edge: Edge, stripe_emulator, zendit_emulator
+):
+    key, email = new_key(), unique_email()
+    # The first request holds its claim while Zendit answers slowly; the others arrive meanwhile.
+    zendit_emulator.control("POST", "faults", {"endpoint": "get_offer", "status": None, "sleepSeconds": 0.5})
+    answers = await asyncio.gather(
+        *(edge.checkout(idempotency_key=key, recipientEmail=email) for _ in range(5))
+    )
+
+    ok = [a for a in answers if a.status_code == 200]
+    busy = [a for a in answers if a.status_code == 409]
+    assert len(ok) + len(busy) == 5 and len(ok) >= 1 and len(busy) >= 1
+    assert all("still in progress" in a.json()["detail"] and a.headers["Retry-After"] == "1" for a in busy)
+    later = await edge.checkout(idempotency_key=key, recipientEmail=email)  # what the shop's retry gets
+    assert later.status_code == 200
+    assert {a.json()["transactionId"] for a in [*ok, later]} == {later.json()["transactionId"]}
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 1
+    assert len(sessions_for(stripe_emulator, email)) == 1
+
+
+async def test_a_stripe_outage_does_not_burn_the_key_and_the_retry_succeeds(edge: Edge, stripe_emulator):
+    key, email = new_key(), unique_email()
+    ports = edge.app.state.ports
+    working = ports.stripe
+    dead = edge.settings.model_copy(
+        update={"stripe_api_base": f"http://127.0.0.1:{free_port()}", "stripe_max_network_retries": 0}
+    )
+    ports.stripe = stripe_gateway(dead)
+    try:
+        failed = await edge.checkout(idempotency_key=key, recipientEmail=email)
+    finally:
+        await ports.stripe.aclose()
+        ports.stripe = working
+    assert failed.status_code == 503
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 0
+    assert await key_rows(edge) == []
+
+    retried = await edge.checkout(idempotency_key=key, recipientEmail=email)
+    assert retried.status_code == 200, retried.text
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 1
+    assert len(sessions_for(stripe_emulator, email)) == 1
+
+
+async def test_a_refused_checkout_releases_its_key_for_a_corrected_retry(edge: Edge, zendit_emulator):
+    key = new_key()
+    zendit_emulator.control("POST", f"offers/{US_OFFER}", {"enabled": False})
+    refused = await edge.checkout(idempotency_key=key)
+    assert refused.status_code == 404
+    assert await key_rows(edge) == [] and await edge.count("SELECT count(*) FROM esim_purchases") == 0
+
+    zendit_emulator.control("POST", f"offers/{US_OFFER}", {"enabled": True})
+    assert (await edge.checkout(idempotency_key=key)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["", "k" * 256, "caf\u00e9".encode("latin-1"), "\u2603".encode(), "bell\x07"],
+    ids=["empty", "256-chars", "latin-1", "utf-8", "control-char"],
+)
+async def test_a_malformed_key_is_a_400_that_creates_nothing(edge: Edge, stripe_emulator, key: str | bytes):
+    email = unique_email()
+    response = await edge.checkout(idempotency_key=key, recipientEmail=email)
+    assert response.status_code == 400
+    assert response.json()["detail"] == "Idempotency-Key must be 1 to 255 printable ASCII characters"
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 0
+    assert await key_rows(edge) == []
+    assert sessions_for(stripe_emulator, email) == []
+
+
+async def test_a_bad_body_with_a_key_is_a_422_that_leaves_no_claim(edge: Edge):
+    response = await edge.checkout(idempotency_key=new_key(), recipientEmail="not-an-email")
+    assert response.status_code == 422
+    assert await key_rows(edge) == [] and await edge.count("SELECT count(*) FROM esim_purchases") == 0
+
+
+async def test_a_claim_abandoned_by_a_dead_process_is_taken_over_after_its_lease(edge: Edge):
+    key = new_key()
+    # What a crash between "order created" and "session recorded" leaves: a claim and a sessionless order.
+    fingerprint = request_fingerprint(FINGERPRINT_ENDPOINT, DEFAULT_REQUEST)
+    abandoned = "txn_" + "0" * 24
+    await insert_sessionless_order(edge, abandoned)
+    await edge.ctx.pool.execute(
+        """INSERT INTO checkout_idempotency_keys (idempotency_key, request_fingerprint, transaction_id,
+                                                  locked_at)
+           VALUES ($1, $2, $3, now() - make_interval(secs => $4))""",
+        key,
+        fingerprint,
+        abandoned,
+        KEY_LEASE_SECONDS + 1,
+    )
+    created = await checkout_ok(edge, idempotency_key=key)
+
+    assert created["transactionId"] != abandoned
+    assert await edge.count("SELECT count(*) FROM esim_purchases WHERE transaction_id = $1", abandoned) == 0
+    [row] = await key_rows(edge)
+    assert row["transaction_id"] == created["transactionId"] and row["completed_at"] is not None
+
+
+async def age_keys(edge: Edge, hours: int, *keys_to_age: str) -> None:
+    await edge.ctx.pool.execute(
+        "UPDATE checkout_idempotency_keys SET created_at = created_at - make_interval(hours => $1),"
+        " locked_at = locked_at - make_interval(hours => $1), completed_at = completed_at"
+        " - make_interval(hours => $1) WHERE idempotency_key = ANY($2::text[])",
+        hours,
+        list(keys_to_age),
+    )
+
+
+async def test_a_key_answered_more_than_a_day_ago_is_claimed_anew_not_replayed(edge: Edge, stripe_emulator):
+    key, email = new_key(), unique_email()
+    first = await checkout_ok(edge, idempotency_key=key, recipientEmail=email)
+    await age_keys(edge, 25, key)  # its Checkout Session has expired by now (Stripe: 24 h)
+
+    again = await edge.checkout(idempotency_key=key, recipientEmail=email)
+
+    assert again.status_code == 200, again.text
+    assert "Idempotent-Replayed" not in again.headers
+    assert again.json()["sessionId"] != first["sessionId"]
+    assert again.json()["transactionId"] != first["transactionId"]
+    assert len(sessions_for(stripe_emulator, email)) == 2
+    [row] = await key_rows(edge)
+    assert row["transaction_id"] == again.json()["transactionId"] and row["completed_at"] is not None
+    # The same key with another request is a new checkout too, once the old answer has expired.
+    await age_keys(edge, 25, key)
+    other = await edge.checkout("ESIM-US-30D-10GB", idempotency_key=key, recipientEmail=email)
+    assert other.status_code == 200 and "Idempotent-Replayed" not in other.headers
+
+
+async def test_claims_prune_keys_answered_more_than_a_day_ago(edge: Edge):
+    old_keys = [new_key() for _ in range(3)]
+    for key in old_keys:
+        await checkout_ok(edge, idempotency_key=key, recipientEmail=unique_email())
+    recent = new_key()
+    await checkout_ok(edge, idempotency_key=recent)
+    await age_keys(edge, 25, *old_keys)
+    # An old claim that never completed is left alone: taking it over discards its order (see claim).
+    stuck = new_key()
+    await edge.ctx.pool.execute(
+        "INSERT INTO checkout_idempotency_keys (idempotency_key, request_fingerprint, transaction_id,"
+        " created_at, locked_at) VALUES ($1, $2, 'txn_stuck', now() - interval '25 hours',"
+        " now() - interval '25 hours')",
+        stuck,
+        "b" * 64,
+    )
+
+    fresh = new_key()
+    await checkout_ok(edge, idempotency_key=fresh, recipientEmail=unique_email())
+
+    left = {row["idempotency_key"] for row in await key_rows(edge)}
+    assert left == {recent, stuck, fresh}
+
+
+async def test_a_claim_within_its_lease_is_in_progress_and_nothing_is_created(edge: Edge):
+    key = new_key()
+    running = "txn_" + "1" * 24
+    await insert_sessionless_order(edge, running)
+    fingerprint = request_fingerprint(FINGERPRINT_ENDPOINT, DEFAULT_REQUEST)
+    await edge.ctx.pool.execute(
+        "INSERT INTO checkout_idempotency_keys (idempotency_key, request_fingerprint, transaction_id) "
+        "VALUES ($1, $2, $3)",
+        key,
+        fingerprint,
+        running,
+    )
+    response = await edge.checkout(idempotency_key=key)
+    assert response.status_code == 409
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 1  # the running attempt's own
+
+
+async def test_an_attempt_whose_claim_was_taken_over_can_neither_complete_nor_release_it(edge: Edge):
+    pool, key = edge.ctx.pool, new_key()
+    assert await keys.claim(pool, key, "a" * 64, "txn_first", KEY_LEASE_SECONDS) == keys.Claimed("txn_first")
+    await pool.execute(
+        "UPDATE checkout_idempotency_keys SET locked_at = now() - interval '1 hour' "
+        "WHERE idempotency_key = $1",
+        key,
+    )
+    assert await keys.claim(pool, key, "a" * 64, "txn_second", KEY_LEASE_SECONDS) == keys.Claimed(
+        "txn_second", replaced_transaction_id="txn_first"
+    )
+    answer = keys.Answer("txn_first", "cs_test_first", "https://checkout.example/first", 999, "USD")
+    async with pool.acquire() as conn:
+        with pytest.raises(keys.ClaimLost):
+            await keys.complete(conn, key, answer)
+    assert await keys.release(pool, key, "txn_first") is False
+    [row] = await key_rows(edge)
+    assert (row["transaction_id"], row["completed_at"]) == ("txn_second", None)
+
+
+async def test_without_a_key_every_request_is_a_new_checkout(edge: Edge):
+    first, second = await checkout_ok(edge), await checkout_ok(edge)
+    assert first["transactionId"] != second["transactionId"]
+    assert await edge.count("SELECT count(*) FROM esim_purchases") == 2
+    assert await key_rows(edge) == []
+
+
+async def insert_sessionless_order(edge: Edge, transaction_id: str) -> None:
+    async with edge.ctx.pool.acquire() as conn:
+        await create_order(
+            conn,
+            transaction_id=transaction_id,
+            offer_id=US_OFFER,
+            price=Money(US_OFFER_PRICE, "USD"),
+            zendit_cost=Money(US_OFFER_COST, "USD"),
+            recipient_email="ada@example.com",
+            recipient_name="Ada Lovelace",
+        )
 
 
 # ----------------------------------------------------------------------------------- order status

@@ -205,6 +205,42 @@ async def test_a_delayed_payment_is_paid_when_it_succeeds_and_failed_when_it_fai
     assert [message["transaction_id"] for message in await order_paid_messages(edge)] == [paid_txn]
 
 
+async def test_an_expired_checkout_session_fails_its_order_and_a_declined_attempt_does_not(
+    edge: Edge, stripe_emulator
+):
+    expired = await checkout_ok(edge)
+    declined = await checkout_ok(edge)
+    async with stripe_emulator.sdk() as client:
+        await client.v1.checkout.sessions.expire_async(expired["sessionId"])
+    [expiry] = [
+        copy.deepcopy(record.event)
+        for record in stripe_emulator.events("checkout.session.expired")
+        if record.event["data"]["object"]["id"] == expired["sessionId"]
+    ]
+    attempt = synthetic_event(
+        "payment_intent.payment_failed",
+        {
+            "id": "pi_declined",
+            "object": "payment_intent",
+            "status": "requires_payment_method",
+            "amount": US_OFFER_PRICE,
+            "currency": "usd",
+            "metadata": {"transaction_id": declined["transactionId"]},
+        },
+    )
+
+    assert (await deliver(edge, expiry)).status_code == 200
+    assert (await deliver(edge, attempt)).status_code == 200
+
+    expired_order = await edge.order(expired["transactionId"])
+    assert expired_order.status == "payment_failed"
+    assert expired_order.failure_reason == "checkout_session_expired"
+    assert (await edge.order(declined["transactionId"])).status == "pending_payment"  # may still pay
+    outcomes = {row["event_id"]: row["outcome"] for row in await stripe_event_rows(edge)}
+    assert outcomes == {expiry["id"]: "payment_failed", attempt["id"]: "payment_attempt_failed"}
+    assert await order_paid_messages(edge) == []
+
+
 # ---------------------------------------------------------------------------------- refused deliveries
 
 
@@ -397,3 +433,40 @@ async def test_the_emulator_delivering_over_http_gets_the_order_paid_and_announc
     assert status.json()["status"] == "paid"
     assert await db.fetchval("SELECT count(*) FROM stripe_events") == 2
     assert [json.loads(m.body)["transaction_id"] for m in messages] == [created["transactionId"]]
+
+
+# ------------------------------------------------------------------------------------- load shedding
+
+
+async def test_deliveries_over_the_in_flight_limit_get_a_quick_503_and_their_retry_lands(
+    make_edge: EdgeFactory, stripe_emulator
+):
+    edge = await make_edge(webhook_max_in_flight=1)
+    first_txn, first_events = await pay(edge, stripe_emulator)
+    second_txn, second_events = await pay(edge, stripe_emulator)
+    # Hold the first order's row lock elsewhere: its delivery waits on it, occupying the only slot.
+    blocker = await edge.ctx.pool.acquire()
+    blocking = blocker.transaction()
+    await blocking.start()
+    await blocker.execute("SELECT 1 FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE", first_txn)
+    try:
+        held = asyncio.create_task(deliver(edge, first_events[SUCCEEDED]))
+        await asyncio.sleep(0.5)
+        assert not held.done()
+
+        started = time.monotonic()
+        shed = await deliver(edge, second_events[SUCCEEDED])
+        assert time.monotonic() - started < 1.0
+        assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+        assert "retry" in shed.json()["error"]
+        # Shed before anything was read or written.
+        assert [row["event_id"] for row in await stripe_event_rows(edge)] == []
+        assert (await edge.order(second_txn)).status == "pending_payment"
+    finally:
+        await blocking.rollback()
+        await edge.ctx.pool.release(blocker)
+    assert (await held).status_code == 200
+    assert (await deliver(edge, second_events[SUCCEEDED])).status_code == 200  # Stripe's retry
+    assert (await edge.order(second_txn)).status == "paid"
+    paid = sorted(message["transaction_id"] for message in await order_paid_messages(edge))
+    assert paid == sorted([first_txn, second_txn])

@@ -115,3 +115,61 @@ def test_database_and_broker_passwords_are_secrets_and_stay_out_of_repr(monkeypa
     settings = load_settings()
     assert {"db-pass-123456", "mq-pass-123456"} <= set(settings.secret_values().values())
     assert "pass-123456" not in repr(settings)
+
+
+# Real-looking values for every secret the sandbox check refuses, so only the secret under test is weak.
+PRODUCTION_SECRETS = {
+    "environment": "production",
+    "stripe_api_key": "sk_live_realkey123456",
+    "zendit_api_key": "zendit-live-key-0123456789",
+    "zendit_topup_api_key": "topup-live-key-0123456789",
+    "admin_api_token": "admin-token-0123456789abcdef",
+    "stripe_webhook_secrets": "whsec_live_0123456789abcdef",
+    "zendit_webhook_secret": "zendit-hook-0123456789abcdef",
+}
+
+
+def test_production_starts_with_long_enough_webhook_secrets():
+    settings = load_settings(**PRODUCTION_SECRETS, stripe_issuing_webhook_secrets="whsec_issuing_0123456789")
+    assert settings.zendit_webhook_secret.get_secret_value() == "zendit-hook-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"zendit_webhook_secret": ""}, "zendit_webhook_secret"),
+        ({"zendit_webhook_secret": "fifteen-chars!!"}, "zendit_webhook_secret"),
+        ({"stripe_webhook_secrets": "whsec_live_0123456789abcdef,whsec_short"}, "stripe_webhook_secrets[1]"),
+        ({"stripe_webhook_secrets": ""}, "stripe_webhook_secrets"),
+        ({"stripe_issuing_webhook_secrets": "whsec_tiny"}, "stripe_issuing_webhook_secrets[0]"),
+    ],
+    ids=["zendit-empty", "zendit-15-chars", "stripe-short", "stripe-none", "issuing-short"],
+)
+def test_production_refuses_empty_or_short_webhook_secrets_naming_them_only(override, named):
+    with pytest.raises(ValidationError) as info:
+        load_settings(**(PRODUCTION_SECRETS | override))
+    message = str(info.value)
+    assert named in message and "shorter than 16 characters" in message
+    for value in override.values():
+        for secret in filter(None, value.split(",")):
+            assert secret not in message
+
+
+def test_the_sandbox_accepts_short_webhook_secrets():
+    settings = load_settings(zendit_webhook_secret="short", stripe_webhook_secrets="whsec_x")
+    assert settings.zendit_webhook_secret.get_secret_value() == "short"
+
+
+def test_the_issuing_endpoint_falls_back_to_the_webhook_secrets_unless_it_has_its_own(monkeypatch):
+    def issuing_secrets(settings: Settings) -> list[str]:
+        return [secret.get_secret_value() for secret in settings.issuing_webhook_secrets]
+
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRETS", "whsec_old,whsec_new")
+    assert issuing_secrets(load_settings()) == ["whsec_old", "whsec_new"]
+    monkeypatch.setenv("STRIPE_ISSUING_WEBHOOK_SECRETS", "")  # empty is unset
+    assert issuing_secrets(load_settings()) == ["whsec_old", "whsec_new"]
+    monkeypatch.setenv("STRIPE_ISSUING_WEBHOOK_SECRETS", "whsec_issuing_a, whsec_issuing_b")
+    settings = load_settings()
+    assert issuing_secrets(settings) == ["whsec_issuing_a", "whsec_issuing_b"]
+    # Registered for log redaction like every other secret.
+    assert {"whsec_issuing_a", "whsec_issuing_b"} <= set(settings.secret_values().values())

@@ -31,6 +31,13 @@ def test_the_failure_email_says_what_happened_to_the_money_from_the_order_status
     assert domain.refund_outcome(status) is outcome
 
 
+def test_a_released_authorisation_is_not_called_a_refund():
+    """Manual capture: compensation cancelled the hold (refund_status canceled); nothing was charged."""
+    assert domain.refund_outcome(OrderStatus.REFUNDED, "canceled") is RefundOutcome.RELEASED
+    assert domain.refund_outcome(OrderStatus.REFUNDED, "succeeded") is RefundOutcome.REFUNDED
+    assert domain.refund_outcome(OrderStatus.REFUNDED, "pending") is RefundOutcome.REFUNDED
+
+
 def test_a_failed_refund_or_email_alerts_the_operator_and_a_failed_email_is_not_followed_by_another():
     assert [
         s for s in ("payment", "funding", "purchase", "delivery", "refund") if domain.operator_is_alerted(s)

@@ -105,6 +105,16 @@ def test_the_failure_email_tells_the_customer_about_their_money(status, expected
     assert expected in message.get_body(preferencelist=("plain",)).get_content()
 
 
+def test_a_released_hold_is_told_as_not_charged_never_as_a_refund():
+    event = OrderFailed(transaction_id="txn-1", step="funding", reason="topup_declined")
+    released = order(OrderStatus.REFUNDED, capture_method="manual", refund_status="canceled")
+    text = (
+        emails.order_failed_email(released, event, SETTINGS).get_body(preferencelist=("plain",)).get_content()
+    )
+    assert "You have not been charged" in text and "hold of 12.99 USD" in text
+    assert "refunded" not in text and "business days" not in text
+
+
 def test_the_operator_alert_goes_to_the_service_owner_with_what_to_do():
     event = OrderFailed(transaction_id="txn-1", step="refund", reason="refund_failed: card_declined")
     message = emails.operator_alert_email(order(OrderStatus.NEEDS_ATTENTION), event, SETTINGS)

@@ -1,62 +1,27 @@
 """Every object the emulator returns has every field of Stripe's own sample object, with the same types.
 
-The reference is `tests/data/stripe-object-shapes.json` (Stripe's own samples from its public OpenAPI
-fixtures, copied from the shared docs so the test never depends on files outside the repository); set
-STRIPE_OBJECT_SHAPES to point at a newer copy. The emulator runs in-process here.
+The reference is `tests/data/stripe-object-shapes.json` (see `tests/fixtures/stripe_shapes.py`). The
+emulator runs in-process here; `tests/integration/test_stripe_emulator_drift.py` checks the same objects
+as the official SDK sees them over HTTP.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from esim_sandbox.stripe_emulator import create_app
+from tests.fixtures import stripe_shapes
+from tests.fixtures.stripe_shapes import shape_problems
 
-SHAPES = Path(
-    os.environ.get(
-        "STRIPE_OBJECT_SHAPES",
-        Path(__file__).resolve().parents[1] / "data" / "stripe-object-shapes.json",
-    )
-)
-# Free-form by definition: any keys are fine.
-FREE_FORM = {"metadata", "data.object"}
 AUTH = {"Authorization": "Bearer sk_test_shapes"}
-
-
-def shape_problems(reference: Any, actual: Any, path: str = "") -> list[str]:
-    """Fields of `reference` missing from `actual`, or present with another JSON type (null is fine)."""
-    if reference is None or actual is None or path.rstrip(".") in FREE_FORM:
-        return []
-    if isinstance(reference, dict):
-        if not isinstance(actual, dict):
-            return [f"{path.rstrip('.') or '<root>'}: expected an object"]
-        problems = []
-        for key, value in reference.items():
-            if key not in actual:
-                problems.append(f"{path}{key}: missing")
-            else:
-                problems += shape_problems(value, actual[key], f"{path}{key}.")
-        return problems
-    if isinstance(reference, list):
-        if not isinstance(actual, list):
-            return [f"{path.rstrip('.')}: expected a list"]
-        return shape_problems(reference[0], actual[0], path) if reference and actual else []
-    kinds = (bool, int, str, float)
-    if next(k for k in kinds if isinstance(reference, k)) is not next(
-        (k for k in kinds if isinstance(actual, k)), None
-    ):
-        return [f"{path.rstrip('.')}: {type(actual).__name__} instead of {type(reference).__name__}"]
-    return []
 
 
 @pytest.fixture(scope="module")
 def reference_shapes() -> dict[str, Any]:
-    return json.loads(SHAPES.read_text())["resources"]
+    return stripe_shapes.reference_shapes()
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,13 @@ def test_an_async_payment_failure_is_a_failed_payment():
     assert read_payment_event("checkout.session.async_payment_failed", session()) == PaymentFailed(TXN)
 
 
+def test_an_expired_session_fails_the_order_but_a_declined_card_inside_checkout_does_not():
+    expired = read_payment_event("checkout.session.expired", session(payment_status="unpaid"))
+    assert expired == PaymentFailed(TXN, "checkout_session_expired")
+    declined = read_payment_event("payment_intent.payment_failed", intent(status="requires_payment_method"))
+    assert declined == NotAPayment(TXN, "payment_attempt_failed")
+
+
 def test_other_event_types_and_foreign_objects_are_not_payments():
     assert read_payment_event("charge.succeeded", intent()) == NotAPayment(TXN, "ignored_type")
     foreign = intent(metadata={})

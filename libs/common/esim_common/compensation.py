@@ -28,6 +28,8 @@ from esim_common.publisher import EventPublisher
 log = logging.getLogger("esim.compensation")
 
 S = OrderStatus
+# `refund_status` of a manual-capture order whose authorisation was released instead of refunded.
+RELEASED = "canceled"
 AFTER_FAILURE = frozenset({S.REFUND_PENDING, S.REFUNDED, S.NEEDS_ATTENTION})
 
 
@@ -93,7 +95,13 @@ async def _give_money_back(pool: asyncpg.Pool, stripe: StripeGateway, order: Ord
             intent = await stripe.retrieve_payment_intent(order.stripe_payment_intent_id)
             if intent.status == "requires_capture":
                 await stripe.cancel_payment_intent(transaction_id=txn, payment_intent_id=intent.id)
-                await record(pool, txn, refund_id=intent.id, refund_status="canceled")
+            if intent.status in ("requires_capture", "canceled"):
+                # Canceled already: by us before a crash, or its authorisation lapsed. Either way the
+                # customer was never charged, and a refund of it would be refused. There is no refund
+                # id to keep: refund_status `canceled` says the hold was released (notify tells the
+                # customer they were not charged; reconcile does not count it as a Stripe refund), and
+                # order.refunded carries an empty refund_id.
+                await record(pool, txn, refund_status=RELEASED)
                 return await _refunded(pool, txn)
         refund = await stripe.create_refund(
             transaction_id=txn, payment_intent_id=order.stripe_payment_intent_id, amount=order.price

@@ -84,7 +84,9 @@ class OrderDelivered(Event):
     routing_key: ClassVar[str] = "order.delivered"
 
 
-FailedStep = Literal["payment", "funding", "purchase", "delivery", "refund"]
+# `capture`: manual capture mode, the payment of a delivered order could not be captured (the customer
+# has their eSIM; an operator chases the money).
+FailedStep = Literal["payment", "funding", "purchase", "delivery", "refund", "capture"]
 
 
 class OrderFailed(Event):
@@ -99,7 +101,7 @@ class OrderRefunded(Event):
     """The customer's money was given back (refund, or cancellation of an uncaptured payment)."""
 
     routing_key: ClassVar[str] = "order.refunded"
-    refund_id: str
+    refund_id: str  # Stripe's re_...; "" when an uncaptured payment was released (nothing was charged)
     amount: Amount
 
 

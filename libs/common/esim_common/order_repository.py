@@ -54,6 +54,11 @@ class Order(BaseModel):
     iccid: str | None = None
     smdp_address: str | None = None
     activation_code: str | None = None
+    # Manual capture (migration 0004): set once the funding service captured the payment after delivery,
+    # or failed to (an operator must act). NULL for automatic-capture orders.
+    capture_status: str | None = None
+    captured_at: datetime | None = None
+    capture_failure_reason: str | None = None
 
     @property
     def price_money(self) -> Money:

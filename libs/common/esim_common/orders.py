@@ -38,17 +38,24 @@ class TransitionResult:
     previous: OrderStatus
 
 
-# `{stamp_sql}` is filled from STEP_TIMESTAMP_COLUMN (our constants), never from input.
+# One statement, so one round trip and atomic on its own: lock the order, move it if its status allows,
+# and record the move in its timeline. `{stamp_sql}` is filled from STEP_TIMESTAMP_COLUMN (our
+# constants), never from input.
 _UPDATE_TEMPLATE = """
     WITH previous AS (
         SELECT status FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
+    ), moved AS (
+        UPDATE esim_purchases AS o
+           SET status = $2, updated_at = now(),
+               failure_reason = COALESCE($4, o.failure_reason){stamp_sql}
+          FROM previous
+         WHERE o.transaction_id = $1 AND o.status = ANY($3::text[])
+     RETURNING previous.status AS previous_status
+    ), recorded AS (
+        INSERT INTO order_transitions (transaction_id, from_status, to_status, reason)
+        SELECT $1, previous_status, $2, $5 FROM moved
     )
-    UPDATE esim_purchases AS o
-       SET status = $2, updated_at = now(),
-           failure_reason = COALESCE($4, o.failure_reason){stamp_sql}
-      FROM previous
-     WHERE o.transaction_id = $1 AND o.status = ANY($3::text[])
- RETURNING previous.status AS previous_status
+    SELECT previous_status FROM moved
 """
 
 
@@ -57,9 +64,6 @@ def _update_sql(target: OrderStatus) -> str:
     return _UPDATE_TEMPLATE.format(stamp_sql=f", {stamp} = COALESCE({stamp}, now())" if stamp else "")
 
 
-INSERT_TRANSITION = """
-    INSERT INTO order_transitions (transaction_id, from_status, to_status, reason) VALUES ($1, $2, $3, $4)
-"""
 SELECT_STATUS = "SELECT status FROM esim_purchases WHERE transaction_id = $1"
 
 
@@ -78,17 +82,18 @@ async def transition(
     whatever else it writes.
     """
     allowed_from = [s.value for s in sources_of(target)]
-    async with conn.transaction():
-        previous = await conn.fetchval(
-            _update_sql(target), transaction_id, target.value, allowed_from, failure_reason
-        )
-        if previous is not None:
-            await conn.execute(
-                INSERT_TRANSITION, transaction_id, previous, target.value, reason or failure_reason
-            )
-            metrics.orders_transitions_total.labels(to_state=target.value).inc()
-            return TransitionResult(changed=True, previous=OrderStatus(previous))
-        current_raw = await conn.fetchval(SELECT_STATUS, transaction_id)
+    previous = await conn.fetchval(
+        _update_sql(target),
+        transaction_id,
+        target.value,
+        allowed_from,
+        failure_reason,
+        reason or failure_reason,
+    )
+    if previous is not None:
+        metrics.orders_transitions_total.labels(to_state=target.value).inc()
+        return TransitionResult(changed=True, previous=OrderStatus(previous))
+    current_raw = await conn.fetchval(SELECT_STATUS, transaction_id)
     current = OrderStatus(current_raw) if current_raw is not None else None
     if current == target:
         return TransitionResult(changed=False, previous=current)

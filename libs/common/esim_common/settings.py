@@ -41,6 +41,32 @@ _SANDBOX_SECRETS = {
 }
 
 
+# Webhook secrets are what stands between the internet and our webhook endpoints. Zendit's is compared
+# verbatim (an empty one would match an empty header) and chosen by us, so a short one is guessable;
+# Stripe's `whsec_` secrets are ~38 characters, so anything shorter is a configuration mistake.
+MIN_SHARED_SECRET_LENGTH = 16
+
+
+def _weak_shared_secrets(settings: Settings) -> list[str]:
+    """Names (never values) of webhook secrets too short to trust; an empty Stripe list counts too."""
+    weak: list[str] = []
+    if len(settings.zendit_webhook_secret.get_secret_value()) < MIN_SHARED_SECRET_LENGTH:
+        weak.append("zendit_webhook_secret")
+    lists = {
+        "stripe_webhook_secrets": settings.stripe_webhook_secrets,
+        "stripe_issuing_webhook_secrets": settings.stripe_issuing_webhook_secrets or [],
+    }
+    if not settings.stripe_webhook_secrets:
+        weak.append("stripe_webhook_secrets")
+    for name, secrets in lists.items():
+        weak += [
+            f"{name}[{index}]"
+            for index, secret in enumerate(secrets)
+            if len(secret.get_secret_value()) < MIN_SHARED_SECRET_LENGTH
+        ]
+    return weak
+
+
 def _url_password(url: str) -> str | None:
     try:
         return urlsplit(url).password
@@ -82,6 +108,8 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # each service has its own default port (README, "Services")
     shop_base_url: str = "http://127.0.0.1:8080"  # Checkout returns the customer here
+    # Stripe deliveries processed at once by one webhook process; beyond, a quick 503 (Stripe retries).
+    webhook_max_in_flight: int = Field(default=64, ge=1)
 
     # --- Stripe
     stripe_api_key: SecretStr = SecretStr("sk_test_sandbox")
@@ -90,6 +118,9 @@ class Settings(BaseSettings):
     stripe_webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=lambda: [SecretStr("whsec_sandbox")]
     )
+    # The Issuing real-time authorisation endpoint is configured apart from the ordinary webhook endpoint
+    # and signs with its own secret(s); unset or empty: STRIPE_WEBHOOK_SECRETS are used for it too.
+    stripe_issuing_webhook_secrets: Annotated[list[SecretStr] | None, NoDecode] = None
     stripe_max_network_retries: int = 2
     stripe_timeout_seconds: float = 10.0
     capture_mode: CaptureMode = CaptureMode.AUTOMATIC
@@ -151,7 +182,12 @@ class Settings(BaseSettings):
     @classmethod
     def _split_lists(cls, data: object) -> object:
         if isinstance(data, dict):
-            for key in ("stripe_webhook_secrets", "STRIPE_WEBHOOK_SECRETS"):
+            for key in (
+                "stripe_webhook_secrets",
+                "STRIPE_WEBHOOK_SECRETS",
+                "stripe_issuing_webhook_secrets",
+                "STRIPE_ISSUING_WEBHOOK_SECRETS",
+            ):
                 if key in data:
                     data[key] = _split_csv(data[key])
         return data
@@ -167,7 +203,18 @@ class Settings(BaseSettings):
                 + ", ".join(sorted(offending))
                 + ". Set real values (see the README's configuration table)."
             )
+        weak = _weak_shared_secrets(self)
+        if weak:
+            raise ValueError(
+                f"ENVIRONMENT={self.environment} but these secrets are empty or shorter than "
+                f"{MIN_SHARED_SECRET_LENGTH} characters: " + ", ".join(weak) + "."
+            )
         return self
+
+    @property
+    def issuing_webhook_secrets(self) -> list[SecretStr]:
+        """The secrets the Issuing real-time authorisation endpoint verifies with (see the field)."""
+        return self.stripe_issuing_webhook_secrets or self.stripe_webhook_secrets
 
     @property
     def effective_funding_mode(self) -> FundingMode:

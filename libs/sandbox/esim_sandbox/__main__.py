@@ -2,6 +2,8 @@
 
     python -m esim_sandbox [--stripe-port 12111] [--zendit-port 12112] [--smtp-port 1025]
                            [--mail-dir var/mail] [--stripe-webhook-url URL]
+                           [--stripe-issuing-authorization-url URL]
+                           [--stripe-webhook-secret S] [--stripe-issuing-authorization-secret S]
 
 Runs until Ctrl-C (or SIGTERM), then stops them all.
 """
@@ -26,17 +28,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mail-dir", type=Path, default=Path("var/mail"))
     parser.add_argument("--stripe-webhook-url", help="where the Stripe emulator delivers events")
     parser.add_argument(
+        "--stripe-issuing-authorization-url",
+        help="the real-time Issuing authorisation endpoint, asked before any card charge is approved",
+    )
+    parser.add_argument(
         "--wallet-balance",
         type=int,
         default=0,
         help="opening Zendit wallet balance in USD cents (0: the first order needs a card top-up)",
     )
     parser.add_argument("--stripe-webhook-secret", default="whsec_sandbox")
+    parser.add_argument(
+        "--stripe-issuing-authorization-secret",
+        default=None,
+        help="signs real-time authorisation requests (default: the webhook secret)",
+    )
     args = parser.parse_args(argv)
 
     stripe = serve_in_thread(
         stripe_emulator.create_app(
-            webhook_url=args.stripe_webhook_url, webhook_secret=args.stripe_webhook_secret
+            webhook_url=args.stripe_webhook_url,
+            webhook_secret=args.stripe_webhook_secret,
+            issuing_auth_webhook_url=args.stripe_issuing_authorization_url,
+            issuing_authorization_secret=args.stripe_issuing_authorization_secret,
         ),
         host=args.host,
         port=args.stripe_port,
@@ -60,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.stripe_webhook_url:
         print(f"  Stripe events are delivered to {args.stripe_webhook_url}")
+    if args.stripe_issuing_authorization_url:
+        print(f"  Issuing authorisations are decided by {args.stripe_issuing_authorization_url}")
     print("Ctrl-C stops them.", flush=True)
 
     stop = threading.Event()

@@ -21,7 +21,7 @@ import asyncpg
 import httpx
 
 from esim_common.settings import load_settings
-from esim_sandbox.stack import SERVICES, Stack
+from esim_sandbox.stack import ISSUING_AUTHORIZATION_PATH, SERVICES, Stack
 
 FINAL_STATES = {"delivered", "refunded", "needs_attention", "payment_failed"}
 # The sandbox finishes an order in a few seconds; past this something is wrong and the logs say what.
@@ -92,6 +92,22 @@ async def follow_order(database_url: str, transaction_id: str) -> dict[str, obje
         await conn.close()
 
 
+def print_card_authorisations(stack: Stack) -> None:
+    """How each charge of an Issuing card was decided: the top-up's should say `webhook_approved`, i.e.
+    the webhook service's real-time authorisation endpoint approved it."""
+    response = httpx.get(
+        f"{stack.url('stripe')}/_sandbox/events", params={"type": "issuing_authorization.created"}, timeout=10
+    )
+    response.raise_for_status()
+    for record in response.json()["data"]:
+        auth = record["event"]["data"]["object"]
+        decided = auth["request_history"][-1] if auth["request_history"] else {}
+        print(
+            f"  Issuing authorisation {auth['id']}: {'approved' if auth['approved'] else 'declined'}"
+            f" ({decided.get('reason')}), {decided.get('amount')} {str(decided.get('currency')).upper()}"
+        )
+
+
 def print_where_to_look(stack: Stack, order: dict[str, object]) -> None:
     print(f"\norder {order.get('transaction_id')} is {order.get('status')}")
     if order.get("failure_reason"):
@@ -106,6 +122,7 @@ def print_where_to_look(stack: Stack, order: dict[str, object]) -> None:
     for name in SERVICES:
         print(f"  {name:<18} {stack.url(name)}/metrics   {stack.url(name)}/healthz")
     print(f"  admin API          {stack.url('reconcile')}/docs  (bearer ADMIN_API_TOKEN)")
+    print(f"  card authorisation {stack.url('webhook')}{ISSUING_AUTHORIZATION_PATH}  (Stripe asks it)")
     print(f"  logs               {stack.logs_dir}/")
 
 
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         transaction_id, _ = place_order(stack, args.offer, args.email)
         order = asyncio.run(follow_order(settings.database_url, transaction_id))
+        print_card_authorisations(stack)
         print_where_to_look(stack, order)
         if not args.no_wait:
             print("\nserving; Ctrl-C stops every process started here.", flush=True)

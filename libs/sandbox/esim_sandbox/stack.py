@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
+from esim_common.settings import Settings
 from esim_common.topology import delete_from_url, esim_topology
 from esim_sandbox.serve import LOOPBACK, free_port
 
 SERVICES = ("webhook", "funding", "provisioning", "notify", "reconcile")
 DEFAULT_PORTS = {"webhook": 8080, "funding": 8081, "provisioning": 8082, "notify": 8083, "reconcile": 8084}
 SANDBOX_PORTS = {"stripe": 12111, "zendit": 12112, "smtp": 1025}
+ZENDIT_WEBHOOK_PATH = "/api/webhooks/zendit"
+ISSUING_AUTHORIZATION_PATH = "/api/webhooks/stripe/issuing-authorization"
 # Services wait up to 30 s for Postgres/RabbitMQ themselves; a stack that is not healthy after this
 # long is broken, not slow.
 STARTUP_TIMEOUT_SECONDS = 45.0
@@ -137,7 +141,16 @@ class Stack:
             f"--smtp-port={self.ports['smtp']}",
             f"--mail-dir={self.mail_dir}",
             f"--stripe-webhook-url={self.url('webhook')}/api/webhooks/stripe",
+            # Every charge of an Issuing card asks the webhook service first, as Stripe does when the
+            # real-time authorisation endpoint is configured: the sandbox proves the top-up passes it.
+            f"--stripe-issuing-authorization-url={self.url('webhook')}{ISSUING_AUTHORIZATION_PATH}",
         ]
+        # A stack whose webhook service verifies real-time authorisations with their own secret gets an
+        # emulator signing them with it (the first one: during a rotation either is accepted).
+        issuing_secrets = self.extra_env.get("STRIPE_ISSUING_WEBHOOK_SECRETS", "").split(",")
+        issuing_secret = next((secret.strip() for secret in issuing_secrets if secret.strip()), None)
+        if issuing_secret is not None:
+            command.append(f"--stripe-issuing-authorization-secret={issuing_secret}")
         return Process("sandbox", command, self.service_env("webhook"), self.logs_dir / "sandbox.log")
 
     def _service_process(self, name: str) -> Process:
@@ -155,6 +168,25 @@ class Stack:
             self.processes[name].start()
         for name in SERVICES:
             self.wait_healthy(name)
+        self.configure_zendit_webhook()
+
+    def configure_zendit_webhook(self) -> None:
+        """Point the Zendit emulator's purchase webhooks at the webhook service, as an operator does in
+        Zendit's console (URL, custom header name and value); the emulator checks the URL with HEAD."""
+        fields = Settings.model_fields
+        header = self.extra_env.get("ZENDIT_WEBHOOK_HEADER") or fields["zendit_webhook_header"].default
+        secret = self.extra_env.get("ZENDIT_WEBHOOK_SECRET") or fields["zendit_webhook_secret"].default
+        response = httpx.post(
+            f"{self.url('zendit')}/_sandbox/webhook",
+            json={
+                "url": f"{self.url('webhook')}{ZENDIT_WEBHOOK_PATH}",
+                "header": header,
+                "secret": secret.get_secret_value() if isinstance(secret, SecretStr) else secret,
+            },
+            timeout=15,
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"the Zendit emulator's webhook could not be configured: {response.text}")
 
     def wait_healthy(self, name: str) -> None:
         self._wait_for_http(name, f"{self.url(name)}/healthz")

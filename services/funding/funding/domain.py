@@ -5,12 +5,16 @@ reserved_amount(orders)   the wallet money other orders were promised but Zendit
 WalletPosition            available (Zendit) minus reserved (ours): what an order may still spend
 topup_amount(shortfall)   the shortfall rounded up to ZENDIT_MIN_TOPUP, refused above ZENDIT_MAX_TOPUP
 topup_ids / plan_topup    the deterministic ids of an order's top-ups and which one comes next
+capture_step / intent_capture   manual capture: what order.delivered asks for, and what Stripe allows
+capture_deadline / capture_retry_delay   how long a capture Stripe cannot do yet is tried again
+capture_failure_record   whether a capture failure is new (alert) or recorded already (announce only)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from esim_common.money import Money, ceil_to_multiple
@@ -228,3 +232,105 @@ def card_expiry(exp_month: int, exp_year: int) -> str:
     if not 1 <= exp_month <= 12 or not 1000 <= exp_year <= 9999:
         raise ValueError(f"not a card expiry: {exp_month}/{exp_year}")
     return f"{exp_month:02d}/{exp_year}"
+
+
+# ------------------------------------------------------------------------------------ capture after delivery
+
+CAPTURED = "captured"  # esim_purchases.capture_status values (migration 0004)
+CAPTURE_FAILED = "failed"
+
+
+class CaptureStep(StrEnum):
+    NOT_REQUIRED = "not_required"  # automatic capture: Stripe took the money at checkout
+    DONE = "done"  # already captured: a redelivery
+    CAPTURE = "capture"  # manual capture, delivered, not captured yet (or a re-drive after a failure)
+    NOT_DELIVERED = "not_delivered"  # order.delivered for an order that is not: a person must look
+
+
+def capture_step(*, capture_method: str, status: OrderStatus, capture_status: str | None) -> CaptureStep:
+    """What a delivery of order.delivered should do about the order's payment.
+
+    The order's own `capture_method` decides, not today's CAPTURE_MODE: switching the setting must not
+    strand the orders authorised before the switch.
+    """
+    if capture_method != "manual":
+        return CaptureStep.NOT_REQUIRED
+    if capture_status == CAPTURED:
+        return CaptureStep.DONE
+    if status is not S.DELIVERED:
+        return CaptureStep.NOT_DELIVERED
+    # A recorded failure is tried again: a message re-driven from the DLQ by an operator must work.
+    return CaptureStep.CAPTURE
+
+
+class IntentCapture(StrEnum):
+    CAPTURE = "capture"  # authorised and still capturable
+    ALREADY_CAPTURED = "already_captured"  # succeeded: captured by an earlier delivery (or by hand)
+    WAIT = "wait"  # processing: Stripe has not settled it yet, ask again later
+    REFUSED = "refused"  # canceled (authorisation expired or released) or never authorised: never capturable
+
+
+def intent_capture(intent_status: str) -> IntentCapture:
+    """What a PaymentIntent in `intent_status` allows. Stripe captures only `requires_capture`."""
+    if intent_status == "requires_capture":
+        return IntentCapture.CAPTURE
+    if intent_status == "succeeded":
+        return IntentCapture.ALREADY_CAPTURED
+    if intent_status == "processing":
+        return IntentCapture.WAIT
+    return IntentCapture.REFUSED
+
+
+def capture_refusal_reason(intent_status: str, cancellation_reason: str | None) -> str:
+    """The short code recorded on the order, e.g. `authorisation_canceled_automatic` (it expired)."""
+    if intent_status == "canceled":
+        return f"authorisation_canceled_{cancellation_reason or 'unknown'}"
+    return f"payment_intent_{intent_status}"
+
+
+# Stripe keeps an online card authorisation for 7 days; the charge's `capture_before` says exactly when.
+AUTHORISATION_VALIDITY = timedelta(days=7)
+# Retries stop (and the operator is alerted) this long before the authorisation lapses: time for a person
+# to capture by hand once Stripe answers again.
+CAPTURE_SAFETY_MARGIN = timedelta(days=1)
+# Back off from 1 s, doubling. The consumer rounds a delay down to its longest retry tier (10 s today), so
+# the cap only matters if longer tiers are ever declared; 5 min is still ~1,700 tries in 6 days.
+CAPTURE_RETRY_FIRST_SECONDS = 1.0
+CAPTURE_RETRY_MAX_SECONDS = 300.0
+
+
+def capture_deadline(*, capture_before: datetime | None, authorised_at: datetime) -> datetime:
+    """Until when a capture Stripe cannot do yet (unreachable, or the payment still processing) is
+    retried: the hold's end minus the safety margin. Without the charge's `capture_before` (Stripe did not
+    answer), the hold is taken to last 7 days from the authorisation."""
+    hold_ends = capture_before or authorised_at + AUTHORISATION_VALIDITY
+    return hold_ends - CAPTURE_SAFETY_MARGIN
+
+
+def capture_retry_delay(attempt: int, *, now: datetime, deadline: datetime) -> float | None:
+    """Seconds until capture attempt `attempt + 1`, or None when the deadline has passed."""
+    if now >= deadline:
+        return None
+    doublings = min(max(attempt, 1) - 1, 30)  # bounded: 2**30 s is far past any cap
+    return min(CAPTURE_RETRY_FIRST_SECONDS * float(1 << doublings), CAPTURE_RETRY_MAX_SECONDS)
+
+
+class CaptureFailureRecord(StrEnum):
+    NEW = "new"  # recorded now (first failure, or another reason after a re-drive): alert and announce
+    UNCHANGED = "unchanged"  # this very failure is recorded already (the failure path runs again): announce
+    CAPTURED = "captured"  # captured meanwhile: nothing failed
+    NOT_MANUAL = "not_manual"  # automatic capture: there is no capture to fail (the database check agrees)
+
+
+def capture_failure_record(
+    *, capture_method: str, capture_status: str | None, recorded_reason: str | None, reason: str
+) -> CaptureFailureRecord:
+    """What recording a capture failure with `reason` changes. The failure path can run twice for one
+    failure (its announcement failed and the message came back): the operator is alerted only once."""
+    if capture_method != "manual":
+        return CaptureFailureRecord.NOT_MANUAL
+    if capture_status == CAPTURED:
+        return CaptureFailureRecord.CAPTURED
+    if capture_status == CAPTURE_FAILED and recorded_reason == reason:
+        return CaptureFailureRecord.UNCHANGED
+    return CaptureFailureRecord.NEW

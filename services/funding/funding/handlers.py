@@ -1,4 +1,5 @@
-"""The funding service's one subscriber: order.paid → (top-up) → order.funded, or refund on failure.
+"""The funding service's subscribers: order.paid → (top-up) → order.funded, or refund on failure; and, in
+manual capture mode, order.delivered → capture the authorised payment (capture.py).
 
 What the handler raises decides the message's fate (esim_common.consumer): a Zendit/Stripe/gateway
 outage retries through the tiers with the same idempotency keys; a declined top-up, an unknown offer or
@@ -9,16 +10,20 @@ from __future__ import annotations
 
 from esim_common.compensation import fail_and_refund
 from esim_common.consumer import consume
-from esim_common.events import OrderPaid
+from esim_common.events import OrderDelivered, OrderPaid
 from esim_common.order_states import OrderStatus
 from esim_common.providers.stripe import StripeGateway
 from esim_common.service import ServiceContext
+from funding.capture import CapturePayment
 from funding.fund_order import FundOrder
 
 QUEUE = "funding.order-paid"
+CAPTURE_QUEUE = "funding.order-delivered"
 
 
-def register(ctx: ServiceContext, *, fund_order: FundOrder, stripe: StripeGateway) -> None:
+def register(
+    ctx: ServiceContext, *, fund_order: FundOrder, stripe: StripeGateway, capture: CapturePayment
+) -> None:
     async def on_order_paid(event: OrderPaid) -> None:
         """Make sure the Zendit wallet can pay for the order (topping it up when short), then publish
         order.funded."""
@@ -38,3 +43,11 @@ def register(ctx: ServiceContext, *, fund_order: FundOrder, stripe: StripeGatewa
         )
 
     consume(ctx.broker, ctx.topology, QUEUE, OrderPaid, on_order_paid, on_failure=on_funding_failed)
+    consume(
+        ctx.broker,
+        ctx.topology,
+        CAPTURE_QUEUE,
+        OrderDelivered,
+        capture.on_order_delivered,
+        on_failure=capture.on_capture_failed,
+    )

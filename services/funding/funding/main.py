@@ -17,6 +17,7 @@ from esim_common.providers.zendit import ZenditClient
 from esim_common.service import ServiceContext, service_app
 from esim_common.settings import FundingMode, Settings
 from funding import handlers
+from funding.capture import CapturePayment
 from funding.cardholder import PlatformCardholder
 from funding.fund_order import FundOrder
 from funding.topups import TopupPhases
@@ -73,7 +74,8 @@ def create_app(settings: Settings) -> FastAPI:
         min_topup=settings.zendit_min_topup,
         max_topup=settings.zendit_max_topup,
     )
-    handlers.register(ctx, fund_order=fund_order, stripe=providers.stripe)
+    capture = CapturePayment(pool=pool, stripe=providers.stripe, publisher=ctx.publisher)
+    handlers.register(ctx, fund_order=fund_order, stripe=providers.stripe, capture=capture)
 
     app = service_app(ctx, title="funding")
     _close_on_shutdown(app, providers)

@@ -1,7 +1,9 @@
 """The funding service's own metrics (bounded labels only) and its operator alerts.
 
     esim_funding_topups_total{outcome}               succeeded | declined | failed
-    esim_funding_operator_alerts_total{reason}       issuing_float_low | wallet_short | ...
+    esim_funding_operator_alerts_total{reason}       issuing_float_low | wallet_short | capture_failed | ...
+    esim_funding_payment_captures_total{outcome}     captured | already_captured | not_required | deferred
+                                                     | failed
     esim_zendit_wallet_available_minor_units{currency}
     esim_stripe_issuing_available_minor_units{currency}
 
@@ -22,6 +24,11 @@ topups_total = Counter(
 )
 operator_alerts_total = Counter(
     "esim_funding_operator_alerts_total", "Situations the funding service cannot fix alone.", ("reason",)
+)
+payment_captures_total = Counter(
+    "esim_funding_payment_captures_total",
+    "order.delivered handled by the capture step (manual capture mode), by outcome.",
+    ("outcome",),
 )
 wallet_available = Gauge(
     "esim_zendit_wallet_available_minor_units",

@@ -15,7 +15,14 @@ from esim_common.money import Money
 from esim_common.order_repository import record
 from esim_common.order_states import OrderStatus
 from esim_common.providers.stripe import IssuedCard
-from funding.domain import RESERVING_STATES, OrderCost, TopupStatus, card_expiry
+from funding.domain import (
+    RESERVING_STATES,
+    CaptureFailureRecord,
+    OrderCost,
+    TopupStatus,
+    capture_failure_record,
+    card_expiry,
+)
 
 # Advisory locks, two-int keys (class, id): a key space of their own, apart from one-bigint locks.
 # The wallet lock serialises every "is there enough money?" decision, so two orders cannot both count
@@ -180,3 +187,66 @@ async def finish_topup(
 
 async def mark_card_cancelled(conn: asyncpg.Connection, card_id: str) -> None:
     await conn.execute(MARK_CARD_CANCELLED, card_id)
+
+
+# ------------------------------------------------------------------------------------ capture after delivery
+
+# Facts on the order, never its status (it stays delivered). A recorded capture is never overwritten by a
+# failure that a late, concurrent delivery of the same order.delivered reports.
+MARK_CAPTURED = """
+    UPDATE esim_purchases
+       SET capture_status = 'captured', captured_at = COALESCE(captured_at, now()),
+           capture_failure_reason = NULL, updated_at = now()
+     WHERE transaction_id = $1 AND capture_status IS DISTINCT FROM 'captured'
+ RETURNING transaction_id
+"""
+# The attempt's number names its Stripe idempotency key and sets its backoff.
+COUNT_CAPTURE_ATTEMPT = """
+    UPDATE esim_purchases SET capture_attempts = capture_attempts + 1, updated_at = now()
+     WHERE transaction_id = $1
+ RETURNING capture_attempts
+"""
+SELECT_CAPTURE_FOR_UPDATE = """
+    SELECT capture_method, capture_status, capture_failure_reason
+      FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
+"""
+MARK_CAPTURE_FAILED = """
+    UPDATE esim_purchases
+       SET capture_status = 'failed', capture_failure_reason = $2, updated_at = now()
+     WHERE transaction_id = $1
+"""
+MAX_REASON_LENGTH = 200
+
+
+async def mark_captured(pool: asyncpg.Pool, transaction_id: str) -> bool:
+    """Record the capture; False when it was already recorded (a redelivery)."""
+    return await pool.fetchval(MARK_CAPTURED, transaction_id) is not None
+
+
+async def count_capture_attempt(pool: asyncpg.Pool, transaction_id: str) -> int:
+    """The number of the capture attempt that starts now: 1, 2, ..."""
+    attempt = await pool.fetchval(COUNT_CAPTURE_ATTEMPT, transaction_id)
+    if attempt is None:
+        raise LookupError(f"order {transaction_id} does not exist")
+    return int(attempt)
+
+
+async def record_capture_failure(
+    pool: asyncpg.Pool, transaction_id: str, reason: str
+) -> CaptureFailureRecord:
+    """Record a failed capture under the row lock, so that two runs of the failure path cannot both
+    see the failure as new. Writes only when something changes (`CaptureFailureRecord.NEW`)."""
+    reason = reason[:MAX_REASON_LENGTH]
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(SELECT_CAPTURE_FOR_UPDATE, transaction_id)
+        if row is None:
+            raise LookupError(f"order {transaction_id} does not exist")
+        outcome = capture_failure_record(
+            capture_method=row["capture_method"],
+            capture_status=row["capture_status"],
+            recorded_reason=row["capture_failure_reason"],
+            reason=reason,
+        )
+        if outcome is CaptureFailureRecord.NEW:
+            await conn.execute(MARK_CAPTURE_FAILED, transaction_id, reason)
+        return outcome

@@ -2,7 +2,7 @@
 
 order.provisioned ─► esim_delivery (customer, once) ─► provisioned → delivered ─► order.delivered
 order.failed      ─► order_failed (customer, once; not for step=delivery: that address refused us)
-                  └► operator_alert (SERVICE_OWNER_EMAIL, once) when step is refund or delivery
+                  └► operator_alert (SERVICE_OWNER_EMAIL, once) when step is refund, delivery or capture
 """
 
 from __future__ import annotations
@@ -49,13 +49,22 @@ class RefundOutcome(StrEnum):
     """What the failure email tells the customer about their money (keys of `[refund_status]`)."""
 
     REFUNDED = "refunded"
+    RELEASED = "released"  # manual capture: the authorisation was cancelled, nothing was ever charged
     INVESTIGATING = "investigating"
     NOT_CHARGED = "not_charged"
     PENDING = "pending"
 
 
-def refund_outcome(status: OrderStatus) -> RefundOutcome:
+# `refund_status` of an order whose uncaptured payment was released instead of refunded
+# (esim_common.compensation.RELEASED).
+RELEASED_REFUND_STATUS = "canceled"
+
+
+def refund_outcome(status: OrderStatus, refund_status: str | None = None) -> RefundOutcome:
     if status is OrderStatus.REFUNDED:
+        # A released hold is no refund: telling the customer "refunded ... 5-10 business days" would be false.
+        if refund_status == RELEASED_REFUND_STATUS:
+            return RefundOutcome.RELEASED
         return RefundOutcome.REFUNDED
     if status is OrderStatus.NEEDS_ATTENTION:
         return RefundOutcome.INVESTIGATING
@@ -66,13 +75,15 @@ def refund_outcome(status: OrderStatus) -> RefundOutcome:
 
 
 def customer_is_told(step: FailedStep) -> bool:
-    """A delivery failure means the customer's address refused our email: another one would bounce."""
-    return step != "delivery"
+    """A delivery failure means the customer's address refused our email: another one would bounce. A
+    capture failure happens after the customer got their eSIM: nothing failed for them."""
+    return step not in ("delivery", "capture")
 
 
 def operator_is_alerted(step: FailedStep) -> bool:
-    """Failures that no automation resolves: the refund itself, or the eSIM email."""
-    return step in ("refund", "delivery")
+    """Failures that no automation resolves: the refund itself, the eSIM email, or the capture of a
+    delivered order's payment (manual capture mode)."""
+    return step in ("refund", "delivery", "capture")
 
 
 @dataclass(frozen=True)

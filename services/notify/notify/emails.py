@@ -60,7 +60,7 @@ async def esim_delivery_email(order: Order, settings: Settings) -> EmailMessage:
 def order_failed_email(order: Order, event: OrderFailed, settings: Settings) -> EmailMessage:
     """What happened, in plain words, and whether the customer has their money back."""
     template = domain.TEMPLATE_ORDER_FAILED
-    outcome = domain.refund_outcome(order.status)
+    outcome = domain.refund_outcome(order.status, order.refund_status)
     values = {
         "name": order.recipient_name,
         "offer_id": order.offer_id,

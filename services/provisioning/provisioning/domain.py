@@ -5,6 +5,9 @@ funded ─► purchasing ─► (poll Zendit, never blocking the consumer) ─�
               ├─ FAILED INSUFFICIENT_FUNDS ─► funding (fund again; the next attempt gets a new id)
               ├─ FAILED other ─► purchase_failed ─► refund (compensation)
               └─ not final after the deadline ─► needs_attention (Zendit may still deliver)
+
+A Zendit webhook (`zendit.purchase-updated`) only makes us look sooner: it counts while
+`awaits_purchase` holds, and the purchase is then fetched with our own key like any poll.
 """
 
 from __future__ import annotations
@@ -66,6 +69,16 @@ def next_step(status: OrderStatus, purchase_attempts: int) -> Step:
     if purchase_attempts >= 1 and status in (S.PURCHASE_FAILED, S.REFUND_PENDING):
         return Step.FINISH_REFUND
     return Step.IGNORE
+
+
+def awaits_purchase(status: OrderStatus, current_zendit_id: str | None, zendit_id: str) -> bool:
+    """Whether the order is still waiting for Zendit purchase `zendit_id` to finish.
+
+    Only then may a final purchase settle it: once one worker (the scheduled poll or a webhook hint)
+    has settled the attempt, or the order has moved on to a later attempt, the same purchase seen
+    again by another worker must change nothing.
+    """
+    return status == S.PURCHASING and current_zendit_id == zendit_id
 
 
 # ------------------------------------------------------------------------------ a purchase's outcome

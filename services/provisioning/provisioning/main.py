@@ -28,6 +28,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     handlers.register(ctx, provisioner)
     app = service_app(ctx, title=SERVICE, routers=[qr_code_router(storage)])
+    app.state.provisioner = provisioner
     _close_clients_on_shutdown(app, provisioner)
     return app
 

@@ -7,6 +7,10 @@ from typing import Literal
 from prometheus_client import Counter, Histogram
 
 PurchaseOutcome = Literal["done", "fund_again", "failed", "deadline_exceeded", "needs_attention"]
+# completed: the hint settled the purchase; already_settled: the poll (or another hint) was first;
+# pending: Zendit says it is not final (whatever the webhook claimed); not_found: no such purchase yet;
+# ignored: the order no longer waits for that purchase; failed: the hint could not be acted on.
+HintOutcome = Literal["completed", "already_settled", "pending", "not_found", "ignored", "failed"]
 
 purchase_outcomes_total = Counter(
     "esim_zendit_purchase_outcomes_total",
@@ -25,6 +29,13 @@ operator_alerts_total = Counter(
     "esim_provisioning_operator_alerts_total",
     "Orders provisioning handed to an operator (needs_attention), by reason.",
     ("reason",),
+)
+
+
+purchase_hints_total = Counter(
+    "esim_zendit_purchase_hints_total",
+    "Zendit webhook hints (re-checks of a purchase before its scheduled poll), by what they led to.",
+    ("outcome",),
 )
 
 

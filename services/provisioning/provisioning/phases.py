@@ -4,13 +4,25 @@
     look       GET the purchase; 404 → place it: lock the row, GET again, POST (never POST otherwise)
     wait       not final → record its status, CheckAgainLater (the consumer is free meanwhile);
                past PURCHASE_DEADLINE_SECONDS → needs_attention + operator alert (never refunded)
-    deliver    DONE → LPA → QR PNG (read back) → storage → provisioned + facts → order.provisioned
-    fund again FAILED INSUFFICIENT_FUNDS → funding → order.paid (the next attempt gets a new id)
-    fail       FAILED otherwise → FailPermanently(zendit_<code>) → `on_failure` refunds once
+    complete   a final purchase settles the order under its row lock, once (`_complete`):
+      deliver    DONE → LPA → QR PNG (read back) → storage → provisioned + facts → order.provisioned
+                 (queued in the outbox with the state change; published once, whoever delivers next)
+      fund again FAILED INSUFFICIENT_FUNDS → funding → order.paid (the next attempt gets a new id)
+      fail       FAILED otherwise → purchase_failed → FailPermanently(zendit_<code>) → `on_failure`
+                 refunds once
 
 Zendit errors while a purchase may exist are not retried through the consumer's three tiers (14 s
 would turn a short Zendit outage into operator work, or worse a refund while Zendit still delivers):
 they are waited out like an unfinished purchase, until the same deadline.
+
+Zendit webhooks (`on_purchase_hint`) only make us look sooner. A hint names a purchase; if the order
+still waits for exactly that purchase, we GET it with our own key (nothing from the webhook's body is
+used) and, when it is final, settle it through the same `_complete` as the poll. The order's
+`order.funded` message — the scheduled poll — keeps owning it: a hint never places a purchase, never
+waits, and never refunds or re-funds (after a hint settled a failure, the poll's next look follows
+the new state: `order.paid` for INSUFFICIENT_FUNDS, the failure path's refund otherwise). The only
+thing a hint completes by itself is a delivery, the one step the customer is waiting for; a hint for an
+order already provisioned re-publishes its `order.provisioned` if that is still in the outbox.
 """
 
 from __future__ import annotations
@@ -18,11 +30,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import asyncpg
+
 from esim_common.compensation import fail_and_refund
 from esim_common.errors import CheckAgainLater, FailPermanently
-from esim_common.events import OrderFunded, OrderPaid, OrderProvisioned
+from esim_common.events import OrderFunded, OrderPaid, OrderProvisioned, PurchaseUpdateHint
 from esim_common.money import Money
-from esim_common.order_repository import Order
+from esim_common.order_repository import Order, get_order
 from esim_common.order_states import OrderStatus
 from esim_common.providers.stripe import StripeGateway
 from esim_common.providers.zendit import (
@@ -35,7 +49,14 @@ from esim_common.providers.zendit import (
 from esim_common.service import ServiceContext
 from provisioning import domain, qr, repository
 from provisioning.domain import Outcome, Step
-from provisioning.metrics import count_outcome, operator_alerts_total, purchase_seconds
+from provisioning.metrics import (
+    HintOutcome,
+    PurchaseOutcome,
+    count_outcome,
+    operator_alerts_total,
+    purchase_hints_total,
+    purchase_seconds,
+)
 from provisioning.storage import QrStorage
 
 log = logging.getLogger("esim.provisioning")
@@ -44,6 +65,11 @@ S = OrderStatus
 UNREADABLE_REASON = "purchase_status_unreadable"
 # Operator-alert reasons are a metric label: anything unexpected is counted as "other".
 ALERT_REASONS = frozenset({domain.DEADLINE_REASON, UNREADABLE_REASON, "retries_exhausted"})
+_OUTCOME_LABELS: dict[Outcome, PurchaseOutcome] = {
+    Outcome.DONE: "done",
+    Outcome.FUND_AGAIN: "fund_again",
+    Outcome.FAILED: "failed",
+}
 
 
 class IncompleteConfirmation(Exception):
@@ -57,27 +83,10 @@ class Provisioner:
     stripe: StripeGateway
     storage: QrStorage
 
-    # -- entry points (the consumer's handler and failure hook) ---------------------------------------
+    # -- entry points (the consumers' handlers and failure hooks) ------------------------------------
     async def on_order_funded(self, event: OrderFunded) -> None:
         order = await repository.must_get(self.ctx.pool, event.transaction_id)
-        step = domain.next_step(order.status, order.purchase_attempts)
-        if step == Step.START:
-            order = await repository.start_attempt(self.ctx.pool, order.transaction_id)
-            step = domain.next_step(order.status, order.purchase_attempts)
-            if step == Step.CONTINUE:
-                log.info(
-                    "purchase attempt started", extra={"zendit_transaction_id": order.zendit_transaction_id}
-                )
-        if step == Step.CONTINUE:
-            await self._advance(order)
-        elif step == Step.ANNOUNCE:
-            await self._announce(order)
-        elif step == Step.FUND_AGAIN:
-            await self._announce_fund_again(order)
-        elif step == Step.FINISH_REFUND:
-            raise FailPermanently(order.failure_reason or "purchase_failed", "resuming the refund")
-        elif step in (Step.IGNORE, Step.START):
-            log.info("order.funded ignored", extra={"status": order.status.value})
+        await self._follow(order)
 
     async def on_failure(self, event: OrderFunded, reason: str) -> None:
         """The failure path: refund once when Zendit cannot deliver; otherwise an operator decides."""
@@ -98,8 +107,73 @@ class Provisioner:
         else:
             log.error("failure after the purchase step, nothing to compensate", extra={"reason": reason})
 
+    async def on_purchase_hint(self, hint: PurchaseUpdateHint) -> None:
+        """Zendit's webhook says a purchase changed: look at it now instead of at the next poll."""
+        zendit_id = hint.zendit_transaction_id
+        order = await get_order(self.ctx.pool, hint.transaction_id)
+        if order is not None and order.status == S.PROVISIONED:
+            # Settled already, but its order.provisioned may be stuck in the outbox (the publish after
+            # the commit failed): announcing is a no-op once published, so the hint heals it for free.
+            await self._announce(order)
+            self._count_hint("already_settled", "hinted purchase was settled already", zendit_id)
+            return
+        if order is None or not domain.awaits_purchase(order.status, self._zendit_id(order), zendit_id):
+            # Delivered, failed, another attempt by now, or not ours: nothing to look at.
+            status = order.status.value if order is not None else "unknown"
+            self._count_hint("ignored", "purchase hint ignored", zendit_id, status=status)
+            return
+        purchase = await self._look_up(zendit_id)  # our own key; 401/403 → the hint's failure hook
+        if purchase is None:
+            # Not (yet) visible: placing it is the poll's job, under its lock.
+            self._count_hint("not_found", "hinted purchase not found at zendit", zendit_id)
+            return
+        outcome = domain.outcome_of(purchase.status.value, purchase.error_code, order.purchase_attempts)
+        if outcome == Outcome.PENDING:
+            self._count_hint(
+                "pending",
+                "hinted purchase not final, the poll goes on",
+                zendit_id,
+                status=purchase.status.value,
+            )
+            return
+        settled, changed = await self._complete(order, zendit_id, purchase, outcome, source="hint")
+        if not changed:
+            self._count_hint("already_settled", "hinted purchase was settled already", zendit_id)
+            return
+        self._count_hint("completed", "hinted purchase settled", zendit_id, settled_as=outcome.value)
+        if settled.status == S.PROVISIONED:
+            await self._announce(settled)
+
+    async def on_hint_failure(self, hint: PurchaseUpdateHint, reason: str) -> None:
+        """A hint we could not act on is dropped, never compensated: the scheduled poll still owns the
+        order and reaches the same purchase by itself (a refund here could pay back an eSIM that
+        Zendit is about to deliver)."""
+        self._count_hint("failed", "purchase hint dropped", hint.zendit_transaction_id, reason=reason)
+
     # -- phases --------------------------------------------------------------------------------------
+    async def _follow(self, order: Order) -> None:
+        """Do what the order's state asks of an `order.funded` delivery (see `domain.next_step`)."""
+        step = domain.next_step(order.status, order.purchase_attempts)
+        if step == Step.START:
+            order = await repository.start_attempt(self.ctx.pool, order.transaction_id)
+            step = domain.next_step(order.status, order.purchase_attempts)
+            if step == Step.CONTINUE:
+                log.info(
+                    "purchase attempt started", extra={"zendit_transaction_id": order.zendit_transaction_id}
+                )
+        if step == Step.CONTINUE:
+            await self._advance(order)
+        elif step == Step.ANNOUNCE:
+            await self._announce(order)
+        elif step == Step.FUND_AGAIN:
+            await self._announce_fund_again(order)
+        elif step == Step.FINISH_REFUND:
+            raise FailPermanently(order.failure_reason or "purchase_failed", "resuming the refund")
+        elif step in (Step.IGNORE, Step.START):
+            log.info("order.funded ignored", extra={"status": order.status.value})
+
     async def _advance(self, order: Order) -> None:
+        zendit_id = self._zendit_id(order)
         try:
             purchase = await self._current_purchase(order)
         except ZenditTransientError as exc:
@@ -109,12 +183,14 @@ class Provisioner:
         outcome = domain.outcome_of(purchase.status.value, purchase.error_code, order.purchase_attempts)
         if outcome == Outcome.PENDING:
             await self._wait(order, purchase)
-        elif outcome == Outcome.DONE:
-            await self._deliver(order, purchase)
-        elif outcome == Outcome.FUND_AGAIN:
-            await self._fund_again(order)
-        else:
-            await self._fail(order, purchase)
+            return
+        settled, changed = await self._complete(order, zendit_id, purchase, outcome, source="poll")
+        if not changed:
+            log.info("purchase settled by another worker", extra={"status": settled.status.value})
+        if settled.status == S.PURCHASING:  # a later attempt began meanwhile: that one is looked at next
+            raise CheckAgainLater(domain.FAST_POLL_SECONDS, "the order moved to another attempt")
+        # Whoever settled it, the poll carries on from the new state: announce, fund again, or refund.
+        await self._follow(settled)
 
     async def _current_purchase(self, order: Order) -> Purchase:
         zendit_id = self._zendit_id(order)
@@ -153,7 +229,9 @@ class Provisioner:
 
     async def _wait(self, order: Order, purchase: Purchase | None) -> None:
         if purchase is not None and purchase.status.value != order.zendit_status:
-            await repository.record_zendit_status(self.ctx.pool, order.transaction_id, purchase.status.value)
+            await repository.record_pending_status(
+                self.ctx.pool, order.transaction_id, self._zendit_id(order), purchase.status.value
+            )
         elapsed = await repository.attempt_elapsed_seconds(self.ctx.pool, order.transaction_id)
         decision = domain.next_check(elapsed, self.ctx.settings.purchase_deadline_seconds)
         if isinstance(decision, domain.DeadlinePassed):
@@ -163,7 +241,44 @@ class Provisioner:
         status = purchase.status.value if purchase is not None else "unknown (zendit unavailable)"
         raise CheckAgainLater(decision.delay_seconds, f"zendit purchase {status}")
 
-    async def _deliver(self, order: Order, purchase: Purchase) -> None:
+    async def _complete(
+        self, order: Order, zendit_id: str, purchase: Purchase, outcome: Outcome, *, source: str
+    ) -> tuple[Order, bool]:
+        """Settle the order with its final purchase `zendit_id`: the one place an attempt ends.
+
+        The scheduled poll and a webhook hint can see the same DONE at the same moment. The decision
+        is taken under the order's row lock and only while the order still waits for this purchase,
+        so exactly one of them renders and stores the QR code and moves the order; the other gets
+        `(order as it is now, False)` and changes nothing.
+        """
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            locked = await repository.must_get(conn, order.transaction_id, lock=True)
+            if not domain.awaits_purchase(locked.status, self._zendit_id(locked), zendit_id):
+                return locked, False
+            if outcome == Outcome.DONE:
+                settled = await self._deliver(conn, locked, purchase)
+            elif outcome == Outcome.FUND_AGAIN:
+                short = domain.purchase_failure_reason(domain.INSUFFICIENT_FUNDS)
+                settled = await repository.send_back_to_funding(conn, locked.transaction_id, reason=short)
+            else:
+                settled = await repository.mark_purchase_failed(
+                    conn, locked.transaction_id, reason=domain.purchase_failure_reason(purchase.error_code)
+                )
+        count_outcome(_OUTCOME_LABELS[outcome])
+        details = {"zendit_transaction_id": zendit_id, "source": source, "attempt": locked.purchase_attempts}
+        if outcome == Outcome.DONE:
+            purchase_seconds.observe(
+                await repository.attempt_elapsed_seconds(self.ctx.pool, order.transaction_id)
+            )
+            log.info("esim provisioned", extra=details)
+        elif outcome == Outcome.FUND_AGAIN:
+            log.warning("zendit wallet was short after all: funding again", extra=details)
+        else:
+            log.warning("zendit purchase FAILED", extra={**details, "reason": settled.failure_reason})
+        return settled, True
+
+    async def _deliver(self, conn: asyncpg.Connection, order: Order, purchase: Purchase) -> Order:
+        """Render, check and store the QR code, then mark the order provisioned (caller holds the lock)."""
         confirmation = purchase.confirmation
         if confirmation is None or not confirmation.activation_code:
             raise IncompleteConfirmation(
@@ -176,48 +291,41 @@ class Provisioner:
         png = qr.lpa_qr_png(lpa)
         url = await self.storage.save(order.transaction_id, png)
         provisioned = await repository.mark_provisioned(
-            self.ctx.pool,
+            conn,
             order.transaction_id,
             qr_code_url=url,
             iccid=confirmation.iccid,
             smdp_address=confirmation.smdp_address,
             activation_code=confirmation.activation_code,
         )
-        took = await repository.attempt_elapsed_seconds(self.ctx.pool, order.transaction_id)
-        purchase_seconds.observe(took)
-        count_outcome("done")
-        log.info("esim provisioned", extra={"zendit_transaction_id": purchase.transaction_id})
-        await self._announce(provisioned)
+        # Queued in the same transaction as the state change: it cannot be lost, only delayed.
+        await repository.add_announcement(conn, self._provisioned_event(provisioned))
+        return provisioned
 
-    async def _fund_again(self, order: Order) -> None:
-        back = await repository.send_back_to_funding(
-            self.ctx.pool,
-            order.transaction_id,
-            reason=domain.purchase_failure_reason(domain.INSUFFICIENT_FUNDS),
-        )
-        count_outcome("fund_again")
-        log.warning(
-            "zendit wallet was short after all: funding again",
-            extra={"zendit_transaction_id": order.zendit_transaction_id, "attempt": order.purchase_attempts},
-        )
-        await self._announce_fund_again(back)
-
-    async def _fail(self, order: Order, purchase: Purchase) -> None:
-        await repository.record_zendit_status(self.ctx.pool, order.transaction_id, purchase.status.value)
-        count_outcome("failed")
-        raise FailPermanently(domain.purchase_failure_reason(purchase.error_code), "zendit purchase FAILED")
-
-    # -- announcements (re-published on redelivery: a lost publish heals itself) ---------------------
-    async def _announce(self, order: Order) -> None:
+    # -- announcements: order.provisioned once (outbox); order.paid again on a redelivery (idempotent) -
+    @staticmethod
+    def _provisioned_event(order: Order) -> OrderProvisioned:
         if not order.qr_code_url or not order.zendit_transaction_id:
             raise RuntimeError(f"order {order.transaction_id} is {order.status.value} without its QR code")
-        await self.ctx.publisher.publish(
-            OrderProvisioned(
-                transaction_id=order.transaction_id,
-                zendit_transaction_id=order.zendit_transaction_id,
-                qr_code_url=order.qr_code_url,
-            )
+        return OrderProvisioned(
+            event_id=repository.order_provisioned_event_id(order.transaction_id),
+            transaction_id=order.transaction_id,
+            zendit_transaction_id=order.zendit_transaction_id,
+            qr_code_url=order.qr_code_url,
         )
+
+    async def _announce(self, order: Order) -> None:
+        """Publish the order's order.provisioned unless it was published (and confirmed) before."""
+        event = self._provisioned_event(order)
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            # Orders provisioned before the outbox was used for this event have no row yet.
+            await repository.add_announcement(conn, event)
+            pending = await repository.unpublished_announcement(conn, event.event_id)
+            if pending is None:
+                log.info("order.provisioned was announced already")
+                return
+            await self.ctx.publisher.publish(pending)
+            await repository.mark_announced(conn, event.event_id)
 
     async def _announce_fund_again(self, order: Order) -> None:
         if not order.stripe_payment_intent_id:
@@ -244,6 +352,12 @@ class Provisioner:
                 "zendit_transaction_id": order.zendit_transaction_id,
             },
         )
+
+    @staticmethod
+    def _count_hint(outcome: HintOutcome, message: str, zendit_id: str, **details: object) -> None:
+        purchase_hints_total.labels(outcome=outcome).inc()
+        log_line = log.warning if outcome == "failed" else log.info
+        log_line(message, extra={"zendit_transaction_id": zendit_id, "hint_outcome": outcome, **details})
 
     @staticmethod
     def _zendit_id(order: Order) -> str:

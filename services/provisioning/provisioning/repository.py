@@ -7,8 +7,11 @@ before the step or after it, never with a new state but without its facts.
 
 from __future__ import annotations
 
+import uuid
+
 import asyncpg
 
+from esim_common.events import OrderProvisioned
 from esim_common.order_repository import Order, get_order, record
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
@@ -71,12 +74,25 @@ async def attempt_elapsed_seconds(pool: asyncpg.Pool, transaction_id: str) -> fl
     return float(elapsed)
 
 
-async def record_zendit_status(pool: asyncpg.Pool, transaction_id: str, status: str) -> None:
-    await record(pool, transaction_id, zendit_status=status)
+# Guarded: a poll that read IN_PROGRESS just before a webhook hint settled the purchase must not write
+# its stale status over the settled order (or over a later attempt).
+RECORD_PENDING_STATUS = """
+    UPDATE esim_purchases SET zendit_status = $3, updated_at = now()
+     WHERE transaction_id = $1 AND status = 'purchasing' AND zendit_transaction_id = $2
+"""
+
+
+async def record_pending_status(pool: asyncpg.Pool, transaction_id: str, zendit_id: str, status: str) -> None:
+    """The current attempt's not-yet-final Zendit status, while the order still waits for it."""
+    await pool.execute(RECORD_PENDING_STATUS, transaction_id, zendit_id, status)
+
+
+# The three ways an attempt ends. Each takes the connection of the caller's transaction, which holds
+# the order's row lock (`Provisioner._complete`): the decision and the change commit together.
 
 
 async def mark_provisioned(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     transaction_id: str,
     *,
     qr_code_url: str,
@@ -85,7 +101,7 @@ async def mark_provisioned(
     activation_code: str,
 ) -> Order:
     """purchasing → provisioned with the QR URL and the activation facts the email needs."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with conn.transaction():
         await record(
             conn,
             transaction_id,
@@ -99,14 +115,62 @@ async def mark_provisioned(
         return await must_get(conn, transaction_id)
 
 
-async def send_back_to_funding(pool: asyncpg.Pool, transaction_id: str, *, reason: str) -> Order:
+async def send_back_to_funding(conn: asyncpg.Connection, transaction_id: str, *, reason: str) -> Order:
     """purchasing → funding after a purchase FAILED for lack of wallet funds."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with conn.transaction():
         # Cleared, not "FAILED": funding reserves the cost of funded orders whose purchase has not been
         # authorised yet, and must do so for this order's next attempt too.
         await record(conn, transaction_id, zendit_status=None)
         await transition(conn, transaction_id, S.FUNDING, reason=reason)
         return await must_get(conn, transaction_id)
+
+
+async def mark_purchase_failed(conn: asyncpg.Connection, transaction_id: str, *, reason: str) -> Order:
+    """purchasing → purchase_failed: Zendit will not deliver. The refund is the failure path's job."""
+    async with conn.transaction():
+        await record(conn, transaction_id, zendit_status="FAILED")
+        await transition(conn, transaction_id, S.PURCHASE_FAILED, failure_reason=reason)
+        return await must_get(conn, transaction_id)
+
+
+# ------------------------------------------------------------------------------ announcing once
+# order.provisioned goes through the `outbox` table: the row (one per order, its event id derived
+# from the order) is stamped `published_at` in the transaction that holds it locked while the broker
+# confirms the publish. So a second announcer — a redelivered message, or the scheduled poll coming
+# back after a webhook hint already delivered the order — finds it stamped and publishes nothing,
+# while a publish lost to a crash or a broker error (row not stamped) is published by the next one.
+
+_ORDER_PROVISIONED_NAMESPACE = uuid.UUID("0b6f9d2e-4a51-4c3e-8f7a-2d9c1e5b7a43")
+
+INSERT_ANNOUNCEMENT = """
+    INSERT INTO outbox (event_id, routing_key, transaction_id, payload) VALUES ($1, $2, $3, $4::jsonb)
+    ON CONFLICT (event_id) DO NOTHING
+"""
+SELECT_UNPUBLISHED_ANNOUNCEMENT = """
+    SELECT payload::text FROM outbox WHERE event_id = $1 AND published_at IS NULL FOR UPDATE
+"""
+MARK_ANNOUNCED = "UPDATE outbox SET published_at = now() WHERE event_id = $1"
+
+
+def order_provisioned_event_id(transaction_id: str) -> uuid.UUID:
+    return uuid.uuid5(_ORDER_PROVISIONED_NAMESPACE, f"order.provisioned:{transaction_id}")
+
+
+async def add_announcement(conn: asyncpg.Connection, event: OrderProvisioned) -> None:
+    """Queue `event` (idempotent: the first version written is the one published)."""
+    await conn.execute(
+        INSERT_ANNOUNCEMENT, event.event_id, event.routing_key, event.transaction_id, event.model_dump_json()
+    )
+
+
+async def unpublished_announcement(conn: asyncpg.Connection, event_id: uuid.UUID) -> OrderProvisioned | None:
+    """The queued event if nobody has published it yet, locked until the caller's transaction ends."""
+    payload = await conn.fetchval(SELECT_UNPUBLISHED_ANNOUNCEMENT, event_id)
+    return OrderProvisioned.model_validate_json(payload) if payload is not None else None
+
+
+async def mark_announced(conn: asyncpg.Connection, event_id: uuid.UUID) -> None:
+    await conn.execute(MARK_ANNOUNCED, event_id)
 
 
 async def hold_for_operator(pool: asyncpg.Pool, transaction_id: str, *, reason: str) -> bool:

@@ -15,6 +15,10 @@ from esim_common.order_repository import get_order
 from esim_common.service import ServiceContext
 from reconcile.metrics import order_outcome_events_total, unknown_order_events_total
 
+# Failures no automation resolves: a refund that failed (money owed to the customer), an eSIM email that
+# failed, a payment that could not be captured (money owed to the shop).
+OPERATOR_STEPS: frozenset[str] = frozenset({"refund", "delivery", "capture"})
+
 log = logging.getLogger("esim.reconcile")
 
 
@@ -27,8 +31,9 @@ class OutcomeLog:
         await self._record(event, "order delivered")
 
     async def on_order_failed(self, event: OrderFailed) -> None:
-        """An order failed for good; a failed refund or email is an operator's job (notify emails them)."""
-        level = logging.ERROR if event.step in ("refund", "delivery") else logging.WARNING
+        """An order failed for good; a failed refund, email or capture is an operator's job (notify emails
+        them), so it is logged as an error."""
+        level = logging.ERROR if event.step in OPERATOR_STEPS else logging.WARNING
         await self._record(event, "order failed", level=level, step=event.step, reason=event.reason)
 
     async def on_order_refunded(self, event: OrderRefunded) -> None:

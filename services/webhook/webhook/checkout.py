@@ -2,8 +2,13 @@
 
 Order of work, and why:
 
-1. Read the offer from Zendit (404 when it is unknown or disabled) and the wallet currency (the
-   offer's cost must be in it, or the order could never be bought): before anything is written.
+1. Read the offer from Zendit, live (404 when it is unknown or disabled), and the wallet currency: the
+   offer must be for sale, cost what the wallet pays in, and earn our margin (`webhook.quotes`, the
+   same rule the cached catalogue of `GET /api/offers` applies) before anything is written. The live
+   read, not the catalogue cache, is what a customer is charged by: Zendit is authoritative for the
+   price and the enabled state, and the cache can be minutes old. Only the offer's 404 means "unknown
+   offer": a 404 from the balance means a misconfigured Zendit base URL or account (502, logged as an
+   error).
 2. Insert the order `pending_payment` (committed at once).
 3. Create the Checkout Session (idempotency key `checkout:{txn}`), then record its id on the order.
 
@@ -14,24 +19,51 @@ connection per waiting shopper and starve the webhook of connections exactly whe
 delivers its backlog. The price of the short commit is a window in which a crash leaves a
 `pending_payment` row without a session: nobody can pay it (its session URL was never handed out), so
 it is inert, and reconciliation can sweep such rows by age.
+
+With an `Idempotency-Key` header (rules: `webhook.idempotency`) the key is claimed in Postgres before
+step 1, and step 3 records the session on the order and stores the answer on the claim in ONE
+transaction, so a key is either answered or its order has no session. A retry replays the stored
+answer without calling Zendit or Stripe (Stripe could replay the session too, but only within its own
+24 h key window, and only for identical parameters, which a changed Zendit price would break); past
+24 h the session has expired, so the key is claimed anew as if unused (`KEY_RETENTION_SECONDS`). Any
+failure discards the order, exactly as without a key, and releases the claim: a failure never burns a
+key. A concurrent duplicate gets 409 with Retry-After instead of waiting for the first to finish:
+waiting would hold the request (and, with a lock, a pool connection) for as long as Stripe is slow,
+would need polling across replicas anyway, and 409 is what Stripe itself answers; the shop's retry
+then gets the replay. A process that dies mid-attempt releases nothing: its claim is taken over once
+older than KEY_LEASE_SECONDS, and a live attempt gives up after ATTEMPT_DEADLINE_SECONDS, well inside
+its lease, so a running attempt is never taken over.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, status
+import asyncpg
+from fastapi import APIRouter, Header, HTTPException, Response, status
 
 from esim_common.errors import TransientError
 from esim_common.logging import bind_transaction_id
-from esim_common.money import Money, MoneyError
 from esim_common.order_repository import create_order, record
-from esim_common.providers.stripe import CheckoutSession, StripeGatewayError
-from esim_common.providers.zendit import Offer, PriceType, ZenditError, ZenditNotFound
+from esim_common.providers.stripe import StripeGatewayError
+from esim_common.providers.zendit import Offer, ZenditError, ZenditNotFound
+from webhook import idempotency_repository as keys
 from webhook import metrics, repository
-from webhook.domain import TRANSACTION_ID_PREFIX, PricingRefused, selling_price
+from webhook.domain import TRANSACTION_ID_PREFIX
+from webhook.idempotency import (
+    HEADER,
+    KEY_RULE,
+    InvalidIdempotencyKey,
+    Verdict,
+    check_key,
+    request_fingerprint,
+)
 from webhook.ports import Ports, PortsDep
+from webhook.quotes import NotForSale, Quote, Refusal, quote
 from webhook.schemas import CheckoutCreated, CheckoutRequest
 from webhook.unavailable import DEPENDENCY_UNAVAILABLE
 
@@ -41,16 +73,34 @@ router = APIRouter(prefix="/api", tags=["checkout"])
 
 SUCCESS_PATH = "/checkout/success"
 CANCEL_PATH = "/checkout/cancel"
+# Part of every request fingerprint, so a key can never match a request made to another endpoint.
+FINGERPRINT_ENDPOINT = "POST /api/create-checkout-session"
+# A healthy attempt takes well under this: Zendit's 10 s timeout, then Stripe's 10 s timeout times
+# 1 + STRIPE_MAX_NETWORK_RETRIES (2) with backoff. Past it, the shop is better served by a 503 it can
+# retry than by a request that may still be running when its claim is taken over.
+ATTEMPT_DEADLINE_SECONDS = 60.0
+# Twice the deadline: only a claim whose process died can be this old, and the shopper's retry
+# succeeds within two minutes of the crash.
+KEY_LEASE_SECONDS = 2 * ATTEMPT_DEADLINE_SECONDS
+# A duplicate that arrives while the first request runs: the first usually finishes within a second.
+IN_PROGRESS_RETRY_AFTER_SECONDS = 1
+PROVIDER_MISCONFIGURED = "the eSIM provider is misconfigured or unavailable; try again later"
+
+# Stores the answer on the key's claim, in the transaction that records the session on the order.
+Finish = Callable[[asyncpg.Connection, CheckoutCreated], Awaitable[None]]
 
 
 class CheckoutRefused(Exception):
-    """The checkout cannot be made; `status_code` and `detail` are what the shop is told."""
+    """The checkout cannot be made; `status_code`, `detail` and `headers` are what the shop is told."""
 
-    def __init__(self, status_code: int, detail: str, outcome: str) -> None:
+    def __init__(
+        self, status_code: int, detail: str, outcome: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
         self.outcome = outcome
+        self.headers = headers
 
 
 def new_transaction_id() -> str:
@@ -62,53 +112,52 @@ def product_name(offer: Offer) -> str:
     return f"eSIM {offer.offer_id} ({details})"
 
 
-async def _sellable_offer(ports: Ports, offer_id: str) -> tuple[Offer, Money]:
-    """The offer and its cost, or CheckoutRefused."""
+async def _quoted_offer(ports: Ports, offer_id: str) -> Quote:
+    """The offer read live from Zendit and priced, or CheckoutRefused."""
     try:
         offer = await ports.zendit.get_offer(offer_id)
-        wallet_currency = await ports.wallet.get()
     except ZenditNotFound:
         raise CheckoutRefused(
-            404, f"offer {offer_id!r} is unknown or not for sale", "offer_unavailable"
+            404, f"offer {offer_id!r} is unknown or not for sale", Refusal.OFFER_UNAVAILABLE.value
         ) from None
     except ZenditError as exc:
-        log.warning("zendit unavailable for checkout", extra={"error": str(exc)})
-        code = 503 if isinstance(exc, TransientError) else 502
-        detail = "the eSIM catalogue is unavailable; try again"
-        raise CheckoutRefused(code, detail, "provider_error") from None
-    if not offer.enabled or offer.price_type is not PriceType.FIXED or offer.cost.fixed is None:
-        raise CheckoutRefused(404, f"offer {offer_id!r} is unknown or not for sale", "offer_unavailable")
+        raise _zendit_unavailable(exc) from None
     try:
-        cost = offer.cost_money
-    except MoneyError as exc:
-        log.error("offer cost unusable", extra={"offer_id": offer_id, "error": str(exc)})
-        raise CheckoutRefused(422, f"offer {offer_id!r} cannot be priced", "pricing_refused") from None
-    if cost.currency != wallet_currency:
-        raise CheckoutRefused(
-            422,
-            f"offer {offer_id!r} costs {cost.currency} but the wallet pays in {wallet_currency}",
-            "currency_mismatch",
+        wallet_currency = await ports.wallet.get()
+    except ZenditNotFound as exc:
+        # Our own account's balance cannot be missing: a 404 here means ZENDIT_API_BASE (or the key's
+        # account) is wrong, which every checkout will hit until an operator fixes it.
+        log.error(
+            "zendit has no wallet balance for our account: check ZENDIT_API_BASE and ZENDIT_API_KEY",
+            extra={"error": str(exc)},
         )
-    return offer, cost
-
-
-def _suggested(offer: Offer) -> Money | None:
+        raise CheckoutRefused(502, PROVIDER_MISCONFIGURED, "provider_error") from None
+    except ZenditError as exc:
+        raise _zendit_unavailable(exc) from None
     try:
-        return offer.suggested_price_money
-    except MoneyError:
-        return None  # a suggested price we cannot express exactly: fall back to cost + markup
+        return quote(offer, wallet_currency, ports.pricing)
+    except NotForSale as exc:
+        # The shop is told `public`, never `internal`: the reason may quote our Zendit cost.
+        log.warning(
+            "checkout refused: offer not for sale",
+            extra={"offer_id": offer_id, "reason": exc.refusal.value, "error": exc.internal},
+        )
+        code = 404 if exc.refusal is Refusal.OFFER_UNAVAILABLE else 422
+        raise CheckoutRefused(code, exc.public, exc.refusal.value) from None
 
 
-async def create_checkout(ports: Ports, request: CheckoutRequest) -> CheckoutCreated:
-    offer, cost = await _sellable_offer(ports, request.offer_id)
-    try:
-        price = selling_price(cost, _suggested(offer), ports.pricing)
-    except PricingRefused as exc:
-        log.warning("checkout refused by pricing", extra={"offer_id": offer.offer_id, "error": str(exc)})
-        # The shop is told that, not why: the reason quotes our Zendit cost, which is not public.
-        detail = f"offer {offer.offer_id!r} cannot be sold at a price that covers its cost and margin"
-        raise CheckoutRefused(422, detail, "pricing_refused") from None
-    txn = new_transaction_id()
+def _zendit_unavailable(exc: ZenditError) -> CheckoutRefused:
+    log.warning("zendit unavailable for checkout", extra={"error": str(exc)})
+    code = 503 if isinstance(exc, TransientError) else 502
+    return CheckoutRefused(code, "the eSIM catalogue is unavailable; try again", "provider_error")
+
+
+async def create_checkout(
+    ports: Ports, request: CheckoutRequest, *, transaction_id: str | None = None, finish: Finish | None = None
+) -> CheckoutCreated:
+    offer_quote = await _quoted_offer(ports, request.offer_id)
+    offer, price = offer_quote.offer, offer_quote.price
+    txn = transaction_id or new_transaction_id()
     with bind_transaction_id(txn):
         settings = ports.ctx.settings
         async with ports.ctx.pool.acquire() as conn:
@@ -117,26 +166,23 @@ async def create_checkout(ports: Ports, request: CheckoutRequest) -> CheckoutCre
                 transaction_id=txn,
                 offer_id=offer.offer_id,
                 price=price,
-                zendit_cost=cost,
+                zendit_cost=offer_quote.cost,
                 recipient_email=request.recipient_email,
                 recipient_name=request.full_name,
                 user_id=request.user_id,
                 capture_method=settings.capture_mode.value,
             )
-        session = await _open_session(ports, txn, offer, price, request.recipient_email)
+        created = await _open_session(ports, txn, offer_quote, request.recipient_email, finish)
         log.info("checkout session created", extra={"offer_id": offer.offer_id, "price": str(price)})
-    return CheckoutCreated(
-        session_id=session.id,
-        url=session.url or "",
-        transaction_id=txn,
-        amount=price.amount,
-        currency=price.currency,
-    )
+    return created
 
 
-async def _open_session(ports: Ports, txn: str, offer: Offer, price: Money, email: str) -> CheckoutSession:
+async def _open_session(
+    ports: Ports, txn: str, offer_quote: Quote, email: str, finish: Finish | None
+) -> CheckoutCreated:
     """Create the Checkout Session and record it; on any failure remove the order again."""
     base = ports.ctx.settings.shop_base_url.rstrip("/")
+    offer, price = offer_quote.offer, offer_quote.price
     try:
         session = await ports.stripe.create_checkout_session(
             transaction_id=txn,
@@ -152,7 +198,17 @@ async def _open_session(ports: Ports, txn: str, offer: Offer, price: Money, emai
         )
         if not session.url:
             raise StripeGatewayError("checkout session has no url", operation="create_checkout_session")
-        await record(ports.ctx.pool, txn, stripe_checkout_session_id=session.id)
+        created = CheckoutCreated(
+            session_id=session.id,
+            url=session.url,
+            transaction_id=txn,
+            amount=price.amount,
+            currency=price.currency,
+        )
+        async with ports.ctx.pool.acquire() as conn, conn.transaction():
+            await record(conn, txn, stripe_checkout_session_id=session.id)
+            if finish is not None:
+                await finish(conn, created)
     except Exception as exc:
         await _discard(ports, txn)
         if isinstance(exc, StripeGatewayError):
@@ -161,7 +217,7 @@ async def _open_session(ports: Ports, txn: str, offer: Offer, price: Money, emai
             detail = "the payment provider is unavailable; try again"
             raise CheckoutRefused(code, detail, "provider_error") from None
         raise
-    return session
+    return created
 
 
 async def _discard(ports: Ports, txn: str) -> None:
@@ -172,17 +228,112 @@ async def _discard(ports: Ports, txn: str) -> None:
         log.exception("could not discard the order of a failed checkout")
 
 
-@router.post("/create-checkout-session", status_code=status.HTTP_200_OK)
-async def create_checkout_session(body: CheckoutRequest, ports: PortsDep) -> CheckoutCreated:
+# ------------------------------------------------------------------------------- Idempotency-Key
+
+
+def _in_progress() -> CheckoutRefused:
+    return CheckoutRefused(
+        409,
+        f"a request with this {HEADER} is still in progress; retry",
+        "idempotency_key_in_progress",
+        headers={"Retry-After": str(IN_PROGRESS_RETRY_AFTER_SECONDS)},
+    )
+
+
+async def create_checkout_once(
+    ports: Ports, request: CheckoutRequest, key: str
+) -> tuple[CheckoutCreated, bool]:
+    """`create_checkout` at most once per key: (the answer, whether it is a replay)."""
+    fingerprint = request_fingerprint(FINGERPRINT_ENDPOINT, request.model_dump(mode="json"))
+    pool = ports.ctx.pool
+    claim = await keys.claim(pool, key, fingerprint, new_transaction_id(), KEY_LEASE_SECONDS)
+    if isinstance(claim, keys.Answered):
+        answer = claim.answer
+        replay = CheckoutCreated(
+            session_id=answer.session_id,
+            url=answer.url,
+            transaction_id=answer.transaction_id,
+            amount=answer.amount,
+            currency=answer.currency,
+        )
+        return replay, True
+    if isinstance(claim, keys.Refused):
+        if claim.verdict is Verdict.MISMATCH:
+            detail = (
+                f"this {HEADER} was already used with a different request; use a new key for a new checkout"
+            )
+            raise CheckoutRefused(422, detail, "idempotency_key_reused")
+        raise _in_progress()
+    txn = claim.transaction_id
+    if claim.replaced_transaction_id is not None:
+        log.warning(
+            "idempotency key taken over from an attempt that did not finish",
+            extra={"replaced_transaction_id": claim.replaced_transaction_id, "transaction_id": txn},
+        )
+        await _discard(ports, claim.replaced_transaction_id)
+
+    async def finish(conn: asyncpg.Connection, created: CheckoutCreated) -> None:
+        answer = keys.Answer(
+            transaction_id=created.transaction_id,
+            session_id=created.session_id,
+            url=created.url,
+            amount=created.amount,
+            currency=created.currency,
+        )
+        await keys.complete(conn, key, answer)
+
     try:
-        created = await create_checkout(ports, body)
+        async with asyncio.timeout(ATTEMPT_DEADLINE_SECONDS):
+            return await create_checkout(ports, request, transaction_id=txn, finish=finish), False
+    except Exception as exc:
+        await _discard(ports, txn)  # usually done already; guarded, so repeating it is harmless
+        await _release(ports, key, txn)
+        if isinstance(exc, keys.ClaimLost):
+            raise _in_progress() from None
+        raise
+
+
+async def _release(ports: Ports, key: str, txn: str) -> None:
+    try:
+        await keys.release(ports.ctx.pool, key, txn)
+    except Exception:
+        # The claim stays until its lease expires; then a retry takes it over.
+        log.exception("could not release the idempotency key of a failed checkout")
+
+
+# ------------------------------------------------------------------------------------------ route
+
+
+@router.post("/create-checkout-session", status_code=status.HTTP_200_OK)
+async def create_checkout_session(
+    body: CheckoutRequest,
+    ports: PortsDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=HEADER,
+            description=f"Optional. The same key and body give the same answer, once. {KEY_RULE}.",
+        ),
+    ] = None,
+) -> CheckoutCreated:
+    try:
+        if idempotency_key is None:
+            created, replayed = await create_checkout(ports, body), False
+        else:
+            created, replayed = await create_checkout_once(ports, body, check_key(idempotency_key))
+    except InvalidIdempotencyKey as exc:
+        metrics.checkout_sessions_total.labels(outcome="bad_idempotency_key").inc()
+        raise HTTPException(status_code=400, detail=str(exc)) from None
     except CheckoutRefused as exc:
         metrics.checkout_sessions_total.labels(outcome=exc.outcome).inc()
-        raise HTTPException(status_code=exc.status_code, detail=exc.detail) from None
+        raise HTTPException(status_code=exc.status_code, detail=exc.detail, headers=exc.headers) from None
     except DEPENDENCY_UNAVAILABLE as exc:
         error = f"{type(exc).__name__}: {exc}"
         log.warning("checkout failed: a dependency is unavailable", extra={"error": error})
         metrics.checkout_sessions_total.labels(outcome="unavailable").inc()
         raise HTTPException(status_code=503, detail="temporarily unavailable; try again") from None
-    metrics.checkout_sessions_total.labels(outcome="created").inc()
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"  # as Stripe marks its own replays
+    metrics.checkout_sessions_total.labels(outcome="replayed" if replayed else "created").inc()
     return created

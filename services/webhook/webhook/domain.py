@@ -16,6 +16,7 @@ from typing import Any
 
 from esim_common.money import Money, MoneyError
 from esim_common.order_states import OrderStatus
+from esim_common.settings import PricingRule
 
 # Our transaction ids become Zendit transaction ids (`<txn>-r2` on a retry), and Zendit documents
 # alphanumerics: `txn_` and 24 hex characters (96 random bits) keep them short, safe and unguessable.
@@ -32,10 +33,15 @@ class PricingRefused(Exception):
 
 @dataclass(frozen=True)
 class PricingPolicy:
-    """`markup_percent` on top of cost when Zendit suggests no retail price; `min_margin` in minor units."""
+    """How an offer is priced (PRICING_RULE, PRICING_MARKUP_PERCENT, PRICING_MIN_MARGIN).
+
+    `markup_percent` on top of cost (always under COST_PLUS_MARKUP; under SUGGESTED_RETAIL only when
+    Zendit suggests no retail price in the cost's currency); `min_margin` in minor units, either way.
+    """
 
     markup_percent: int
     min_margin: int
+    rule: PricingRule = PricingRule.SUGGESTED_RETAIL
 
     def __post_init__(self) -> None:
         if self.markup_percent < 0 or self.min_margin < 0:
@@ -45,13 +51,14 @@ class PricingPolicy:
 def selling_price(cost: Money, suggested: Money | None, policy: PricingPolicy) -> Money:
     """What the customer pays for an offer costing us `cost`.
 
-    Zendit's suggested retail price when it gives one in the cost's currency; otherwise cost plus
-    `markup_percent`, rounded UP to a whole minor unit (integer arithmetic: never a float, and the
-    rounding always favours the margin). Refused when the price exceeds the cost by less than
-    `min_margin`, whichever way it was computed.
+    Under SUGGESTED_RETAIL: Zendit's suggested retail price when it gives one in the cost's currency;
+    otherwise (and always under COST_PLUS_MARKUP) cost plus `markup_percent`, rounded UP to a whole
+    minor unit (integer arithmetic: never a float, and the rounding always favours the margin).
+    Refused when the price exceeds the cost by less than `min_margin`, whichever way it was computed.
     """
-    if suggested is not None and suggested.currency == cost.currency:
-        price = suggested
+    retail = suggested if policy.rule is PricingRule.SUGGESTED_RETAIL else None
+    if retail is not None and retail.currency == cost.currency:
+        price = retail
     else:
         price = Money(-(-cost.amount * (100 + policy.markup_percent) // 100), cost.currency)
     margin = price.amount - cost.amount
@@ -71,6 +78,10 @@ PAID_SESSION_EVENTS = frozenset({"checkout.session.completed", "checkout.session
 PAYMENT_INTENT_SUCCEEDED = "payment_intent.succeeded"
 PAYMENT_INTENT_AUTHORISED = "payment_intent.amount_capturable_updated"
 ASYNC_PAYMENT_FAILED = "checkout.session.async_payment_failed"
+# The customer never paid within the session's lifetime (24 h by default): nobody can pay this order now.
+SESSION_EXPIRED = "checkout.session.expired"
+# A declined card inside Checkout: the customer may still pay with another card, so the order waits.
+PAYMENT_ATTEMPT_FAILED = "payment_intent.payment_failed"
 
 
 @dataclass(frozen=True)
@@ -84,9 +95,10 @@ class PaymentSucceeded:
 
 @dataclass(frozen=True)
 class PaymentFailed:
-    """A delayed payment method failed: the order will never be paid through this session."""
+    """The order will never be paid through its session: a delayed method failed, or it expired."""
 
     transaction_id: str
+    reason: str = "async_payment_failed"
 
 
 @dataclass(frozen=True)
@@ -151,7 +163,11 @@ def read_payment_event(event_type: str, data_object: dict[str, Any]) -> PaymentF
         amount = _money(data_object.get("amount_capturable"), currency)
         return PaymentSucceeded(txn, amount, _id_of(data_object.get("id")))
     if event_type == ASYNC_PAYMENT_FAILED:
-        return PaymentFailed(txn)
+        return PaymentFailed(txn, "async_payment_failed")
+    if event_type == SESSION_EXPIRED:
+        return PaymentFailed(txn, "checkout_session_expired")
+    if event_type == PAYMENT_ATTEMPT_FAILED:
+        return NotAPayment(txn, "payment_attempt_failed")
     return NotAPayment(txn, "ignored_type")
 
 

@@ -1,9 +1,20 @@
 """Wiring only: `create_app(settings)` builds the context and the provider clients and returns the app.
 
-Routes: POST /api/create-checkout-session, POST /api/webhooks/stripe, GET /api/orders/{transactionId},
-/checkout/success and /checkout/cancel (minimal pages for when SHOP_BASE_URL is this service), plus
-/healthz and /metrics from the service shell and /readyz here. This service consumes no queue; it
-publishes `order.paid`.
+Routes (one router each, in `create_app`):
+- POST /api/create-checkout-session (optional Idempotency-Key header)        `checkout`
+- GET  /api/offers[?country=XX]: the cached Zendit catalogue, refreshed in   `offers`
+  the background by that router's lifespan
+- POST /api/webhooks/stripe: Stripe events (inbox, order `paid` once)        `stripe_webhooks`
+- POST /api/webhooks/stripe/issuing-authorization: Stripe Issuing's          `issuing_authorizations`
+  real-time authorisation (its own signing secret)
+- HEAD + POST /api/webhooks/zendit: Zendit's purchase webhooks, as a hint    `zendit_webhooks`
+- GET  /api/orders/{transactionId}?session_id=: order status for the shop    `order_status`
+- GET  /checkout/success, /checkout/cancel: minimal pages for when           `shop_pages`
+  SHOP_BASE_URL is this service
+- GET  /readyz here; /healthz and /metrics from the service shell
+
+This service consumes no queue. It publishes `order.paid` (through the outbox, from the Stripe webhook)
+and `zendit.purchase-updated` (a `PurchaseUpdateHint`, from the Zendit webhook).
 """
 
 from __future__ import annotations
@@ -16,7 +27,15 @@ from fastapi.responses import JSONResponse
 
 from esim_common.service import ServiceContext, service_app
 from esim_common.settings import Settings
-from webhook import checkout, order_status, shop_pages, stripe_webhooks
+from webhook import (
+    checkout,
+    issuing_authorizations,
+    offers,
+    order_status,
+    shop_pages,
+    stripe_webhooks,
+    zendit_webhooks,
+)
 from webhook.ports import Ports
 
 SERVICE_NAME = "webhook"
@@ -55,7 +74,10 @@ def create_app(settings: Settings) -> FastAPI:
         title="esim webhook",
         routers=[
             checkout.router,
+            offers.router,
             stripe_webhooks.router,
+            issuing_authorizations.router,
+            zendit_webhooks.router,
             order_status.router,
             shop_pages.router,
             _operations(ctx, ports),

@@ -1,16 +1,23 @@
 """Applying a verified Stripe event to its order, and announcing the payment exactly once.
 
-One database transaction per delivery: the event goes into the `stripe_events` inbox, the order is
-locked, `domain.decide` says what the payment means for it, the order moves (guarded), and a paid order
-gets its `OrderPaid` written to the `outbox` table — all committed together or not at all.
+One database transaction per delivery records the event in the `stripe_events` inbox, locks the order,
+asks `domain.decide` what the payment means for it, moves the order (guarded) and, for a paid order,
+writes its `OrderPaid` to the `outbox` table — all committed together or not at all.
 
-After the commit the order's unpublished `OrderPaid` is published (confirmed by the broker) and stamped
-`published_at`. Whichever delivery gets there first publishes; a duplicate event, or the second of
-checkout.session.completed / payment_intent.succeeded, finds it stamped and publishes nothing. If the
-publish fails the stamp is not written and the delivery answers 5xx: Stripe redelivers, the order is
-already `paid` (nothing changes twice), and the redelivery publishes the still-unstamped event. The
-outbox row, not "is the order in state paid", is what says whether order.paid went out: that is what
-keeps it to exactly one message, even when both events race each other.
+The order's unpublished `OrderPaid` is then *claimed* (its outbox row locked and stamped
+`published_at`), published (confirmed by the broker), and the claim committed. A failed publish rolls
+the stamp back and the delivery answers 5xx: Stripe redelivers, the order is already `paid` (nothing
+changes twice), and the redelivery claims and publishes the still-unstamped event. Deliveries that race
+each other (a duplicate, or checkout.session.completed and payment_intent.succeeded together) queue up
+on the row lock and find it stamped. The outbox row, not "is the order in state paid", is what says
+whether order.paid went out: that is what keeps it to exactly one message.
+
+The delivery that marks the order paid claims in a second transaction, after its commit, so that a
+consumer of order.paid always finds the order paid. Every other delivery claims inside its own (single)
+transaction: a leftover unpublished event belongs to an order whose payment was committed earlier.
+
+Round trips are counted here (this is the edge's hot path, see bench/): one connection per delivery,
+statements that do several things (`repository`), and no read that the lock did not already return.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import asyncpg
 
 from esim_common.events import OrderPaid
 from esim_common.logging import bind_transaction_id
-from esim_common.order_repository import Order, get_order, record
+from esim_common.order_repository import Order, record
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
 from esim_common.providers.stripe import WebhookEvent
@@ -49,54 +56,72 @@ async def process_event(pool: asyncpg.Pool, publisher: EventPublisher, event: We
     """
     data = event.data_object if isinstance(event.data_object, dict) else {}
     fact = read_payment_event(event.type, data)
-    with bind_transaction_id(fact.transaction_id):
-        async with pool.acquire() as conn, conn.transaction():
-            first_time = await repository.record_stripe_event(conn, event.id, event.type, fact.transaction_id)
-            outcome = fact.reason if isinstance(fact, NotAPayment) else await _apply(conn, fact)
-            if first_time:  # the inbox keeps what the event did when it first arrived
-                await repository.set_stripe_event_outcome(conn, event.id, outcome)
+    txn = fact.transaction_id
+    with bind_transaction_id(txn):
+        published = False
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                outcome, first_time, paid_now = await _record_and_apply(conn, event, fact)
+                if txn is not None and not paid_now:
+                    published = await _publish_claimed(conn, publisher, txn)
+            if txn is not None and paid_now:  # committed: whoever consumes order.paid finds the order paid
+                async with conn.transaction():
+                    published = await _publish_claimed(conn, publisher, txn)
+        # One line per delivery, once it succeeded (a failure is logged by the route, which answers 5xx;
+        # alert outcomes never publish, so they cannot fail after being recorded).
         log_event = log.error if outcome in ALERT_OUTCOMES else log.info
         details = {"event_id": event.id, "event_type": event.type, "outcome": outcome}
-        log_event("stripe event processed", extra={**details, "redelivery": not first_time})
-        if fact.transaction_id is not None:
-            await publish_order_paid(pool, publisher, fact.transaction_id)
+        log_event(
+            "stripe event processed",
+            extra={**details, "redelivery": not first_time, "order_paid_published": published},
+        )
     return outcome
 
 
-async def _apply(conn: asyncpg.Connection, fact: PaymentSucceeded | PaymentFailed) -> str:
-    order = await get_order(conn, fact.transaction_id, lock=True)
-    if order is None:
+async def _record_and_apply(
+    conn: asyncpg.Connection, event: WebhookEvent, fact: PaymentSucceeded | PaymentFailed | NotAPayment
+) -> tuple[str, bool, bool]:
+    """Inside the delivery's transaction: (outcome, first delivery of the event, order marked paid now)."""
+    if isinstance(fact, NotAPayment):
+        await repository.record_stripe_event(conn, event.id, event.type, fact.transaction_id)
+        return fact.reason, await repository.set_first_outcome(conn, event.id, fact.reason), False
+    locked = await repository.record_event_and_lock_order(conn, event.id, event.type, fact.transaction_id)
+    if locked is None:
         # Not an order of this deployment (another shop on the same Stripe account, a test mode
         # session): acknowledged and ignored, never retried.
-        return "unknown_order"
+        return "unknown_order", await repository.set_first_outcome(conn, event.id, "unknown_order"), False
+    order, first_time = locked
     decision = decide(order.status, order.price_money, fact)
     if decision.action is Action.MARK_PAID:
         assert isinstance(fact, PaymentSucceeded) and fact.payment_intent_id is not None
-        await _mark_paid(conn, order, fact.payment_intent_id)
-    elif decision.action is Action.HOLD:
+        await _mark_paid(conn, order, fact.payment_intent_id, event.id, decision.outcome)
+        return decision.outcome, first_time, True
+    if decision.action is Action.HOLD:
         assert isinstance(fact, PaymentSucceeded)
         await _hold(conn, order, fact)
     elif decision.action is Action.MARK_PAYMENT_FAILED:
-        await transition(
-            conn, order.transaction_id, OrderStatus.PAYMENT_FAILED, failure_reason="async_payment_failed"
-        )
-    return decision.outcome
+        assert isinstance(fact, PaymentFailed)
+        await transition(conn, order.transaction_id, OrderStatus.PAYMENT_FAILED, failure_reason=fact.reason)
+    if first_time:  # the inbox keeps what the event did when it first arrived
+        await repository.set_first_outcome(conn, event.id, decision.outcome)
+    return decision.outcome, first_time, False
 
 
-async def _mark_paid(conn: asyncpg.Connection, order: Order, payment_intent_id: str) -> None:
+async def _mark_paid(
+    conn: asyncpg.Connection, order: Order, payment_intent_id: str, stripe_event_id: str, outcome: str
+) -> None:
+    """pending_payment → paid, with its PaymentIntent, its order.paid in the outbox and the event's
+    outcome."""
     txn = order.transaction_id
     await transition(conn, txn, OrderStatus.PAID, reason="stripe_payment_succeeded")
-    await record(conn, txn, stripe_payment_intent_id=payment_intent_id)
-    await repository.add_to_outbox(
-        conn,
-        OrderPaid(
-            event_id=repository.order_paid_event_id(txn),
-            transaction_id=txn,
-            offer_id=order.offer_id,
-            price=order.price_money,
-            payment_intent_id=payment_intent_id,
-        ),
+    order_paid = OrderPaid(
+        event_id=repository.order_paid_event_id(txn),
+        transaction_id=txn,
+        offer_id=order.offer_id,
+        price=order.price_money,
+        payment_intent_id=payment_intent_id,
     )
+    await repository.record_payment(conn, order_paid, stripe_event_id=stripe_event_id, outcome=outcome)
 
 
 async def _hold(conn: asyncpg.Connection, order: Order, fact: PaymentSucceeded) -> None:
@@ -112,21 +137,23 @@ async def _hold(conn: asyncpg.Connection, order: Order, fact: PaymentSucceeded) 
     )
 
 
+async def _publish_claimed(conn: asyncpg.Connection, publisher: EventPublisher, transaction_id: str) -> bool:
+    """Inside the caller's transaction: claim the order's unpublished OrderPaid and publish it; the
+    caller's commit makes the stamp durable, an exception rolls it back. True if one went out."""
+    claim = await repository.claim_unpublished_order_paid(conn, transaction_id)
+    if claim is None:
+        return False
+    if not claim.claimed:
+        log.warning(
+            "unpublished order.paid left alone: the order is no longer paid",
+            extra={"status": claim.order_status},
+        )
+        return False
+    await publisher.publish(claim.event)
+    return True
+
+
 async def publish_order_paid(pool: asyncpg.Pool, publisher: EventPublisher, transaction_id: str) -> int:
     """Publish the order's unpublished OrderPaid while the order is `paid`; returns how many went out."""
     async with pool.acquire() as conn, conn.transaction():
-        pending = await repository.unpublished_order_paid(conn, transaction_id)
-        if not pending:
-            return 0
-        order = await get_order(conn, transaction_id)
-        if order is None or order.status is not OrderStatus.PAID:
-            log.warning(
-                "unpublished order.paid left alone: the order is no longer paid",
-                extra={"status": order.status.value if order else None},
-            )
-            return 0
-        for item in pending:
-            await publisher.publish(item.event)
-            await repository.mark_published(conn, item.event_id)
-    log.info("order.paid published", extra={"offer_id": order.offer_id})
-    return len(pending)
+        return int(await _publish_claimed(conn, publisher, transaction_id))

@@ -12,7 +12,9 @@ from esim_common.providers import stripe_gateway, zendit_client
 from esim_common.providers.stripe import StripeGateway
 from esim_common.providers.zendit import ZenditClient
 from esim_common.service import ServiceContext
+from webhook.catalogue import Catalogue
 from webhook.domain import PricingPolicy
+from webhook.load_shedding import InFlightLimit
 
 
 @dataclass
@@ -39,29 +41,46 @@ class Ports:
     zendit: ZenditClient
     wallet: WalletCurrency
     pricing: PricingPolicy
+    catalogue: Catalogue  # what GET /api/offers serves; started and stopped by the offers router's lifespan
     webhook_secrets: tuple[str, ...]
+    issuing_webhook_secrets: tuple[str, ...]  # the real-time authorisation endpoint's own secret(s)
+    deliveries: InFlightLimit  # Stripe deliveries being processed; past the limit → 503 (Stripe retries)
 
     @classmethod
     def build(cls, ctx: ServiceContext) -> Ports:
         settings = ctx.settings
         zendit = zendit_client(settings)
+        wallet = WalletCurrency(zendit)
+        pricing = PricingPolicy(
+            markup_percent=settings.pricing_markup_percent,
+            min_margin=settings.pricing_min_margin,
+            rule=settings.pricing_rule,
+        )
         return cls(
             ctx=ctx,
             stripe=stripe_gateway(settings),
             zendit=zendit,
-            wallet=WalletCurrency(zendit),
-            pricing=PricingPolicy(
-                markup_percent=settings.pricing_markup_percent, min_margin=settings.pricing_min_margin
+            wallet=wallet,
+            pricing=pricing,
+            catalogue=Catalogue(
+                zendit=zendit,
+                wallet_currency=wallet.get,
+                pricing=pricing,
+                refresh_seconds=settings.catalogue_refresh_seconds,
             ),
             webhook_secrets=tuple(s.get_secret_value() for s in settings.stripe_webhook_secrets),
+            issuing_webhook_secrets=tuple(s.get_secret_value() for s in settings.issuing_webhook_secrets),
+            deliveries=InFlightLimit(settings.webhook_max_in_flight),
         )
 
     async def aclose(self) -> None:
+        await self.catalogue.stop()  # before its Zendit client closes under a refresh in flight
         await self.stripe.aclose()
         await self.zendit.aclose()
 
 
-def get_ports(request: Request) -> Ports:
+async def get_ports(request: Request) -> Ports:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request.
     ports: Ports = request.app.state.ports
     return ports
 

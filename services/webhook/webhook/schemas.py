@@ -59,3 +59,22 @@ class OrderView(_Camel):
     delivered_at: datetime | None
     refunded_at: datetime | None
     qr_code_url: str | None  # only once the eSIM has been emailed
+
+
+class ShopOffer(_Camel):
+    """One sellable offer as the shop lists it, priced by the server. Never our Zendit cost."""
+
+    offer_id: str
+    country: str | None  # ISO 3166 alpha-2; None for a regional offer (see `regions`)
+    regions: list[str]
+    data_gb: float = Field(alias="dataGB")  # Zendit's spelling; 0 when `dataUnlimited`
+    data_unlimited: bool
+    duration_days: int
+    notes: str
+    amount: int  # minor units of `currency`: what checkout charges for this offer (unless Zendit changed it)
+    currency: str
+
+
+class OfferList(_Camel):
+    offers: list[ShopOffer]
+    updated_at: datetime  # when the catalogue was last loaded from Zendit

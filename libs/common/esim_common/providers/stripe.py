@@ -15,7 +15,8 @@ a message that failed on Stripe to the right fate without catching anything::
 
 Every POST carries an idempotency key derived from OUR ids (`checkout:{txn}`, `refund:{txn}`,
 `issuing-card:{topup_id}`, ...), so a redelivered message or a restarted worker repeats the same Stripe
-request and gets the first result back instead of paying, refunding or issuing twice.
+request and gets the first result back instead of paying, refunding or issuing twice. The exception is
+`capture:{txn}:{attempt}`: see `capture_payment_intent`.
 
 Money is integer minor units. Currencies are our uppercase ISO codes on both sides of this module;
 Stripe gets lowercase. Results are frozen dataclasses, not StripeObjects.
@@ -85,7 +86,25 @@ class StripePermanentError(StripeGatewayError, PermanentError):
 
 
 class StripeSignatureError(StripePermanentError):
-    """A webhook body or signature we cannot trust."""
+    """A webhook body or signature we cannot trust. The message says why, in words a person sending
+    the webhook can act on, and never quotes the header, the body or a secret."""
+
+
+def signature_failure_reason(sdk_message: str) -> str:
+    """The SDK's verification failure, said for whoever configured the sender (who reads our 400)."""
+    if sdk_message.startswith("Unable to extract"):
+        return "Stripe-Signature header is malformed (expected t=<unix time>,v1=<hex signature>)"
+    if sdk_message.startswith("No signatures found with expected scheme"):
+        return "Stripe-Signature header carries no v1 signature"
+    if sdk_message.startswith("Timestamp outside the tolerance zone"):
+        return (
+            f"Stripe-Signature timestamp is more than {WEBHOOK_TOLERANCE_SECONDS} s old "
+            "(a replayed delivery, or a clock out of sync)"
+        )
+    return (
+        "webhook signature matches none of the configured secrets "
+        "(a wrong endpoint secret, or the body was altered)"
+    )
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,12 @@ class PaymentIntent:
     capture_method: str
     metadata: dict[str, str]
     latest_charge_id: str | None
+    # Set when `status` is canceled: ours (`requested_by_customer`, ...) or Stripe's own (`automatic`,
+    # `expired`), e.g. an authorisation that lapsed before it was captured.
+    cancellation_reason: str | None = None
+    # Unix time until which an authorised card payment can be captured (the charge's
+    # `payment_method_details.card.capture_before`); only when retrieved `with_charge`, else None.
+    capture_before: int | None = None
 
 
 @dataclass(frozen=True)
@@ -274,23 +299,38 @@ class StripeGateway:
         )
         return _checkout_session(session)
 
-    async def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentIntent:
+    async def retrieve_payment_intent(
+        self, payment_intent_id: str, *, with_charge: bool = False
+    ) -> PaymentIntent:
+        """`with_charge`: expand the latest charge too, which fills `capture_before` for a card hold."""
+        params: stripe.params.PaymentIntentRetrieveParams = (
+            {"expand": ["latest_charge"]} if with_charge else {}
+        )
         intent = await self._call(
-            "retrieve_payment_intent", self._client.v1.payment_intents.retrieve_async(payment_intent_id)
+            "retrieve_payment_intent",
+            self._client.v1.payment_intents.retrieve_async(payment_intent_id, params=params),
         )
         return _payment_intent(intent)
 
     async def capture_payment_intent(
-        self, *, transaction_id: str, payment_intent_id: str, amount: int | None = None
+        self, *, transaction_id: str, payment_intent_id: str, attempt: int = 1, amount: int | None = None
     ) -> PaymentIntent:
-        """Capture an authorised (manual-capture) payment, in full unless `amount` says less."""
+        """Capture an authorised (manual-capture) payment, in full unless `amount` says less.
+
+        The key is `capture:{txn}:{attempt}`, one per attempt of the caller: Stripe saves a key's first
+        result, a 500 included, and replays it for 24 h, so a retry under the same key could never
+        succeed. What prevents a second capture is Stripe itself, which refuses to capture a PaymentIntent
+        that is no longer `requires_capture`; the SDK's own network retries still reuse the attempt's key.
+        """
         params: stripe.params.PaymentIntentCaptureParams = {}
         if amount is not None:
             params["amount_to_capture"] = _positive(amount, "amount")
         intent = await self._call(
             "capture_payment_intent",
             self._client.v1.payment_intents.capture_async(
-                payment_intent_id, params=params, options={"idempotency_key": f"capture:{transaction_id}"}
+                payment_intent_id,
+                params=params,
+                options={"idempotency_key": f"capture:{transaction_id}:{_positive(attempt, 'attempt')}"},
             ),
         )
         return _payment_intent(intent)
@@ -495,19 +535,24 @@ class StripeGateway:
         """Verify `payload` (the raw body) against any of `secrets` (several during a rotation)."""
         if not secrets:
             raise StripeSignatureError("no webhook secrets configured", operation="construct_event")
+        try:
+            payload.decode("utf-8")  # the SDK decodes before it verifies, and would raise past us
+        except UnicodeDecodeError:
+            raise StripeSignatureError(
+                "webhook body is not UTF-8 text", operation="construct_event"
+            ) from None
+        reasons: set[str] = set()
         for secret in secrets:
             try:
                 stripe.WebhookSignature.verify_header(payload, sig_header, secret, WEBHOOK_TOLERANCE_SECONDS)
                 break
-            except stripe.SignatureVerificationError:
-                continue
+            except stripe.SignatureVerificationError as exc:
+                reasons.add(signature_failure_reason(str(exc)))
         else:
-            raise StripeSignatureError(
-                "webhook signature matches none of the configured secrets", operation="construct_event"
-            )
+            raise StripeSignatureError("; ".join(sorted(reasons)), operation="construct_event")
         try:
             body = json.loads(payload)
-            return WebhookEvent(
+            event = WebhookEvent(
                 id=body["id"],
                 type=body["type"],
                 created=body["created"],
@@ -520,6 +565,13 @@ class StripeGateway:
             raise StripeSignatureError(
                 "webhook body is not a Stripe event", operation="construct_event"
             ) from None
+        # Signed is not well-formed: an id or type that is not a string would fail later, in the
+        # database, as a 500 that Stripe retries forever.
+        if not (
+            isinstance(event.id, str) and isinstance(event.type, str) and isinstance(event.data_object, dict)
+        ):
+            raise StripeSignatureError("webhook body is not a Stripe event", operation="construct_event")
+        return event
 
     # --- The one boundary where SDK exceptions become ours ---------------------------------------
 
@@ -638,7 +690,19 @@ def _payment_intent(intent: stripe.PaymentIntent) -> PaymentIntent:
         capture_method=intent.capture_method,
         metadata=_metadata(intent.metadata),
         latest_charge_id=_id_of(intent.latest_charge),
+        cancellation_reason=getattr(intent, "cancellation_reason", None),
+        capture_before=_capture_before(intent.latest_charge),
     )
+
+
+def _capture_before(charge: str | stripe.Charge | None) -> int | None:
+    """The hold's end on an expanded card charge; None for an id, or a charge that is not a card hold."""
+    if charge is None or isinstance(charge, str):
+        return None
+    # Keys Stripe leaves out are absent, not null: plain attribute access would raise.
+    card = getattr(getattr(charge, "payment_method_details", None), "card", None)
+    value = getattr(card, "capture_before", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _cardholder(holder: stripe.issuing.Cardholder) -> Cardholder:

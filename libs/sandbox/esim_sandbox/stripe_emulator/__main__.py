@@ -1,4 +1,5 @@
-"""`python -m esim_sandbox.stripe_emulator --port 12111 [--webhook-url URL] [--webhook-secret S]`."""
+"""`python -m esim_sandbox.stripe_emulator --port 12111 [--webhook-url URL] [--webhook-secret S]
+[--issuing-auth-webhook-url URL] [--issuing-authorization-secret S]`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--webhook-url", default=None, help="where to POST signed events")
     parser.add_argument("--webhook-secret", default=DEFAULT_WEBHOOK_SECRET)
     parser.add_argument("--issuing-auth-webhook-url", default=None, help="real-time authorisation endpoint")
+    parser.add_argument(
+        "--issuing-authorization-secret",
+        default=None,
+        help="signs real-time authorisation requests (default: the webhook secret)",
+    )
     parser.add_argument("--api-key", default=None, help="accept only this key (default: any sk_test_...)")
     parser.add_argument("--issuing-float", type=int, default=DEFAULT_ISSUING_FLOAT, help="USD cents")
     args = parser.parse_args(argv)
@@ -32,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         webhook_url=args.webhook_url,
         webhook_secret=args.webhook_secret,
         issuing_auth_webhook_url=args.issuing_auth_webhook_url,
+        issuing_authorization_secret=args.issuing_authorization_secret,
         api_key=args.api_key,
         issuing_float=args.issuing_float,
     )

@@ -16,6 +16,7 @@ from .state import (
     DEFAULT_CURRENCY,
     DEFAULT_ISSUING_FLOAT,
     DEFAULT_WEBHOOK_SECRET,
+    IDEMPOTENCY_TTL_SECONDS,
     StripeState,
     WebhookEndpoint,
 )
@@ -27,10 +28,14 @@ def create_app(
     webhook_url: str | None = None,
     webhook_secret: str = DEFAULT_WEBHOOK_SECRET,
     issuing_auth_webhook_url: str | None = None,
+    issuing_authorization_secret: str | None = None,
     api_key: str | None = None,
     issuing_float: int = DEFAULT_ISSUING_FLOAT,
+    idempotency_ttl_seconds: float = IDEMPOTENCY_TTL_SECONDS,
 ) -> Starlette:
-    """A fresh emulator. `api_key=None` accepts any `sk_test_...` key; `issuing_float` is in USD cents.
+    """A fresh emulator. `api_key=None` accepts any `sk_test_...` key; `issuing_float` is in USD cents;
+    `issuing_authorization_secret` signs the real-time authorisation requests (None: `webhook_secret`);
+    `idempotency_ttl_seconds` is how long a saved idempotent result is replayed (Stripe: 24 h).
 
     State is reachable as `app.state.stripe` (a `StripeState`), the event dispatcher as
     `app.state.webhooks`.
@@ -41,7 +46,9 @@ def create_app(
         api_version=stripe.api_version,
         webhook=WebhookEndpoint(url=webhook_url, secret=webhook_secret),
         issuing_auth_webhook_url=issuing_auth_webhook_url,
+        issuing_auth_webhook_secret=issuing_authorization_secret,
         issuing_available={DEFAULT_CURRENCY: issuing_float},
+        idempotency_ttl_seconds=idempotency_ttl_seconds,
     )
     dispatcher = Webhooks(state)
 

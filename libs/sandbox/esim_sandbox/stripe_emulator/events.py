@@ -9,16 +9,11 @@ from stripe.params import EventListParams, EventRetrieveParams
 
 from .api import Call, api_route
 from .coerce import as_str_list
-from .errors import no_such
 from .lists import paginate
 
 
 async def retrieve_event(call: Call) -> dict[str, Any]:
-    event_id = call.path["event"]
-    for record in call.state.events:
-        if record.event["id"] == event_id:
-            return record.event
-    raise no_such("event", event_id)
+    return call.state.event_record(call.path["event"]).event
 
 
 async def list_events(call: Call) -> dict[str, Any]:

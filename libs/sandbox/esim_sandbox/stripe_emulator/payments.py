@@ -1,9 +1,19 @@
-"""PaymentIntents (retrieve, capture, cancel), their charges, refunds, and the payments balance."""
+"""PaymentIntents (retrieve, capture, cancel), their charges, refunds, and the payments balance.
+
+An authorised (manual-capture) card payment lapses like Stripe's: the charge says until when it can be
+captured (`payment_method_details.card.capture_before`, 7 days after authorisation); after that Stripe
+cancels the PaymentIntent itself (`cancellation_reason: automatic`, events `charge.expired` and
+`payment_intent.canceled`), and capturing it answers `payment_intent_unexpected_state`. The emulator
+notices the lapse whenever the intent is looked at. Control route, for tests that cannot wait a week:
+
+- `POST /_sandbox/payment_intents/{id}/expire_authorization`: the authorisation lapses now.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import Request
 from starlette.routing import Route
 from stripe.params import (
     ChargeRetrieveParams,
@@ -18,10 +28,13 @@ from stripe.params import (
 from . import payment_objects
 from .api import Call, api_route
 from .coerce import as_currency, merge_metadata, metadata, opt_int, opt_str
+from .control import control_route
 from .errors import ParamError, StripeApiError, invalid_value, unexpected_state
 from .ids import new_id, now
 from .lists import paginate
+from .render import render
 from .state import StripeState
+from .webhooks import Webhooks
 
 REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
 CANCELABLE = (
@@ -31,6 +44,9 @@ CANCELABLE = (
     "requires_action",
     "processing",
 )
+# How long a card authorisation can be captured: 7 days for online customer-initiated payments on every
+# major brand (Stripe's "place a hold" page).
+AUTHORISATION_VALIDITY_SECONDS = 7 * 24 * 60 * 60
 
 
 def create_paid_intent(
@@ -66,6 +82,9 @@ def create_paid_intent(
         metadata=dict(intent_data["metadata"]),
         description=intent_data["description"],
     )
+    charge["payment_method_details"]["card"]["capture_before"] = (
+        created + AUTHORISATION_VALIDITY_SECONDS if manual else None
+    )
     intent.update(
         status="requires_capture" if manual else "succeeded",
         amount_capturable=amount if manual else 0,
@@ -90,12 +109,36 @@ def _debit(state: StripeState, currency: str, amount: int) -> None:
     state.payments_available[currency] = state.payments_available.get(currency, 0) - (amount - from_pending)
 
 
+def expire_if_lapsed(state: StripeState, webhooks: Webhooks, intent: dict[str, Any]) -> None:
+    """Stripe cancels an uncaptured payment whose authorisation lapsed; the emulator does it when it looks."""
+    if intent["status"] != "requires_capture" or not intent["latest_charge"]:
+        return
+    charge = state.get("charge", intent["latest_charge"])
+    capture_before = charge["payment_method_details"]["card"].get("capture_before")
+    if capture_before is not None and now() >= capture_before:
+        _expire_authorisation(webhooks, intent, charge)
+
+
+def _expire_authorisation(webhooks: Webhooks, intent: dict[str, Any], charge: dict[str, Any]) -> None:
+    intent.update(status="canceled", canceled_at=now(), amount_capturable=0, cancellation_reason="automatic")
+    # The hold is released: Stripe shows the uncaptured charge as fully refunded.
+    charge.update(refunded=True, amount_refunded=charge["amount"])
+    webhooks.emit("charge.expired", charge)
+    webhooks.emit("payment_intent.canceled", intent)
+
+
+def _intent(call: Call) -> dict[str, Any]:
+    intent = call.state.get("payment_intent", call.path["intent"])
+    expire_if_lapsed(call.state, call.webhooks, intent)
+    return intent
+
+
 async def retrieve_intent(call: Call) -> dict[str, Any]:
-    return call.render(call.state.get("payment_intent", call.path["intent"]))
+    return call.render(_intent(call))
 
 
 async def capture_intent(call: Call) -> dict[str, Any]:
-    intent = call.state.get("payment_intent", call.path["intent"])
+    intent = _intent(call)
     if intent["status"] != "requires_capture":
         raise unexpected_state(
             f"This PaymentIntent could not be captured because it has a status of {intent['status']}. "
@@ -133,7 +176,7 @@ async def capture_intent(call: Call) -> dict[str, Any]:
 
 
 async def cancel_intent(call: Call) -> dict[str, Any]:
-    intent = call.state.get("payment_intent", call.path["intent"])
+    intent = _intent(call)
     if intent["status"] not in CANCELABLE:
         raise unexpected_state(
             f"You cannot cancel this PaymentIntent because it has a status of {intent['status']}. Only a "
@@ -236,8 +279,25 @@ async def retrieve_charge(call: Call) -> dict[str, Any]:
     return call.render(call.state.get("charge", call.path["charge"]))
 
 
+async def expire_authorization(request: Request) -> dict[str, Any]:
+    """Control route: the intent's authorisation lapses now, as if its 7 days had passed."""
+    state: StripeState = request.app.state.stripe
+    intent = state.get("payment_intent", request.path_params["intent"])
+    if intent["status"] != "requires_capture":
+        raise unexpected_state(
+            f"Only an authorised, uncaptured PaymentIntent can expire; this one is {intent['status']}."
+        )
+    charge = state.get("charge", intent["latest_charge"])
+    charge["payment_method_details"]["card"]["capture_before"] = now()
+    expire_if_lapsed(state, request.app.state.webhooks, intent)
+    return render(state, intent)
+
+
 def routes() -> list[Route]:
     return [
+        control_route(
+            "/_sandbox/payment_intents/{intent}/expire_authorization", expire_authorization, method="POST"
+        ),
         api_route(
             "/v1/payment_intents/{intent}", retrieve_intent, method="GET", spec=PaymentIntentRetrieveParams
         ),

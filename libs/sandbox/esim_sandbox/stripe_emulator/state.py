@@ -1,4 +1,4 @@
-"""The emulator's in-memory world: objects by id, balances, events, idempotency records.
+"""The emulator's in-memory world: objects by id, balances, events, idempotency records, test controls.
 
 One `StripeState` per app (`app.state.stripe`); nothing lives at module level, so two emulators in one
 process never share anything. Handlers run on the server's event loop and mutate state without awaiting
@@ -11,12 +11,16 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from .delivery import DeliverySettings
 from .errors import no_such
+from .faults import Fault
 
 DEFAULT_WEBHOOK_SECRET = "whsec_sandbox"  # noqa: S105 - a well-known sandbox value, not a credential
 # $10,000 of Issuing float: enough for any demo or test run, small enough to reason about.
 DEFAULT_ISSUING_FLOAT = 1_000_000
 DEFAULT_CURRENCY = "usd"
+# Stripe prunes idempotency keys once they are at least 24 hours old; a reused key then runs anew.
+IDEMPOTENCY_TTL_SECONDS = 24 * 60 * 60
 
 
 @dataclass
@@ -35,6 +39,8 @@ class DeliveryAttempt:
     at: float
     status_code: int | None
     error: str | None
+    # Which delivery of the event this attempt belongs to: 0 the original, then duplicates and resends.
+    delivery: int = 0
 
 
 @dataclass
@@ -44,7 +50,10 @@ class EventRecord:
     event: dict[str, Any]
     url: str | None
     attempts: list[DeliveryAttempt] = field(default_factory=list)
-    status: str = "pending"  # pending | delivered | failed | no_endpoint
+    status: str = "pending"  # pending | held | delivered | failed | no_endpoint
+    deliveries: int = 0  # deliveries started (original, duplicates, resends)
+    in_flight: int = 0  # deliveries still retrying
+    body: bytes = field(default=b"", repr=False)  # the exact bytes every delivery sends
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -56,7 +65,8 @@ class EventRecord:
                 "url": self.url,
                 "status": self.status,
                 "attempts": [
-                    {"at": a.at, "status_code": a.status_code, "error": a.error} for a in self.attempts
+                    {"at": a.at, "status_code": a.status_code, "error": a.error, "delivery": a.delivery}
+                    for a in self.attempts
                 ],
             },
         }
@@ -75,7 +85,10 @@ class IdempotentResult:
     """The first response for an idempotency key; `status is None` while the first request runs."""
 
     fingerprint: str
+    method: str
+    path: str
     request_id: str
+    created_at: float  # time.monotonic()
     status: int | None = None
     body: bytes = b""
 
@@ -87,6 +100,9 @@ class StripeState:
     webhook: WebhookEndpoint
     issuing_auth_webhook_url: str | None
     issuing_available: dict[str, int]
+    # The real-time authorisation endpoint's own signing secret (Stripe configures it in the Issuing
+    # settings, apart from the webhook endpoint); None: the webhook endpoint's secret.
+    issuing_auth_webhook_secret: str | None = None
     payments_available: dict[str, int] = field(default_factory=dict)
     payments_pending: dict[str, int] = field(default_factory=dict)
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -96,10 +112,23 @@ class StripeState:
     card_secrets: dict[str, CardSecret] = field(default_factory=dict)
     cards_by_number: dict[str, str] = field(default_factory=dict)
     events: list[EventRecord] = field(default_factory=list)
+    # Keyed by (API key, Idempotency-Key): Stripe scopes keys to the account and mode of the API key.
     idempotency: dict[tuple[str, str], IdempotentResult] = field(default_factory=dict)
+    idempotency_ttl_seconds: float = IDEMPOTENCY_TTL_SECONDS
+    # Test controls (/_sandbox/webhook_delivery, /_sandbox/faults): how events go out, which calls fail.
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    held: list[list[EventRecord]] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
     # Serialises authorisations: a decision awaits the real-time webhook between checking the float
     # and holding it, and two concurrent requests must not both spend the same money.
     authorization_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def issuing_authorization_secret(self) -> str:
+        """What `issuing_authorization.request` is signed with."""
+        if self.issuing_auth_webhook_secret is None:
+            return self.webhook.secret
+        return self.issuing_auth_webhook_secret
 
     def add(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.objects[obj["id"]] = obj
@@ -123,6 +152,12 @@ class StripeState:
             if obj["object"] == object_type and all(obj.get(key) == value for key, value in equal.items())
         ]
         return found[::-1]  # dicts keep insertion order, which is creation order
+
+    def event_record(self, event_id: str) -> EventRecord:
+        for record in self.events:
+            if record.event["id"] == event_id:
+                return record
+        raise no_such("event", event_id)
 
     def events_of(self, event_type: str | None = None) -> list[EventRecord]:
         return [record for record in self.events if event_type is None or record.event["type"] == event_type]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount
 
-from . import api, control, topup
+from . import api, control, topup, webhooks
 from .http import error_response
 from .state import Clock, ZenditState, utc_now
 
@@ -36,19 +39,13 @@ def create_app(
     purchase_delay_seconds: float = DEFAULT_PURCHASE_DELAY_SECONDS,
     now: Clock = utc_now,
 ) -> Starlette:
-    """A fresh emulator; its state is `app.state.zendit` (a ZenditState).
+    """A fresh emulator; its state is `app.state.zendit` (a ZenditState), its webhook sender
+    `app.state.zendit_webhooks` (off until configured through `/_sandbox/webhook`).
 
     `wallet_balance` is in the wallet's minor units; `now` is the clock purchases progress on;
     `stripe_url` is the Stripe emulator whose card network the top-up gateway charges.
     """
-    app = Starlette(
-        routes=[
-            Mount("/v1", routes=[*api.ROUTES, *topup.ROUTES]),
-            Mount("/_sandbox", routes=control.ROUTES),
-        ],
-        exception_handlers={HTTPException: _http_error},
-    )
-    app.state.zendit = ZenditState(
+    state = ZenditState(
         api_key=api_key,
         topup_api_key=topup_api_key,
         wallet_balance=wallet_balance,
@@ -56,6 +53,23 @@ def create_app(
         purchase_delay_seconds=purchase_delay_seconds,
         now=now,
     )
+    sender = webhooks.WebhookSender(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await sender.aclose()
+
+    app = Starlette(
+        routes=[
+            Mount("/v1", routes=[*api.ROUTES, *topup.ROUTES]),
+            Mount("/_sandbox", routes=[*control.ROUTES, *webhooks.ROUTES]),
+        ],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.zendit = state
+    app.state.zendit_webhooks = sender
     app.state.stripe_url = stripe_url
     app.state.topup_locks = {}
     return app

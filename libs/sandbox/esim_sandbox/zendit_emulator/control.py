@@ -11,6 +11,7 @@
     POST /_sandbox/faults                         {"endpoint", "count"=1, "status"=500|null,
                                                    "sleepSeconds"=0, "when"="before"|"after"}
     DELETE /_sandbox/faults                       clear injected faults and purchase rules
+    /_sandbox/webhook...                          Zendit's purchase webhooks: see `webhooks.py`
 
 Endpoint names for faults: get_balance, list_offers, get_offer, create_purchase, get_purchase,
 get_qrcode, list_purchases, list_transactions, wallet_topup, or "*" for any.

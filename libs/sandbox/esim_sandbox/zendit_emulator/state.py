@@ -362,6 +362,19 @@ class ZenditState:
             body["error"] = dict(record.error)
         return body
 
+    def current_statuses(self) -> dict[str, str]:
+        """Every purchase's status now (due steps applied first): what the webhook sender watches."""
+        with self._lock:
+            self.advance()
+            return {tid: record.status for tid, record in self.purchases.items()}
+
+    def purchase_view(self, transaction_id: str) -> dict[str, Any] | None:
+        """GET /esim/purchases/{id}'s body now, or None for an unknown purchase."""
+        with self._lock:
+            self.advance()
+            record = self.purchases.get(transaction_id)
+            return self.purchase_json(record) if record is not None else None
+
     def ledger(self) -> list[dict[str, Any]]:
         """dto.Transaction rows, newest first: CREDIT per top-up, DEBIT per purchase (its current status)."""
         with self._lock:
