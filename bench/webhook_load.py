@@ -981,6 +981,9 @@ async def run(args: argparse.Namespace, command: str) -> Report:
                         f"  {s.throughput:.0f}/s, p50 {_ms(s.p50)}, p99 {_ms(s.p99)}, errors {s.errors}",
                         flush=True,
                     )
+        # The last step's backlog (requests whose client gave up) may still publish: wait it out, or
+        # a late duplicate would escape the count.
+        await settle(targets)
         print("checking the database and the funding.order-paid queue ...", flush=True)
         await verify(
             dsn,
@@ -996,14 +999,19 @@ async def run(args: argparse.Namespace, command: str) -> Report:
     finally:
         for target in targets:
             await target.server.stop()
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(delete_from_url(amqp_url, topology), timeout=30)
-        with contextlib.suppress(Exception):
+        except Exception as exc:  # say what is left behind on the shared broker, and how to remove it
+            print(f"could not delete the queues under prefix {topology.prefix!r}: {exc!r}", file=sys.stderr)
+        database = f"esim_bench_{run_id}"
+        try:
             admin = await asyncpg.connect(with_database(base_dsn, "postgres"))
             try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "esim_bench_{run_id}" WITH (FORCE)')
+                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             finally:
                 await admin.close()
+        except Exception as exc:
+            print(f"could not drop the database {database}: {exc!r}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

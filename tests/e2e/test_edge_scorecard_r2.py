@@ -185,6 +185,34 @@ async def stays(read: Callable[[], Awaitable[Effects]], expected: Effects, secon
         await asyncio.sleep(0.25)
 
 
+async def paid_order_events(stack: Stack) -> tuple[str, str, dict[str, bytes]]:
+    """An order (wallet empty, so it needs a card top-up) paid in the emulator: its transaction id, its
+    recipient, and the raw bytes of each event the payment made, by type (none delivered yet)."""
+    zendit_control(stack, "POST", "wallet", {"balance": 0})
+    recipient = f"r2-{uuid.uuid4().hex[:8]}@example.com"
+    session = checkout(stack, recipient)
+    paid = pay(stack, session["sessionId"])
+    bodies = {}
+    for event_id in paid["event_ids"]:
+        body = raw_event(stack, event_id)
+        bodies[json.loads(body)["type"]] = body
+    return session["transactionId"], recipient, bodies
+
+
+async def inbox(stack: Stack, txn: str, types: list[str]) -> list[tuple[str, str]]:
+    """(type, outcome) of the order's recorded Stripe events of `types`, sorted."""
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT type, outcome FROM stripe_events WHERE transaction_id = $1 AND type = ANY($2::text[])",
+            txn,
+            types,
+        )
+    finally:
+        await conn.close()
+    return sorted((row["type"], row["outcome"]) for row in rows)
+
+
 # ------------------------------------------------------------------------------------------------ tests
 
 
@@ -196,15 +224,7 @@ async def stays(read: Callable[[], Awaitable[Effects]], expected: Effects, secon
 async def test_five_concurrent_copies_resigned_retries_and_either_order_make_one_of_everything(
     stack: Stack, stripe_delivers_nothing: None, first: str, second: str
 ):
-    zendit_control(stack, "POST", "wallet", {"balance": 0})  # this order needs a card top-up
-    recipient = f"r2-{uuid.uuid4().hex[:8]}@example.com"
-    session = checkout(stack, recipient)
-    txn = session["transactionId"]
-    paid = pay(stack, session["sessionId"])
-    bodies = {}
-    for event_id in paid["event_ids"]:
-        body = raw_event(stack, event_id)
-        bodies[json.loads(body)["type"]] = body
+    txn, recipient, bodies = await paid_order_events(stack)
     assert {first, second} <= set(bodies), f"the payment made {sorted(bodies)}"
 
     # Stripe's delivery of `first` fanned out five times at once: identical bytes, identical header.
@@ -223,16 +243,29 @@ async def test_five_concurrent_copies_resigned_retries_and_either_order_make_one
     order = await wait_for_final(stack, txn)
     assert order["status"] == "delivered", order["failure_reason"]
     await stays(lambda: effects(stack, txn, recipient), ONE_OF_EACH, SETTLE_SECONDS)
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        inbox = await conn.fetch(
-            "SELECT type, outcome FROM stripe_events WHERE transaction_id = $1 AND type = ANY($2::text[])",
-            txn,
-            [first, second],
-        )
-    finally:
-        await conn.close()
     # Each event is recorded once; whichever came first paid the order, the other found it paid.
-    assert sorted((row["type"], row["outcome"]) for row in inbox) == sorted(
+    assert await inbox(stack, txn, [first, second]) == sorted(
         [(first, "order_paid"), (second, "already_paid")]
     )
+
+
+async def test_both_payment_events_five_times_each_in_one_burst_make_one_of_everything(
+    stack: Stack, stripe_delivers_nothing: None
+):
+    """checkout.session.completed and payment_intent.succeeded racing each other, not one after the
+    other: ten concurrent deliveries, two events, one order paid once."""
+    txn, recipient, bodies = await paid_order_events(stack)
+    both = [
+        Delivery(bodies[kind], sign(bodies[kind], SECRET))
+        for _ in range(CONCURRENT_COPIES)
+        for kind in (COMPLETED, SUCCEEDED)
+    ]
+
+    answers = await deliver_all(stack, both)
+
+    assert [r.status_code for r in answers] == [200] * len(both), [r.text for r in answers]
+    order = await wait_for_final(stack, txn)
+    assert order["status"] == "delivered", order["failure_reason"]
+    await stays(lambda: effects(stack, txn, recipient), ONE_OF_EACH, SETTLE_SECONDS)
+    recorded = await inbox(stack, txn, [COMPLETED, SUCCEEDED])
+    assert sorted(outcome for _type, outcome in recorded) == ["already_paid", "order_paid"]

@@ -131,7 +131,7 @@ async def test_an_unroutable_order_paid_is_a_503_until_the_binding_exists(
         answers = await redeliver_until_accepted(client, order)
         duplicate = await send(client, signed(order.body))
 
-    assert answers == [200]
+    assert refused_then_accepted(answers), answers
     assert duplicate.status_code == 200
     [published_at] = await outbox_published_at(edge, order.transaction_id)
     assert published_at is not None
@@ -187,7 +187,7 @@ async def test_a_full_funding_queue_nacking_order_paid_is_a_503_until_it_has_roo
 
         answers = await redeliver_until_accepted(client, order)
 
-    assert answers == [200]
+    assert refused_then_accepted(answers), answers
     assert (await outbox_published_at(edge, order.transaction_id))[0] is not None
     messages = (await footprint(edge, order.transaction_id)).order_paid_messages
     assert [m["transaction_id"] for m in messages] == [order.transaction_id]
@@ -196,6 +196,8 @@ async def test_a_full_funding_queue_nacking_order_paid_is_a_503_until_it_has_roo
 # --------------------------------------------------------------------------------- (c) broker restart
 
 
+# The private node boots (up to 90 s on a loaded machine) and, in the crash case, boots twice more.
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("how", ["clean stop", "crash"])
 async def test_confirmed_order_paid_survive_a_broker_restart_and_nothing_is_a_2xx_while_it_is_down(
     private_rabbitmq: PrivateRabbit, service_settings: Settings, stripe_emulator, db: asyncpg.Pool, how: str

@@ -28,6 +28,7 @@ from esim_sandbox.serve import serve_in_thread
 from esim_sandbox.stripe_emulator.webhooks import sign
 from tests.integration import test_webhook_checkout as shop
 from tests.integration.test_webhook_checkout import US_OFFER, US_OFFER_PRICE, Edge, EdgeFactory, checkout_ok
+from webhook import stripe_webhooks
 from webhook.main import create_app
 from webhook.stripe_webhooks import MAX_BODY_BYTES
 
@@ -470,3 +471,29 @@ async def test_deliveries_over_the_in_flight_limit_get_a_quick_503_and_their_ret
     assert (await edge.order(second_txn)).status == "paid"
     paid = sorted(message["transaction_id"] for message in await order_paid_messages(edge))
     assert paid == sorted([first_txn, second_txn])
+
+
+async def test_a_body_trickled_slower_than_the_read_deadline_is_a_408_and_holds_no_delivery_slot(
+    make_edge: EdgeFactory, stripe_emulator, monkeypatch
+):
+    monkeypatch.setattr(stripe_webhooks, "BODY_READ_TIMEOUT_SECONDS", 1)
+    edge = await make_edge(webhook_max_in_flight=1)
+    txn, events = await pay(edge, stripe_emulator)
+    release = asyncio.Event()
+
+    async def trickle():
+        yield b'{"id": "evt_'
+        await release.wait()  # never sends the rest in time
+        yield b'1"}'
+
+    slow = asyncio.create_task(
+        edge.client.post(WEBHOOK, content=trickle(), headers={"Stripe-Signature": "t=1,v1=00"})
+    )
+    await asyncio.sleep(0.2)
+    # The slow client holds a connection, not the only in-flight slot: Stripe still gets through.
+    assert (await deliver(edge, events[SUCCEEDED])).status_code == 200
+    answer = await asyncio.wait_for(slow, timeout=5)
+    release.set()
+    assert answer.status_code == 408 and "not received within 1 s" in answer.json()["error"]
+    assert [row["outcome"] for row in await stripe_event_rows(edge)] == ["order_paid"]
+    assert (await edge.order(txn)).status == "paid"

@@ -55,16 +55,13 @@ _UPDATE_TEMPLATE = """
         INSERT INTO order_transitions (transaction_id, from_status, to_status, reason)
         SELECT $1, previous_status, $2, $5 FROM moved
     )
-    SELECT previous_status FROM moved
+    SELECT p.status AS current, m.previous_status FROM previous AS p LEFT JOIN moved AS m ON true
 """
 
 
 def _update_sql(target: OrderStatus) -> str:
     stamp = STEP_TIMESTAMP_COLUMN.get(target)
     return _UPDATE_TEMPLATE.format(stamp_sql=f", {stamp} = COALESCE({stamp}, now())" if stamp else "")
-
-
-SELECT_STATUS = "SELECT status FROM esim_purchases WHERE transaction_id = $1"
 
 
 async def transition(
@@ -82,7 +79,7 @@ async def transition(
     whatever else it writes.
     """
     allowed_from = [s.value for s in sources_of(target)]
-    previous = await conn.fetchval(
+    row = await conn.fetchrow(
         _update_sql(target),
         transaction_id,
         target.value,
@@ -90,11 +87,12 @@ async def transition(
         failure_reason,
         reason or failure_reason,
     )
-    if previous is not None:
+    if row is not None and row["previous_status"] is not None:
         metrics.orders_transitions_total.labels(to_state=target.value).inc()
-        return TransitionResult(changed=True, previous=OrderStatus(previous))
-    current_raw = await conn.fetchval(SELECT_STATUS, transaction_id)
-    current = OrderStatus(current_raw) if current_raw is not None else None
+        return TransitionResult(changed=True, previous=OrderStatus(row["previous_status"]))
+    # Refused: `current` is the version the row lock returned, the one the guard was evaluated on (a
+    # second read after the statement could see a later one and misreport the refusal).
+    current = OrderStatus(row["current"]) if row is not None else None
     if current == target:
         return TransitionResult(changed=False, previous=current)
     metrics.illegal_transitions_total.labels(

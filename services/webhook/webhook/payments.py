@@ -10,7 +10,10 @@ the stamp back and the delivery answers 5xx: Stripe redelivers, the order is alr
 changes twice), and the redelivery claims and publishes the still-unstamped event. Deliveries that race
 each other (a duplicate, or checkout.session.completed and payment_intent.succeeded together) queue up
 on the row lock and find it stamped. The outbox row, not "is the order in state paid", is what says
-whether order.paid went out: that is what keeps it to exactly one message.
+whether order.paid went out: that is what keeps it to exactly one message. One window remains, inherent
+to "commit after confirm": if the stamp's commit fails after the broker confirmed (the database drops
+at that instant, the process dies), the delivery answers 5xx and the redelivery publishes again — the
+same `message_id`, which every consumer absorbs (they are idempotent per order).
 
 The delivery that marks the order paid claims in a second transaction, after its commit, so that a
 consumer of order.paid always finds the order paid. Every other delivery claims inside its own (single)
@@ -151,9 +154,3 @@ async def _publish_claimed(conn: asyncpg.Connection, publisher: EventPublisher, 
         return False
     await publisher.publish(claim.event)
     return True
-
-
-async def publish_order_paid(pool: asyncpg.Pool, publisher: EventPublisher, transaction_id: str) -> int:
-    """Publish the order's unpublished OrderPaid while the order is `paid`; returns how many went out."""
-    async with pool.acquire() as conn, conn.transaction():
-        return int(await _publish_claimed(conn, publisher, transaction_id))

@@ -1,10 +1,11 @@
 """`POST /api/webhooks/stripe`: verify, record, apply, publish, and only then answer 2xx.
 
 413  body larger than MAX_BODY_BYTES (nothing read beyond the limit, nothing recorded)
+408  body not received within BODY_READ_TIMEOUT_SECONDS
 400  no Stripe-Signature header, a signature matching none of STRIPE_WEBHOOK_SECRETS, or a body
      that is not a Stripe event (nothing recorded)
-503  the database or the broker failed, or WEBHOOK_MAX_IN_FLIGHT deliveries are already being processed
-     (answered at once, body unread): Stripe retries, and the retry finishes the work
+503  the database or the broker failed, or WEBHOOK_MAX_IN_FLIGHT verified deliveries are already being
+     processed (answered at once, nothing recorded): Stripe retries, and the retry finishes the work
 500  anything unexpected (logged with its traceback): Stripe retries as well
 200  recorded and applied; event types we do not act on are recorded and acknowledged too
 
@@ -15,7 +16,9 @@ for a delivery: see bench/).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,7 +29,7 @@ from esim_common.providers.stripe import StripeSignatureError
 from webhook import metrics
 from webhook.load_shedding import Overloaded
 from webhook.payments import process_event
-from webhook.ports import Ports, PortsDep
+from webhook.ports import PortsDep
 from webhook.unavailable import DEPENDENCY_UNAVAILABLE
 
 log = logging.getLogger("esim.webhook.stripe")
@@ -63,6 +66,8 @@ router = APIRouter(prefix="/api/webhooks", tags=["webhooks"], lifespan=_quiet_ac
 # Stripe's largest event payloads are a few KiB; 64 KiB leaves room and bounds what an unauthenticated
 # caller can make us buffer before the signature is checked.
 MAX_BODY_BYTES = 64 * 1024
+# Stripe sends its few KiB at once; anything slower than this is not Stripe.
+BODY_READ_TIMEOUT_SECONDS = 10
 
 
 class BodyTooLarge(Exception):
@@ -93,21 +98,18 @@ def _answer(status_code: int, outcome: str, message: str) -> JSONResponse:
 @router.post("/stripe")
 async def stripe_webhook(request: Request, ports: PortsDep) -> JSONResponse:
     try:
-        with ports.deliveries.slot():
-            return await _handle_delivery(request, ports)
-    except Overloaded:
-        # Before reading the body: shedding must cost next to nothing. Logged as a count, not per request.
-        response = _answer(503, "shed", "too many deliveries in flight; retry")
-        response.headers["Retry-After"] = "1"
-        return response
-
-
-async def _handle_delivery(request: Request, ports: Ports) -> JSONResponse:
-    try:
-        payload = await read_bounded_body(request, MAX_BODY_BYTES)
+        # Bounded in time as well as size: a client trickling its body must not hold a connection and
+        # its buffer for as long as it likes.
+        async with asyncio.timeout(BODY_READ_TIMEOUT_SECONDS):
+            payload = await read_bounded_body(request, MAX_BODY_BYTES)
     except BodyTooLarge:
         log.warning("stripe webhook refused: body too large", extra={"limit_bytes": MAX_BODY_BYTES})
         return _answer(413, "too_large", f"webhook body larger than {MAX_BODY_BYTES} bytes")
+    except TimeoutError:
+        log.warning(
+            "stripe webhook refused: body too slow", extra={"limit_seconds": BODY_READ_TIMEOUT_SECONDS}
+        )
+        return _answer(408, "too_slow", f"webhook body not received within {BODY_READ_TIMEOUT_SECONDS} s")
     signature = request.headers.get("stripe-signature")
     if not signature:
         log.warning("stripe webhook refused", extra={"error": "missing Stripe-Signature header"})
@@ -119,8 +121,16 @@ async def _handle_delivery(request: Request, ports: Ports) -> JSONResponse:
         # The reason quotes nothing the caller sent and no secret: safe to say, and it saves the
         # operator who mis-configured an endpoint a trip to our logs.
         return _answer(400, "bad_signature", f"invalid signature or payload: {exc}")
+    # Only verified deliveries compete for the in-flight slots, so nobody without the secret can
+    # crowd Stripe out; the cap protects the pool and the broker, which only process_event uses.
     try:
-        outcome = await process_event(ports.ctx.pool, ports.ctx.publisher, event)
+        with ports.deliveries.slot():
+            outcome = await process_event(ports.ctx.pool, ports.ctx.publisher, event)
+    except Overloaded:
+        _shed_log.note()
+        response = _answer(503, "shed", "too many deliveries in flight; retry")
+        response.headers["Retry-After"] = "1"
+        return response
     except DEPENDENCY_UNAVAILABLE as exc:
         log.warning(
             "stripe webhook not processed, Stripe will retry",
@@ -131,3 +141,25 @@ async def _handle_delivery(request: Request, ports: Ports) -> JSONResponse:
         log.exception("stripe webhook failed", extra={"event_id": event.id, "event_type": event.type})
         return _answer(500, "error", "internal error; retry")
     return _answer(200, outcome, "")
+
+
+class _ShedLog:
+    """One warning per interval with the count, not a line per shed delivery (they come in floods)."""
+
+    def __init__(self, interval_seconds: float = 10.0) -> None:
+        self.interval = interval_seconds
+        self.count = 0
+        self.last = 0.0
+
+    def note(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            log.warning(
+                "stripe deliveries shed: too many in flight (Stripe retries them)",
+                extra={"shed": self.count, "limit_setting": "WEBHOOK_MAX_IN_FLIGHT"},
+            )
+            self.count, self.last = 0, now
+
+
+_shed_log = _ShedLog()

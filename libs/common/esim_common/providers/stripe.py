@@ -534,7 +534,9 @@ class StripeGateway:
     def construct_event(self, payload: bytes, sig_header: str, secrets: Sequence[str]) -> WebhookEvent:
         """Verify `payload` (the raw body) against any of `secrets` (several during a rotation)."""
         if not secrets:
-            raise StripeSignatureError("no webhook secrets configured", operation="construct_event")
+            # Said to whoever sent the webhook: no hint that this deployment is misconfigured (settings
+            # refuse an empty list outside the sandbox anyway).
+            raise StripeSignatureError("webhook signature not accepted", operation="construct_event")
         try:
             payload.decode("utf-8")  # the SDK decodes before it verifies, and would raise past us
         except UnicodeDecodeError:
