@@ -379,6 +379,11 @@ async def settle(targets: list[Target]) -> None:
         await asyncio.sleep(SETTLE_SAMPLE_SECONDS)
         if cpu_used(before, cpu_seconds(pids)) / SETTLE_SAMPLE_SECONDS < SETTLED_CPU_SHARE:
             return
+    print(
+        f"warning: the servers were still busy after {SETTLE_TIMEOUT_SECONDS:.0f} s; "
+        "the next figures (and a late duplicate) may be affected",
+        file=sys.stderr,
+    )
 
 
 # ----------------------------------------------------------------------------- set-up and checking

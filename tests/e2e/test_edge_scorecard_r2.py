@@ -185,7 +185,7 @@ async def stays(read: Callable[[], Awaitable[Effects]], expected: Effects, secon
         await asyncio.sleep(0.25)
 
 
-async def paid_order_events(stack: Stack) -> tuple[str, str, dict[str, bytes]]:
+def paid_order_events(stack: Stack) -> tuple[str, str, dict[str, bytes]]:
     """An order (wallet empty, so it needs a card top-up) paid in the emulator: its transaction id, its
     recipient, and the raw bytes of each event the payment made, by type (none delivered yet)."""
     zendit_control(stack, "POST", "wallet", {"balance": 0})
@@ -224,7 +224,7 @@ async def inbox(stack: Stack, txn: str, types: list[str]) -> list[tuple[str, str
 async def test_five_concurrent_copies_resigned_retries_and_either_order_make_one_of_everything(
     stack: Stack, stripe_delivers_nothing: None, first: str, second: str
 ):
-    txn, recipient, bodies = await paid_order_events(stack)
+    txn, recipient, bodies = paid_order_events(stack)
     assert {first, second} <= set(bodies), f"the payment made {sorted(bodies)}"
 
     # Stripe's delivery of `first` fanned out five times at once: identical bytes, identical header.
@@ -254,7 +254,7 @@ async def test_both_payment_events_five_times_each_in_one_burst_make_one_of_ever
 ):
     """checkout.session.completed and payment_intent.succeeded racing each other, not one after the
     other: ten concurrent deliveries, two events, one order paid once."""
-    txn, recipient, bodies = await paid_order_events(stack)
+    txn, recipient, bodies = paid_order_events(stack)
     both = [
         Delivery(bodies[kind], sign(bodies[kind], SECRET))
         for _ in range(CONCURRENT_COPIES)

@@ -90,9 +90,10 @@ async def redeliver_until_accepted(client: httpx.AsyncClient, order: PaidOrder) 
 
 
 def refused_then_accepted(answers: list[int]) -> bool:
-    """Any number of 5xx, then one 200: never a 2xx before the broker confirmed."""
+    """Any number of 503s (a dependency unavailable), then one 200: never a 2xx before the broker
+    confirmed, and never an unexpected error (500)."""
     *before, last = answers
-    return last == 200 and all(500 <= status < 600 for status in before)
+    return last == 200 and all(status == 503 for status in before)
 
 
 # ------------------------------------------------------------------------------------- (a) unroutable

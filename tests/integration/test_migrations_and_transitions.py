@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from esim_common.migrate import MigrationError, apply_migrations, load_migrations, migrate
 from esim_common.order_states import OrderStatus
-from esim_common.orders import IllegalTransition, transition
+from esim_common.orders import IllegalTransition, TransitionResult, transition
 
 pytestmark = pytest.mark.db
 
@@ -146,6 +146,30 @@ async def test_two_workers_racing_on_one_order_move_it_once(db):
     results = await asyncio.gather(*(pay() for _ in range(5)))
     assert sorted(results) == [False, False, False, False, True]
     assert await db.fetchval("SELECT count(*) FROM order_transitions WHERE transaction_id = $1", txn) == 1
+
+
+async def test_a_move_made_legal_by_a_commit_it_waited_for_is_made_and_recorded_from_the_new_state(db):
+    """The statement's snapshot still shows the old status; the lock returns the committed one, and the
+    guard must judge that one (not refuse a legal move, nor report the old state)."""
+    txn = await insert_order(db, OrderStatus.FUNDING)
+    async with db.acquire() as other:
+        moving = other.transaction()
+        await moving.start()
+        await other.execute("UPDATE esim_purchases SET status = 'funded' WHERE transaction_id = $1", txn)
+        async with db.acquire() as conn:
+            waiting = asyncio.create_task(transition(conn, txn, OrderStatus.PURCHASING))
+            await asyncio.sleep(0.3)  # the transition's statement has started and waits for the lock
+            assert not waiting.done()
+            await moving.commit()
+            result = await waiting
+    assert result == TransitionResult(changed=True, previous=OrderStatus.FUNDED)
+    assert (
+        await db.fetchval("SELECT status FROM esim_purchases WHERE transaction_id = $1", txn) == "purchasing"
+    )
+    row = await db.fetchrow(
+        "SELECT from_status, to_status FROM order_transitions WHERE transaction_id = $1", txn
+    )
+    assert (row["from_status"], row["to_status"]) == ("funded", "purchasing")
 
 
 async def test_only_a_manual_capture_order_records_a_capture_and_captured_means_a_capture_time(db):

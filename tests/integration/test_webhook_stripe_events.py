@@ -452,15 +452,17 @@ async def test_deliveries_over_the_in_flight_limit_get_a_quick_503_and_their_ret
     await blocker.execute("SELECT 1 FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE", first_txn)
     try:
         held = asyncio.create_task(deliver(edge, first_events[SUCCEEDED]))
-        await asyncio.sleep(0.5)
-        assert not held.done()
+        deadline = time.monotonic() + 10
+        while edge.app.state.ports.deliveries.in_flight < 1:  # verified, and waiting on the lock
+            assert time.monotonic() < deadline and not held.done()
+            await asyncio.sleep(0.02)
 
         started = time.monotonic()
         shed = await deliver(edge, second_events[SUCCEEDED])
         assert time.monotonic() - started < 1.0
         assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
         assert "retry" in shed.json()["error"]
-        # Shed before anything was read or written.
+        # Shed before anything was written.
         assert [row["event_id"] for row in await stripe_event_rows(edge)] == []
         assert (await edge.order(second_txn)).status == "pending_payment"
     finally:
@@ -480,16 +482,18 @@ async def test_a_body_trickled_slower_than_the_read_deadline_is_a_408_and_holds_
     edge = await make_edge(webhook_max_in_flight=1)
     txn, events = await pay(edge, stripe_emulator)
     release = asyncio.Event()
+    reading = asyncio.Event()
 
     async def trickle():
         yield b'{"id": "evt_'
+        reading.set()  # the route is reading this body now
         await release.wait()  # never sends the rest in time
         yield b'1"}'
 
     slow = asyncio.create_task(
         edge.client.post(WEBHOOK, content=trickle(), headers={"Stripe-Signature": "t=1,v1=00"})
     )
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(reading.wait(), timeout=5)
     # The slow client holds a connection, not the only in-flight slot: Stripe still gets through.
     assert (await deliver(edge, events[SUCCEEDED])).status_code == 200
     answer = await asyncio.wait_for(slow, timeout=5)

@@ -39,8 +39,10 @@ class TransitionResult:
 
 
 # One statement, so one round trip and atomic on its own: lock the order, move it if its status allows,
-# and record the move in its timeline. `{stamp_sql}` is filled from STEP_TIMESTAMP_COLUMN (our
-# constants), never from input.
+# and record the move in its timeline. The guard reads `previous` (the row as the lock returned it, the
+# latest committed version), not `o`: the UPDATE's own scan sees the statement's snapshot, and a row whose
+# snapshot version fails the guard is dropped without being re-checked against what the lock waited for.
+# `{stamp_sql}` is filled from STEP_TIMESTAMP_COLUMN (our constants), never from input.
 _UPDATE_TEMPLATE = """
     WITH previous AS (
         SELECT status FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
@@ -49,7 +51,7 @@ _UPDATE_TEMPLATE = """
            SET status = $2, updated_at = now(),
                failure_reason = COALESCE($4, o.failure_reason){stamp_sql}
           FROM previous
-         WHERE o.transaction_id = $1 AND o.status = ANY($3::text[])
+         WHERE o.transaction_id = $1 AND previous.status = ANY($3::text[])
      RETURNING previous.status AS previous_status
     ), recorded AS (
         INSERT INTO order_transitions (transaction_id, from_status, to_status, reason)

@@ -144,6 +144,17 @@ def service_app(ctx: ServiceContext, *, title: str, routers: Sequence[APIRouter]
     return app
 
 
+MAX_CONCURRENT_REQUESTS = 1024
+
+
 def run(app: FastAPI, settings: Settings, *, default_port: int) -> None:
     """Serve `app` until SIGTERM/SIGINT; uvicorn keeps our logging configuration (log_config=None)."""
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port or default_port, log_config=None)
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port or default_port,
+        log_config=None,
+        # A ceiling on connections and requests in progress (uvicorn answers 503 beyond it), so that
+        # unauthenticated callers cannot make a process hold unbounded bodies and sockets.
+        limit_concurrency=MAX_CONCURRENT_REQUESTS,
+    )

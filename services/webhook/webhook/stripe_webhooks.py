@@ -89,14 +89,20 @@ async def read_bounded_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _answer(status_code: int, outcome: str, message: str) -> JSONResponse:
+def _answer(status_code: int, outcome: str, message: str, *, close: bool = False) -> JSONResponse:
     metrics.stripe_webhooks_total.labels(outcome=outcome).inc()
     body = {"received": True} if status_code == 200 else {"error": message}
-    return JSONResponse(body, status_code=status_code)
+    return JSONResponse(body, status_code=status_code, headers={"Connection": "close"} if close else None)
 
 
 @router.post("/stripe")
 async def stripe_webhook(request: Request, ports: PortsDep) -> JSONResponse:
+    # Refusals before the whole body is read close the connection: whatever the client still sends is
+    # not read, and the socket is not kept alive for it.
+    signature = request.headers.get("stripe-signature")
+    if not signature:
+        log.warning("stripe webhook refused", extra={"error": "missing Stripe-Signature header"})
+        return _answer(400, "bad_signature", "missing Stripe-Signature header", close=True)
     try:
         # Bounded in time as well as size: a client trickling its body must not hold a connection and
         # its buffer for as long as it likes.
@@ -104,16 +110,13 @@ async def stripe_webhook(request: Request, ports: PortsDep) -> JSONResponse:
             payload = await read_bounded_body(request, MAX_BODY_BYTES)
     except BodyTooLarge:
         log.warning("stripe webhook refused: body too large", extra={"limit_bytes": MAX_BODY_BYTES})
-        return _answer(413, "too_large", f"webhook body larger than {MAX_BODY_BYTES} bytes")
+        return _answer(413, "too_large", f"webhook body larger than {MAX_BODY_BYTES} bytes", close=True)
     except TimeoutError:
         log.warning(
             "stripe webhook refused: body too slow", extra={"limit_seconds": BODY_READ_TIMEOUT_SECONDS}
         )
-        return _answer(408, "too_slow", f"webhook body not received within {BODY_READ_TIMEOUT_SECONDS} s")
-    signature = request.headers.get("stripe-signature")
-    if not signature:
-        log.warning("stripe webhook refused", extra={"error": "missing Stripe-Signature header"})
-        return _answer(400, "bad_signature", "missing Stripe-Signature header")
+        message = f"webhook body not received within {BODY_READ_TIMEOUT_SECONDS} s"
+        return _answer(408, "too_slow", message, close=True)
     try:
         event = ports.stripe.construct_event(payload, signature, ports.webhook_secrets)
     except StripeSignatureError as exc:
@@ -157,7 +160,11 @@ class _ShedLog:
         if now - self.last >= self.interval:
             log.warning(
                 "stripe deliveries shed: too many in flight (Stripe retries them)",
-                extra={"shed": self.count, "limit_setting": "WEBHOOK_MAX_IN_FLIGHT"},
+                extra={
+                    "shed_since_last_line": self.count,
+                    "limit_setting": "WEBHOOK_MAX_IN_FLIGHT",
+                    "counter": "esim_stripe_webhooks_total{outcome=shed}",
+                },
             )
             self.count, self.last = 0, now
 

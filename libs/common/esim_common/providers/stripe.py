@@ -25,6 +25,7 @@ Stripe gets lowercase. Results are frozen dataclasses, not StripeObjects.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from stripe.params import RefundCreateParams
     from stripe.params.checkout import SessionCreateParams
     from stripe.params.issuing import CardCreateParams, CardholderCreateParams
+
+log = logging.getLogger("esim.providers.stripe")
 
 T = TypeVar("T")
 
@@ -535,7 +538,8 @@ class StripeGateway:
         """Verify `payload` (the raw body) against any of `secrets` (several during a rotation)."""
         if not secrets:
             # Said to whoever sent the webhook: no hint that this deployment is misconfigured (settings
-            # refuse an empty list outside the sandbox anyway).
+            # refuse an empty list outside the sandbox anyway); the operator reads the cause in the log.
+            log.error("a webhook cannot be verified: no endpoint secret is configured")
             raise StripeSignatureError("webhook signature not accepted", operation="construct_event")
         try:
             payload.decode("utf-8")  # the SDK decodes before it verifies, and would raise past us
