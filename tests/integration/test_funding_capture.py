@@ -13,7 +13,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ from esim_common.publisher import PublishFailed
 from esim_common.service import ServiceContext
 from esim_common.settings import Settings
 from funding.main import create_app
+from tests.fixtures.polling import eventually
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -102,19 +103,6 @@ class Funding:
             while (message := await source.get(no_ack=True, fail=False)) is not None:
                 taken.append(json.loads(message.body))
             return taken
-
-
-async def eventually(check: Callable[[], Any], *, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

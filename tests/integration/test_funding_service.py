@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from esim_common.service import ServiceContext
 from esim_common.settings import FundingMode, Settings
 from esim_common.topology import delete
 from funding.main import create_app
+from tests.fixtures.polling import eventually
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -94,19 +94,6 @@ class Funding:
             while (message := await work.get(no_ack=True, fail=False)) is not None:
                 taken.append(json.loads(message.body))
             return taken
-
-
-async def eventually(check: Callable[[], Any], *, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -29,6 +29,7 @@ from esim_common.topology import declare_from_url
 from esim_sandbox.serve import serve_in_thread
 from provisioning import domain
 from provisioning.storage import QrStorage
+from tests.fixtures.polling import eventually
 from tests.integration import test_provisioning_service as svc
 from tests.integration.test_provisioning_service import (
     COST,
@@ -149,16 +150,6 @@ def hints(outcome: str) -> float:
 
 def purchase_outcomes(outcome: str) -> float:
     return REGISTRY.get_sample_value("esim_zendit_purchase_outcomes_total", {"outcome": outcome}) or 0.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], *, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if await result if isinstance(result, Awaitable) else result:
-            return
-        assert time.monotonic() < deadline, f"not within {within}s: {what}"
-        await asyncio.sleep(0.05)
 
 
 async def waiting_in_tier(service: Provisioning, delay: int) -> int:
