@@ -49,10 +49,10 @@ def test_a_newer_schema_version_is_refused_rather_than_misread():
 
 def _readme_default(value: object) -> str:
     """How the README's configuration table writes a default."""
-    if value is None:
+    if value is None or value == []:
         return "(unset)"
     if isinstance(value, list):
-        return "`" + ",".join(item.get_secret_value() for item in value) + "`"
+        return "`" + ",".join(getattr(item, "get_secret_value", lambda i=item: i)() for item in value) + "`"
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     if isinstance(value, bool):

@@ -30,6 +30,7 @@ from faststream.rabbit import RabbitBroker
 from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from esim_common import crash_points
 from esim_common.db import create_pool
 from esim_common.logging import configure_logging
 from esim_common.publisher import EventPublisher, create_broker
@@ -56,6 +57,7 @@ class ServiceContext:
     @classmethod
     def build(cls, name: str, settings: Settings) -> ServiceContext:
         configure_logging(service=name, level=settings.log_level, secrets=settings.secret_values().values())
+        crash_points.arm(settings.crash_points)
         broker = create_broker(
             settings.amqp_url,
             prefetch=settings.broker_prefetch,

@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     stripe_issuing_address_state: str = "CA"
     stripe_issuing_address_postal: str = "94111"
     stripe_issuing_address_country: str = "US"
+    # Optional allow-lists written onto every top-up card (comma-separated): Stripe merchant category
+    # names (e.g. `computer_network_information_services`) and ISO country codes of the merchant.
+    stripe_issuing_allowed_categories: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    stripe_issuing_allowed_merchant_countries: Annotated[list[str], NoDecode] = Field(default_factory=list)
     service_owner_email: str = "operator@example.com"
 
     # --- Zendit
@@ -143,9 +147,13 @@ class Settings(BaseSettings):
     zendit_timeout_seconds: float = 10.0
     zendit_topup_url: str = "http://127.0.0.1:12112/v1/wallet/topup"
     zendit_topup_api_key: SecretStr = SecretStr("topup_test_key")
-    zendit_min_topup: int = 5000  # minor units of the wallet currency
-    zendit_max_topup: int = 100000
+    zendit_min_topup: int = Field(default=5000, ge=1)  # minor units of the wallet currency
+    zendit_max_topup: int = Field(default=100000, ge=1)
     funding_mode: FundingMode = FundingMode.ISSUING_CARD
+    # prefunded mode: how often waiting orders look at the balance again, and how long an order may wait
+    # for the operator to add money before it is refunded.
+    awaiting_funds_recheck_seconds: int = Field(default=10, ge=1)
+    awaiting_funds_max_age: int = Field(default=21600, ge=60)  # seconds (6 h)
     # Zendit finishes ~99% of purchases within 15 s but retries for up to 24 h in supplier outages.
     purchase_deadline_seconds: int = 86400
     # Zendit webhooks carry no signature: the console sends this header with this value (a hint only).
@@ -178,6 +186,9 @@ class Settings(BaseSettings):
     # --- admin
     admin_api_token: SecretStr = SecretStr("admin-sandbox-token")
 
+    # --- recovery tests only (ENVIRONMENT=sandbox): the process dies abruptly at these named points
+    crash_points: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     @model_validator(mode="before")
     @classmethod
     def _split_lists(cls, data: object) -> object:
@@ -187,15 +198,32 @@ class Settings(BaseSettings):
                 "STRIPE_WEBHOOK_SECRETS",
                 "stripe_issuing_webhook_secrets",
                 "STRIPE_ISSUING_WEBHOOK_SECRETS",
+                "stripe_issuing_allowed_categories",
+                "STRIPE_ISSUING_ALLOWED_CATEGORIES",
+                "stripe_issuing_allowed_merchant_countries",
+                "STRIPE_ISSUING_ALLOWED_MERCHANT_COUNTRIES",
+                "crash_points",
+                "CRASH_POINTS",
             ):
                 if key in data:
                     data[key] = _split_csv(data[key])
         return data
 
     @model_validator(mode="after")
+    def _topup_bounds(self) -> Settings:
+        if self.zendit_min_topup > self.zendit_max_topup:
+            raise ValueError(
+                f"ZENDIT_MIN_TOPUP ({self.zendit_min_topup}) is above "
+                f"ZENDIT_MAX_TOPUP ({self.zendit_max_topup})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refuse_sandbox_secrets_in_production(self) -> Settings:
         if self.environment == "sandbox":
             return self
+        if self.crash_points:
+            raise ValueError(f"CRASH_POINTS is for recovery tests; ENVIRONMENT={self.environment} refuses it")
         offending = [name for name, value in self.secret_values().items() if value in _SANDBOX_SECRETS]
         if offending:
             raise ValueError(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from esim_common.crash_points import crash_here
 from esim_common.errors import CheckAgainLater, FailPermanently, RetryLater
 from esim_common.events import OrderFunded, OrderPaid
 from esim_common.money import Money, MoneyError
@@ -247,3 +248,4 @@ class FundOrder:
             )
         )
         log.info("order funded", extra={"topup_id": succeeded[-1] if succeeded else None})
+        crash_here("funding.before_ack")  # announced; the message is not acknowledged yet

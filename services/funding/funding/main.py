@@ -64,6 +64,8 @@ def create_app(settings: Settings) -> FastAPI:
         stripe=providers.stripe,
         gateway=providers.gateway,
         cardholder=PlatformCardholder(stripe=providers.stripe, settings=settings),
+        allowed_categories=settings.stripe_issuing_allowed_categories,
+        allowed_merchant_countries=settings.stripe_issuing_allowed_merchant_countries,
     )
     fund_order = FundOrder(
         pool=pool,

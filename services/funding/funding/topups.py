@@ -23,11 +23,12 @@ Stripe cancels a single-use card after its one payment anyway, and cancelling ag
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import asyncpg
 
+from esim_common.crash_points import crash_here
 from esim_common.errors import FailPermanently
 from esim_common.providers.stripe import CardDetails, StripeGateway
 from esim_common.providers.topup_gateway import (
@@ -54,11 +55,15 @@ class TopupPhases:
         stripe: StripeGateway,
         gateway: TopupGatewayClient,
         cardholder: PlatformCardholder,
+        allowed_categories: Sequence[str] = (),
+        allowed_merchant_countries: Sequence[str] = (),
     ) -> None:
         self._pool = pool  # a getter: the pool exists only once the service has started
         self._stripe = stripe
         self._gateway = gateway
         self._cardholder = cardholder
+        self._allowed_categories = tuple(allowed_categories)
+        self._allowed_merchant_countries = tuple(allowed_merchant_countries)
 
     async def settle_interrupted(self, transaction_id: str) -> None:
         """Finish this order's top-ups that a crash or a transient error interrupted, and cancel any
@@ -130,7 +135,10 @@ class TopupPhases:
                 cardholder_id=await self._cardholder.id(),
                 amount=topup.amount,
                 currency=topup.currency,
+                allowed_categories=self._allowed_categories,
+                allowed_merchant_countries=self._allowed_merchant_countries,
             )
+            crash_here("funding.after_card_created")  # the card exists at Stripe, not yet in our books
             await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
         log.info("single-use card created", extra={"topup_id": topup_id, "card_id": card.id})
 
@@ -169,6 +177,7 @@ class TopupPhases:
                 await self._end(conn, topup, TopupStatus.FAILED, failure_reason="gateway_answer_mismatch")
                 mismatch = exc
             else:
+                crash_here("funding.after_gateway_accepted")  # the wallet is credited, our row says submitted
                 await self._end(conn, topup, TopupStatus.SUCCEEDED, gateway_topup_id=result.topup_id)
                 log.info(
                     "wallet topped up", extra={"topup_id": topup_id, "gateway_topup_id": result.topup_id}
