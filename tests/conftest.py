@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.zendit_emulator",
     "tests.fixtures.smtp_capture",
     "tests.fixtures.private_rabbitmq",
+    "tests.fixtures.funding",
 ]

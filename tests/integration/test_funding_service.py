@@ -7,180 +7,35 @@ order states, rows, the emulators' books, and the events it publishes.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
-import aio_pika
-import asyncpg
 import pytest
-from fastapi import FastAPI
-from prometheus_client import REGISTRY
 
-from esim_common.events import Event, OrderPaid
+from esim_common.events import OrderPaid
 from esim_common.money import Money
-from esim_common.order_repository import create_order, get_order, record
+from esim_common.order_repository import get_order
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
-from esim_common.providers.stripe import BillingAddress, StripeGateway
-from esim_common.service import ServiceContext
-from esim_common.settings import FundingMode, Settings
-from esim_common.topology import delete
-from funding.main import create_app
+from esim_common.providers.stripe import BillingAddress
+from esim_common.settings import FundingMode
+from tests.fixtures.funding import (
+    COST,
+    MIN_TOPUP,
+    PRICE,
+    approved_charges,
+    cards_for,
+    credits,
+    pay_for_order,
+    rows,
+    running,
+    set_wallet,
+    wallet,
+)
 from tests.fixtures.polling import eventually
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
 S = OrderStatus
-OFFER = "ESIM-GLOBAL-30D-5GB"  # the seed's offer: costs 23.00 + 1.15 USD
-COST = Money(2415, "USD")
-PRICE = Money(3900, "USD")
-MIN_TOPUP = 5000  # the default ZENDIT_MIN_TOPUP
-OUTCOMES = ("ok", "retried", "deferred", "dead_lettered", "failed_permanently", "rejected_to_dlq")
-
-
-# ------------------------------------------------------------------------------------ harness
-
-
-@dataclass
-class Funding:
-    """The running service and ways to look at its effects."""
-
-    app: FastAPI
-    settings: Settings
-    amqp_url: str
-
-    @property
-    def ctx(self) -> ServiceContext:
-        return self.app.state.ctx
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self.ctx.pool
-
-    async def deliver(self, event: Event) -> None:
-        await self.ctx.publisher.publish(event)
-
-    def handled(self, *outcomes: str) -> float:
-        """Deliveries of funding.order-paid settled so far (by any outcome, or the ones given)."""
-        queue = self.ctx.topology.queue("funding.order-paid").name
-        return sum(
-            REGISTRY.get_sample_value("esim_messages_processed_total", {"queue": queue, "outcome": o}) or 0
-            for o in outcomes or OUTCOMES
-        )
-
-    async def wait_handled(self, count: int, *, within: float = 30.0) -> None:
-        await eventually(lambda: self.handled() >= count, within=within, what=f"{count} deliveries handled")
-
-    async def wait_status(self, txn: str, status: OrderStatus, *, within: float = 30.0) -> None:
-        async def reached() -> bool:
-            order = await get_order(self.pool, txn)
-            return order is not None and order.status == status
-
-        await eventually(reached, within=within, what=f"order {txn} {status.value}")
-
-    async def messages(self, queue: str) -> list[dict[str, Any]]:
-        """Take every message waiting in one of the (prefixed) consumer queues."""
-        name = self.ctx.topology.queue(queue).name
-        connection = await aio_pika.connect(self.amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            work = await channel.get_queue(name, ensure=False)
-            taken = []
-            while (message := await work.get(no_ack=True, fail=False)) is not None:
-                taken.append(json.loads(message.body))
-            return taken
-
-
-@asynccontextmanager
-async def running(settings: Settings, amqp_url: str) -> AsyncIterator[Funding]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield Funding(app=app, settings=settings, amqp_url=amqp_url)
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        await asyncio.wait_for(delete(await connection.channel(), app.state.ctx.topology), timeout=10)
-
-
-@pytest.fixture
-async def funding(service_settings, amqp_url) -> AsyncIterator[Funding]:
-    async with running(service_settings, amqp_url) as service:
-        yield service
-
-
-async def pay_for_order(
-    pool: asyncpg.Pool,
-    stripe_gateway: StripeGateway,
-    stripe_emulator,
-    *,
-    offer_id: str = OFFER,
-    cost: Money = COST,
-    price: Money = PRICE,
-) -> OrderPaid:
-    """An order as the webhook leaves it: paid through Checkout, `paid`, with its cost; and its event."""
-    txn = f"txn-{uuid.uuid4().hex[:16]}"
-    session = await stripe_gateway.create_checkout_session(
-        transaction_id=txn,
-        amount=price.amount,
-        currency=price.currency,
-        product_name=offer_id,
-        success_url="http://shop.test/ok",
-        cancel_url="http://shop.test/cancel",
-    )
-    intent_id = (await asyncio.to_thread(stripe_emulator.pay, session.id))["payment_intent"]["id"]
-    async with pool.acquire() as conn:
-        await create_order(
-            conn,
-            transaction_id=txn,
-            offer_id=offer_id,
-            price=price,
-            zendit_cost=cost,
-            recipient_email="ada@example.com",
-            recipient_name="Ada Lovelace",
-        )
-        await record(conn, txn, stripe_payment_intent_id=intent_id, stripe_checkout_session_id=session.id)
-        await transition(conn, txn, S.PAID)
-    return OrderPaid(transaction_id=txn, offer_id=offer_id, price=price, payment_intent_id=intent_id)
-
-
-@pytest.fixture
-def paid_order(funding, stripe_gateway, stripe_emulator):
-    async def make(**order: Any) -> OrderPaid:
-        return await pay_for_order(funding.pool, stripe_gateway, stripe_emulator, **order)
-
-    return make
-
-
-def set_wallet(zendit_emulator, balance: int) -> None:
-    zendit_emulator.control("POST", "wallet", {"balance": balance})
-
-
-def wallet(zendit_emulator) -> dict[str, Any]:
-    return zendit_emulator.control("GET", "state")
-
-
-def cards_for(stripe_emulator, topup_id: str) -> list[dict[str, Any]]:
-    return [
-        c for c in stripe_emulator.state.find("issuing.card") if c["metadata"].get("topup_id") == topup_id
-    ]
-
-
-def approved_charges(stripe_emulator, card_id: str) -> list[dict[str, Any]]:
-    return [a for a in stripe_emulator.state.find("issuing.authorization", card=card_id) if a["approved"]]
-
-
-async def credits(zendit_client) -> list[Any]:
-    page = await zendit_client.list_transactions(limit=100, offset=0)
-    return [t for t in page.transactions if t.type == "CREDIT"]
-
-
-async def rows(pool: asyncpg.Pool, sql: str, *args: Any) -> list[dict[str, Any]]:
-    return [dict(row) for row in await pool.fetch(sql, *args)]
-
 
 # ------------------------------------------------------------------------------------ happy paths
 
@@ -495,15 +350,6 @@ async def _assert_refunded_once(funding, stripe_emulator, event: OrderPaid, reas
     refunded = await funding.messages("reconcile.order-refunded")
     assert [(m["refund_id"], m["amount"]["amount"]) for m in refunded] == [(refunds[0]["id"], PRICE.amount)]
     assert await funding.messages("provisioning.order-funded") == []
-
-
-@pytest.fixture
-def declining_card_network(stripe_emulator, stripe_webhook_receiver):
-    """Our real-time authorisation endpoint says no: the gateway's charge of the card is declined."""
-    stripe_webhook_receiver.approve_authorizations = False
-    stripe_emulator.set_issuing_authorization_webhook(f"{stripe_webhook_receiver.url}/issuing")
-    yield
-    stripe_emulator.set_issuing_authorization_webhook(None)
 
 
 async def test_a_declined_topup_fails_the_order_and_refunds_it_once(

@@ -8,20 +8,29 @@ from esim_common.money import Money
 from esim_common.order_states import OrderStatus
 from funding.domain import (
     MAX_TOPUPS_PER_ORDER,
+    TOPUP_STALE_SECONDS,
+    Fund,
+    NewTopup,
     OrderCost,
-    ResumeTopup,
-    StartTopup,
+    Short,
     Step,
     TopupAboveMaximum,
     TopupFailed,
     TopupsExhausted,
     TopupStatus,
-    WalletPosition,
+    TopupView,
+    WaitForTopup,
+    WaitingOrder,
+    WalletBook,
+    after_short,
     card_expiry,
+    decide_funding,
+    fundable_in_payment_order,
     issuing_float_covers,
+    may_drive,
     next_step,
+    next_topup_id,
     order_failure_reason,
-    plan_topup,
     reserved_amount,
     reserves_wallet,
     topup_amount,
@@ -103,18 +112,85 @@ def test_reserved_amount_sums_the_reserving_costs_in_the_wallet_currency():
     assert reserved_amount([], "USD") == usd(0)
 
 
-def test_the_wallet_covers_a_cost_only_when_available_minus_reserved_is_enough():
-    position = WalletPosition(available=usd(10_000), reserved=usd(7_585))
-    assert position.free == usd(2_415)
-    assert position.covers(usd(2_415))
-    assert not position.covers(usd(2_416))
-    assert position.shortfall(usd(2_416)) == usd(1)
-    assert position.shortfall(usd(2_000)) == usd(0)
+def book(available: int, *waiting: tuple[str, int], reserved: int = 0, incoming: int = 0) -> WalletBook:
+    return WalletBook(
+        available=usd(available),
+        reserved=usd(reserved),
+        incoming=usd(incoming),
+        waiting=tuple(WaitingOrder(txn, usd(cost)) for txn, cost in waiting),
+    )
+
+
+def decide(
+    wallet: WalletBook, txn: str, *, can_top_up: bool = True, min_topup: int = 5_000, max_topup=100_000
+):
+    cost = next(o.cost for o in wallet.waiting if o.transaction_id == txn)
+    return decide_funding(wallet, txn, cost, can_top_up=can_top_up, min_topup=min_topup, max_topup=max_topup)
+
+
+def test_an_order_is_funded_when_available_minus_reserved_covers_it():
+    assert decide(book(10_000, ("a", 2_415), reserved=7_585), "a") == Fund()
+    assert decide(book(10_000, ("a", 2_416), reserved=7_585), "a") != Fund()
+
+
+def test_money_goes_in_payment_order_a_later_order_never_takes_what_an_earlier_one_waits_for():
+    wallet = book(3_000, ("early", 2_500), ("late", 500))
+    assert decide(wallet, "early") == Fund()
+    assert decide(wallet, "late") == Fund()  # exactly what is left after the earlier order
+    # 3,000 would pay for "late" alone, but 2,600 of it is the earlier order's.
+    wallet = book(3_000, ("early", 2_600), ("late", 500))
+    assert decide(wallet, "late", can_top_up=False) == Short(amount_to_add=usd(100))
+    assert decide(wallet, "late") == NewTopup(usd(5_000))
+
+
+def test_a_short_order_starts_one_topup_for_everyone_waiting_rounded_up_to_the_minimum():
+    wallet = book(1_000, ("a", 2_415), ("b", 2_415), ("c", 2_415))
+    # 7,245 wanted, 1,000 there: 6,245 missing → 10,000 (two minimum top-ups), not 5,000 per order.
+    assert decide(wallet, "b") == NewTopup(usd(10_000))
+
+
+def test_an_order_covered_by_a_topup_on_its_way_waits_instead_of_starting_another():
+    wallet = book(1_000, ("a", 2_415), ("b", 2_415), incoming=5_000)
+    assert decide(wallet, "a") == WaitForTopup()
+    assert decide(wallet, "b") == WaitForTopup()  # 1,000 + 5,000 ≥ 4,830
+    wallet = book(1_000, ("a", 2_415), ("b", 2_415), ("c", 2_415), incoming=5_000)
+    # "c" is not covered (needs 7,245 - 6,000 more): one more top-up for what is still missing.
+    assert decide(wallet, "c") == NewTopup(usd(5_000))
+
+
+def test_a_topup_is_capped_at_the_maximum_and_the_rest_waits_for_the_next():
+    wallet = book(0, *[(f"o{i}", 20_000) for i in range(8)])
+    assert decide(wallet, "o0", max_topup=100_000) == NewTopup(usd(100_000))
+
+
+def test_an_order_no_single_topup_could_pay_for_is_refused():
+    with pytest.raises(TopupAboveMaximum):
+        decide(book(0, ("big", 150_000)), "big", max_topup=100_000)
+    # Free money counts: 60,000 there, 90,000 missing, one top-up can do it.
+    assert decide(book(60_000, ("big", 150_000)), "big", max_topup=100_000) == NewTopup(usd(90_000))
 
 
 def test_reservations_above_the_balance_make_the_whole_cost_and_more_missing():
-    position = WalletPosition(available=usd(1_000), reserved=usd(3_000))
-    assert position.shortfall(usd(500)) == usd(2_500)
+    assert decide(book(1_000, ("a", 500), reserved=3_000), "a", can_top_up=False) == Short(usd(2_500))
+
+
+def test_prefunded_mode_says_what_every_waiting_order_together_lacks():
+    wallet = book(2_000, ("a", 2_415), ("b", 2_415))
+    assert decide(wallet, "a", can_top_up=False) == Short(amount_to_add=usd(2_830))
+
+
+def test_an_order_not_among_the_waiting_is_a_bug_not_a_decision():
+    with pytest.raises(ValueError, match="not among the waiting orders"):
+        decide_funding(book(0), "ghost", usd(1), can_top_up=True, min_topup=1, max_topup=10)
+
+
+def test_a_recheck_funds_the_waiting_orders_in_payment_order_until_one_does_not_fit():
+    wallet = book(6_000, ("a", 2_415), ("b", 2_415), ("c", 500), reserved=1_000)
+    assert fundable_in_payment_order(wallet) == ["a", "b"]  # 5,000 free: 170 left after a and b
+    wallet = book(4_000, ("a", 2_415), ("big", 5_000), ("c", 500))
+    # "big" does not fit: "c" behind it is not served first, even though it would fit.
+    assert fundable_in_payment_order(wallet) == ["a"]
+    assert fundable_in_payment_order(book(100, ("a", 2_415))) == []
 
 
 # ------------------------------------------------------------------------------------ top-up sizing
@@ -155,33 +231,39 @@ def test_topup_ids_are_derived_from_the_transaction_id_so_a_redelivery_finds_the
     assert topup_ids("txn1") == topup_ids("txn1")
 
 
-def test_the_first_topup_of_an_order_uses_its_base_id():
-    assert plan_topup("t", []) == StartTopup("tu_t")
+def test_an_order_starts_its_topups_under_ids_derived_from_its_own():
+    assert next_topup_id("t", []) == "tu_t"
+    # Top-ups it joined (started by others) do not use up its own ids.
+    assert next_topup_id("t", ["tu_other"]) == "tu_t"
+    assert next_topup_id("t", ["tu_other", "tu_t"]) == "tu_t-2"
+    assert next_topup_id("t", topup_ids("t")) is None
 
 
-@pytest.mark.parametrize("status", [TopupStatus.PENDING, TopupStatus.CARD_CREATED, TopupStatus.SUBMITTED])
-def test_an_open_topup_is_joined_never_skipped_it_may_be_paying_right_now(status):
-    assert plan_topup("t", [("tu_t", status, None)]) == ResumeTopup("tu_t")
-    assert plan_topup("t", [("tu_t", TopupStatus.SUCCEEDED, None), ("tu_t-2", status, None)]) == ResumeTopup(
-        "tu_t-2"
-    )
+def view(topup_id: str, status: TopupStatus, reason: str | None = None) -> TopupView:
+    return TopupView(topup_id, status, reason)
 
 
-def test_after_a_successful_topup_that_others_spent_the_next_id_follows():
-    assert plan_topup("t", [("tu_t", TopupStatus.SUCCEEDED, None)]) == StartTopup("tu_t-2")
-
-
-def test_a_declined_last_topup_fails_the_order_instead_of_trying_another_card():
-    plan = plan_topup("t", [("tu_t", TopupStatus.DECLINED, "CARD_DECLINED")])
-    assert plan == TopupFailed("topup_declined")
-    assert plan_topup("t", [("tu_t", TopupStatus.FAILED, "issuing_float_low")]) == TopupFailed(
+def test_a_short_order_whose_last_topup_failed_fails_with_it_instead_of_trying_another_card():
+    assert after_short([view("tu_x", TopupStatus.DECLINED, "CARD_DECLINED")]) == TopupFailed("topup_declined")
+    assert after_short([view("tu_x", TopupStatus.FAILED, "issuing_float_low")]) == TopupFailed(
         "issuing_float_low"
     )
+    # An earlier failure followed by a success does not fail it: the last word counts.
+    assert after_short([view("tu_x", TopupStatus.FAILED), view("tu_y", TopupStatus.SUCCEEDED)]) is None
+    assert after_short([]) is None
 
 
-def test_an_order_never_gets_more_than_the_maximum_number_of_topups():
-    existing = [(topup_id, TopupStatus.SUCCEEDED, None) for topup_id in topup_ids("t")]
-    assert plan_topup("t", existing) == TopupsExhausted(MAX_TOPUPS_PER_ORDER)
+def test_an_order_still_short_after_the_maximum_of_successful_topups_stops():
+    succeeded = [view(f"tu_{n}", TopupStatus.SUCCEEDED) for n in range(MAX_TOPUPS_PER_ORDER)]
+    assert after_short(succeeded) == TopupsExhausted(MAX_TOPUPS_PER_ORDER)
+    assert after_short(succeeded[:-1]) is None
+
+
+def test_only_the_order_that_started_a_topup_drives_it_unless_it_has_stalled():
+    assert may_drive("tu_t", "t", idle_seconds=0)
+    assert may_drive("tu_t-2", "t", idle_seconds=0)
+    assert not may_drive("tu_other", "t", idle_seconds=TOPUP_STALE_SECONDS - 1)
+    assert may_drive("tu_other", "t", idle_seconds=TOPUP_STALE_SECONDS)
 
 
 def test_the_order_failure_reason_names_a_decline_and_keeps_other_reasons():

@@ -2,9 +2,11 @@
 
 next_step(order)          what a delivery of order.paid should do with an order in this state
 reserved_amount(orders)   the wallet money other orders were promised but Zendit has not taken yet
-WalletPosition            available (Zendit) minus reserved (ours): what an order may still spend
+WalletBook / decide_funding   fund, wait for a top-up on its way, start one for everyone waiting, or
+                          (prefunded) say how much the operator must add; money goes in payment order
+fundable_in_payment_order the waiting orders the free money pays for, first paid first
 topup_amount(shortfall)   the shortfall rounded up to ZENDIT_MIN_TOPUP, refused above ZENDIT_MAX_TOPUP
-topup_ids / plan_topup    the deterministic ids of an order's top-ups and which one comes next
+topup_ids / next_topup    the deterministic ids of the top-ups an order starts, and what its top-ups say
 capture_step / intent_capture   manual capture: what order.delivered asks for, and what Stripe allows
 capture_deadline / capture_retry_delay   how long a capture Stripe cannot do yet is tried again
 capture_failure_record   whether a capture failure is new (alert) or recorded already (announce only)
@@ -76,6 +78,14 @@ class OrderCost:
     status: OrderStatus
     zendit_status: str | None
     cost: Money | None
+    zendit_transaction_id: str | None = None
+
+
+def status_unsure(order: OrderCost) -> bool:
+    """A purchase was placed but we have not seen Zendit hold its cost yet: Zendit may hold it already
+    (then it is counted twice — in its hold and in our reservation). Worth asking Zendit before money
+    is added on the strength of it."""
+    return order.status == S.PURCHASING and order.zendit_transaction_id is not None and reserves_wallet(order)
 
 
 def reserves_wallet(order: OrderCost) -> bool:
@@ -101,21 +111,112 @@ def reserved_amount(orders: Iterable[OrderCost], currency: str) -> Money:
 
 
 @dataclass(frozen=True)
-class WalletPosition:
+class WaitingOrder:
+    """An order that was paid and is not funded yet (funding or awaiting_funds), with its known cost."""
+
+    transaction_id: str
+    cost: Money
+
+
+@dataclass(frozen=True)
+class WalletBook:
+    """Everything one funding decision looks at, read under the wallet lock.
+
+    Money goes to waiting orders in payment order: an order may use only what is left after the orders
+    paid before it, so a later order can never take the money an earlier one is waiting for, and a
+    top-up is sized for everyone waiting, not just for the order that happens to ask first.
+    """
+
     available: Money  # Zendit's availableBalance (its own holds already taken out)
-    reserved: Money  # promised to other orders, not yet held by Zendit
+    reserved: Money  # promised to funded orders, not yet held by Zendit
+    incoming: Money  # open top-ups: on their way, not in `available` yet
+    waiting: tuple[WaitingOrder, ...]  # in payment order, the deciding order among them
 
     @property
     def free(self) -> Money:
         return self.available - self.reserved
 
-    def covers(self, cost: Money) -> bool:
-        return self.free >= cost
+    @property
+    def demand(self) -> Money:
+        return _total(o.cost for o in self.waiting) if self.waiting else Money.zero(self.available.currency)
 
-    def shortfall(self, cost: Money) -> Money:
-        """How much is missing for `cost` (zero when covered)."""
-        missing = cost - self.free
-        return missing if missing.amount > 0 else Money.zero(cost.currency)
+    def ahead_of(self, transaction_id: str) -> Money:
+        """The costs of the orders paid before this one that are still waiting."""
+        ahead = Money.zero(self.available.currency)
+        for order in self.waiting:
+            if order.transaction_id == transaction_id:
+                return ahead
+            ahead += order.cost
+        raise ValueError(f"order {transaction_id} is not among the waiting orders")
+
+
+def _total(costs: Iterable[Money]) -> Money:
+    costs = list(costs)
+    total = Money.zero(costs[0].currency)
+    for cost in costs:
+        total += cost
+    return total
+
+
+@dataclass(frozen=True)
+class Fund:
+    """The wallet covers this order after every order paid before it: fund it now."""
+
+
+@dataclass(frozen=True)
+class WaitForTopup:
+    """Top-ups already on their way will cover this order: wait for them instead of starting another."""
+
+
+@dataclass(frozen=True)
+class NewTopup:
+    """Start one top-up of `amount`: the whole shortfall of the waiting orders, rounded up to
+    ZENDIT_MIN_TOPUP and capped by ZENDIT_MAX_TOPUP."""
+
+    amount: Money
+
+
+@dataclass(frozen=True)
+class Short:
+    """No top-up possible (prefunded mode): the operator must add at least `amount_to_add`."""
+
+    amount_to_add: Money
+
+
+FundingDecision = Fund | WaitForTopup | NewTopup | Short
+
+
+def decide_funding(
+    book: WalletBook, transaction_id: str, cost: Money, *, can_top_up: bool, min_topup: int, max_topup: int
+) -> FundingDecision:
+    """What to do with one waiting order, given the wallet as it is now (see WalletBook)."""
+    free, ahead = book.free, book.ahead_of(transaction_id)
+    if free - ahead >= cost:
+        return Fund()
+    needed = ahead + cost - free  # what must still arrive before this order's turn is paid for
+    if book.incoming >= needed:
+        return WaitForTopup()
+    missing = book.demand - free - book.incoming  # what every waiting order together still lacks
+    if not can_top_up:
+        return Short(amount_to_add=missing)
+    own_shortfall = cost.amount - max(free.amount, 0)
+    if own_shortfall > 0:  # raises TopupAboveMaximum: no single top-up could ever pay for this order
+        topup_amount(Money(own_shortfall, cost.currency), min_topup=min_topup, max_topup=max_topup)
+    amount = ceil_to_multiple(missing.amount, max(min_topup, 1))
+    return NewTopup(Money(min(amount, max_topup), cost.currency))
+
+
+def fundable_in_payment_order(book: WalletBook) -> list[str]:
+    """The waiting orders the free money pays for, in payment order, stopping at the first that does
+    not fit (a large order first in line is not overtaken by smaller ones behind it)."""
+    left = book.free
+    funded = []
+    for order in book.waiting:
+        if left < order.cost:
+            break
+        left -= order.cost
+        funded.append(order.transaction_id)
+    return funded
 
 
 # ------------------------------------------------------------------------------------ top-ups
@@ -173,18 +274,6 @@ class TopupStatus(StrEnum):
 
 
 @dataclass(frozen=True)
-class StartTopup:
-    topup_id: str
-
-
-@dataclass(frozen=True)
-class ResumeTopup:
-    """Another delivery of the same order is driving this top-up (or one was interrupted): join it."""
-
-    topup_id: str
-
-
-@dataclass(frozen=True)
 class TopupFailed:
     reason: str
 
@@ -194,29 +283,47 @@ class TopupsExhausted:
     count: int
 
 
-TopupPlan = StartTopup | ResumeTopup | TopupFailed | TopupsExhausted
+@dataclass(frozen=True)
+class TopupView:
+    """What the funding rules need to know about a top-up."""
+
+    id: str
+    status: TopupStatus
+    failure_reason: str | None = None
 
 
-def plan_topup(transaction_id: str, existing: Sequence[tuple[str, TopupStatus, str | None]]) -> TopupPlan:
-    """The wallet is short: which top-up to drive, given this order's top-ups `(id, status, reason)`
-    as they were BEFORE the balance was read.
+def after_short(covering: Sequence[TopupView]) -> TopupFailed | TopupsExhausted | None:
+    """The order is short and nothing on its way covers it: what the top-ups that were meant to cover
+    it (oldest first) say before another is started.
 
-    An open one is joined, never skipped: it may be paying right now. A succeeded one seen before the
-    balance read is already in that balance, so being short after it means others spent the money
-    and the next top-up is due.
+    The last one failed: the order fails with it (a declined card or a low Issuing float would fail the
+    next card too; each waiting order starting its own would only multiply declined cards). Several
+    succeeded and it is still short: something is wrong (a gateway that says "succeeded" but does not
+    credit), and retrying through the tiers, then refunding, beats topping up forever.
     """
-    by_id = {topup_id: (status, reason) for topup_id, status, reason in existing}
-    ids = topup_ids(transaction_id)
-    done = [topup_id for topup_id in ids if topup_id in by_id]
-    if done:
-        status, reason = by_id[done[-1]]
-        if status.is_open:
-            return ResumeTopup(done[-1])
-        if status.is_failure:
-            return TopupFailed(order_failure_reason(status, reason))
-    if len(done) >= len(ids):
-        return TopupsExhausted(len(done))
-    return StartTopup(ids[len(done)])
+    if covering and covering[-1].status.is_failure:
+        return TopupFailed(order_failure_reason(covering[-1].status, covering[-1].failure_reason))
+    succeeded = sum(1 for t in covering if t.status == TopupStatus.SUCCEEDED)
+    if succeeded >= MAX_TOPUPS_PER_ORDER:
+        return TopupsExhausted(succeeded)
+    return None
+
+
+def next_topup_id(transaction_id: str, existing: Iterable[str]) -> str | None:
+    """The id of the next top-up this order starts; None when it has started all it may."""
+    taken = set(existing)
+    return next((topup_id for topup_id in topup_ids(transaction_id) if topup_id not in taken), None)
+
+
+# An open top-up whose row has not moved for this long has lost its driver (a bug sent the message
+# that drove it to the DLQ): an order waiting for it drives it on. Far above the slowest legitimate gap
+# (the 10 s retry tier plus a provider timeout), so two drivers never race a live one.
+TOPUP_STALE_SECONDS = 60
+
+
+def may_drive(topup_id: str, transaction_id: str, *, idle_seconds: float) -> bool:
+    """Whether this order moves the top-up forward itself, or waits for the order that started it."""
+    return topup_id in topup_ids(transaction_id) or idle_seconds >= TOPUP_STALE_SECONDS
 
 
 def order_failure_reason(status: TopupStatus, topup_reason: str | None) -> str:

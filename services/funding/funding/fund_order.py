@@ -1,24 +1,34 @@
 """The use case: make sure the Zendit wallet can pay for one paid order, then announce order.funded.
 
-    paid ─► funding ─┬─ wallet covers the cost ──────────────────────────────► funded ─► order.funded
-                     ├─ short, issuing_card: top up (topups.py), re-check ───► funded ─► order.funded
-                     └─ short, prefunded: awaiting_funds, operator alert, check again in 10 s
+    paid ─► funding ─┬─ the wallet covers it (after the orders paid before it) ─────► funded ─► order.funded
+                     ├─ issuing_card, a top-up on its way covers it: wait (1 s), re-check
+                     ├─ issuing_card, short: one top-up for everyone waiting (topups.py), re-check
+                     └─ prefunded, short: awaiting_funds, one operator alert per shortage, re-check
+                        every AWAITING_FUNDS_RECHECK_SECONDS; refunded after AWAITING_FUNDS_MAX_AGE
 
-"Covers" is decided under one Postgres advisory lock for the whole wallet (`repository.LOCK_WALLET`):
-other orders' reservations and this order's top-ups are read, then Zendit's balance; the order is moved
-to `funded`, or the top-up to drive is chosen (and a new one recorded), in the same transaction, so two
-orders can never both count the same money. Both reads come before the balance on purpose: a purchase
-that moves from "reserved by us" to "held by Zendit" in between is then counted twice (safe) instead of
-not at all, and a top-up seen as succeeded is certainly in the balance read after it.
+Every decision runs under one Postgres advisory lock for the whole wallet (`repository.LOCK_WALLET`):
+the orders that reserve money, the orders waiting for it and the top-ups on their way are read, then
+Zendit's balance (domain.WalletBook); the order is funded, joins a top-up, or a new top-up is recorded,
+all in that transaction, so two orders can never count the same money and a burst of orders starts one
+top-up, not one each. The reads come before the balance on purpose: a purchase that moves from
+"reserved by us" to "held by Zendit" in between is then counted twice (safe) instead of not at all, and
+a top-up seen as succeeded is certainly in the balance read after it (one seen open may be counted
+twice: the order then waits a second longer).
+
+order.funded is written to the outbox with the move to `funded` and published after the commit; a
+redelivery publishes it only if that publish was lost. In prefunded mode one re-check that finds money
+funds every waiting order it pays for, in payment order, and announces them all.
 
 Every step is idempotent; a redelivery resumes wherever the previous delivery stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -29,13 +39,13 @@ from esim_common.money import Money, MoneyError
 from esim_common.order_repository import Order, get_order
 from esim_common.order_states import OrderStatus
 from esim_common.orders import IllegalTransition, transition
-from esim_common.providers.zendit import ZenditClient
+from esim_common.providers.zendit import ZenditClient, ZenditError
 from esim_common.publisher import EventPublisher
 from esim_common.settings import FundingMode
 from funding import domain
 from funding import repository as repo
-from funding.domain import Step, TopupStatus, WalletPosition
-from funding.metrics import operator_alert, wallet_available
+from funding.domain import OrderCost, Step, TopupStatus, TopupView, WaitingOrder, WalletBook
+from funding.metrics import awaiting_funds_orders, operator_alert, wallet_available, wallet_shortfall
 from funding.repository import WalletTopup
 from funding.topups import TopupPhases
 
@@ -43,8 +53,8 @@ log = logging.getLogger("esim.funding")
 
 S = OrderStatus
 
-# How often a prefunded order waiting for the operator looks at the balance again (a retry tier).
-PREFUNDED_RECHECK_SECONDS = 10
+# How often an order waiting for a top-up on its way looks again (the shortest retry tier).
+TOPUP_WAIT_SECONDS = 1
 
 
 class OrderMissing(Exception):
@@ -57,10 +67,14 @@ class UnexpectedOrderState(Exception):
 
 @dataclass(frozen=True)
 class Decision:
-    funded: bool  # the order is funded now (by this decision or an earlier one)
-    shortfall: Money | None = None  # set when the wallet is short
-    topup_id: str | None = None  # short, issuing_card mode: the top-up to drive
+    funded: tuple[str, ...] = ()  # orders funded by this decision, in payment order (this one among them)
+    already_funded: bool = False  # the order was funded before (by an earlier decision or a batch)
     moved_on: bool = False  # someone else moved the order out of funding meanwhile
+    drive: str | None = None  # issuing_card: the top-up this delivery moves forward now
+    wait_for: str | None = None  # issuing_card: the top-up on its way this order waits for
+    short: Money | None = None  # prefunded: what the operator must add for every waiting order
+    shortage_began: bool = False  # prefunded: this order is the first to wait (alert once)
+    awaiting: int | None = None  # prefunded: orders in awaiting_funds after this decision
 
 
 class FundOrder:
@@ -74,6 +88,8 @@ class FundOrder:
         mode: FundingMode,
         min_topup: int,
         max_topup: int,
+        awaiting_funds_recheck_seconds: int = 10,
+        awaiting_funds_max_age: timedelta = timedelta(hours=6),
     ) -> None:
         self._pool = pool
         self._publisher = publisher
@@ -82,13 +98,15 @@ class FundOrder:
         self._mode = mode
         self._min_topup = min_topup
         self._max_topup = max_topup
+        self._recheck_seconds = awaiting_funds_recheck_seconds
+        self._max_age = awaiting_funds_max_age
 
     async def __call__(self, event: OrderPaid) -> None:
         txn = event.transaction_id
         order = await self._enter_funding(await self._order(txn))
         step = domain.next_step(order.status, ever_funded=order.funded_at is not None)
         if step == Step.ANNOUNCE:
-            return await self._announce(order)
+            return await self._announce(txn)
         if step == Step.NOTHING:
             log.info("order is past funding; nothing to do", extra={"status": order.status.value})
             return None
@@ -102,19 +120,20 @@ class FundOrder:
         if self._mode == FundingMode.PREFUNDED:
             return await self._fund_prefunded(txn, cost)
         await self._topups.settle_interrupted(txn)
-        # Each pass funds the order or drives one top-up; plan_topup bounds the number of top-ups.
+        # Each pass funds the order, waits, or drives one top-up; next_topup_id bounds the top-ups.
         for _ in range(domain.MAX_TOPUPS_PER_ORDER + 1):
-            decision = await self._decide(txn, cost, top_up=True)
+            decision = await self._decide(txn, cost, can_top_up=True)
             if decision.moved_on:
                 return None
-            if decision.funded:
-                return await self._announce(await self._order(txn))
-            assert decision.topup_id is not None
-            await self._topups.finish(decision.topup_id, txn)
+            if decision.funded or decision.already_funded:
+                return await self._announce(txn)
+            if decision.drive is None:
+                raise CheckAgainLater(TOPUP_WAIT_SECONDS, f"waiting for top-up {decision.wait_for}")
+            await self._topups.finish(decision.drive, txn)
         raise RetryLater("the wallet is still short after this order's top-ups")
 
     async def give_up(self, transaction_id: str, reason: str) -> None:
-        """Before the refund: no top-up of this order may stay open, no card of it active."""
+        """Before the refund: no top-up this order started may stay open, no card of it active."""
         await self._topups.abandon(transaction_id, reason)
 
     # ------------------------------------------------------------------------------------ steps
@@ -150,102 +169,213 @@ class FundOrder:
         await repo.record_cost_if_missing(self._pool(), order.transaction_id, cost)
         return (await self._order(order.transaction_id)).zendit_cost_money or cost
 
-    async def _decide(self, transaction_id: str, cost: Money, *, top_up: bool) -> Decision:
-        """Under the wallet lock: fund the order if the wallet covers it; else say how much is missing
-        and (`top_up`) which top-up is to cover it."""
+    async def _decide(self, transaction_id: str, cost: Money, *, can_top_up: bool) -> Decision:
+        """Under the wallet lock: fund the order, or say what it waits for (see the module docstring)."""
         async with self._pool().acquire() as conn, conn.transaction():
             await conn.execute(repo.LOCK_WALLET)
             order = await get_order(conn, transaction_id, lock=True)
             assert order is not None  # loaded a moment ago; orders are never deleted
             if order.status == S.FUNDED:
-                return Decision(funded=True)
+                return Decision(already_funded=True)
             if order.status not in (S.FUNDING, S.AWAITING_FUNDS):
                 log.info("order left funding meanwhile", extra={"status": order.status.value})
-                return Decision(funded=False, moved_on=True)
+                return Decision(moved_on=True)
+            if not can_top_up:
+                self._refuse_if_waited_too_long(order)
             others = await repo.reserving_orders(conn, exclude=transaction_id)
-            mine = await repo.get_topups(conn, domain.topup_ids(transaction_id))
+            waiting = await repo.waiting_orders(conn)
+            on_the_way = await repo.open_topups(conn)
+            covering = await repo.covering_topups(conn, transaction_id)
             balance = (await self._zendit.get_balance()).available
             wallet_available.labels(currency=balance.currency).set(balance.amount)
             if balance.currency != cost.currency:
                 raise FailPermanently(
                     "currency_mismatch", f"the wallet is in {balance.currency}, the cost in {cost.currency}"
                 )
-            position = WalletPosition(
-                available=balance, reserved=domain.reserved_amount(others, balance.currency)
+            book = WalletBook(
+                available=balance,
+                reserved=domain.reserved_amount(others, balance.currency),
+                incoming=sum(
+                    (t.money for t, _ in on_the_way if t.currency == balance.currency),
+                    Money.zero(balance.currency),
+                ),
+                waiting=tuple(
+                    WaitingOrder(w.transaction_id, w.cost)
+                    for w in waiting
+                    if w.cost.currency == balance.currency
+                ),
             )
-            if position.covers(cost):
-                await transition(conn, transaction_id, S.FUNDED, reason=f"wallet free {position.free}")
-                return Decision(funded=True)
-            shortfall = position.shortfall(cost)
+            decision = self._decision(book, transaction_id, cost, can_top_up)
+            if isinstance(decision, domain.NewTopup | domain.Short) and any(
+                map(domain.status_unsure, others)
+            ):
+                # Before money is added (or the operator asked for it): purchases placed since we last
+                # looked may be held by Zendit already, i.e. counted twice. Ask, and decide again.
+                # The balance is read again after the statuses, as at the top: a purchase held in between
+                # is then counted twice (safe), never not at all.
+                others = await self._with_fresh_purchase_status(others)
+                balance = (await self._zendit.get_balance()).available
+                book = replace(
+                    book, available=balance, reserved=domain.reserved_amount(others, balance.currency)
+                )
+                decision = self._decision(book, transaction_id, cost, can_top_up)
             log.info(
-                "wallet short for this order",
+                "funding decision",
                 extra={
+                    "decision": type(decision).__name__,
                     "available": balance.amount,
-                    "reserved": position.reserved.amount,
+                    "reserved": book.reserved.amount,
+                    "incoming": book.incoming.amount,
+                    "ahead": book.ahead_of(transaction_id).amount,
                     "cost": cost.amount,
                 },
             )
-            if not top_up:
-                return Decision(funded=False, shortfall=shortfall)
-            topup_id = await self._plan_topup(conn, transaction_id, mine, shortfall)
-        return Decision(funded=False, shortfall=shortfall, topup_id=topup_id)
+            if isinstance(decision, domain.Fund):
+                batch = [transaction_id]
+                if not can_top_up:  # prefunded: one re-check resumes every waiting order it pays for
+                    statuses = {w.transaction_id: w.status for w in waiting}
+                    batch = [
+                        t
+                        for t in domain.fundable_in_payment_order(book)
+                        if t == transaction_id or statuses.get(t) == S.AWAITING_FUNDS
+                    ]
+                for funded in batch:
+                    await self._mark_funded(conn, funded)
+                return Decision(funded=tuple(batch), awaiting=await self._awaiting(conn, can_top_up))
+            if isinstance(decision, domain.WaitForTopup):
+                latest, idle_seconds = on_the_way[-1]
+                await repo.join_topup(conn, latest.id, transaction_id)
+                drive = domain.may_drive(latest.id, transaction_id, idle_seconds=idle_seconds)
+                return Decision(wait_for=latest.id, drive=latest.id if drive else None)
+            if isinstance(decision, domain.Short):
+                began = await repo.count_awaiting_funds(conn) == 0
+                if order.status == S.FUNDING:
+                    await transition(conn, transaction_id, S.AWAITING_FUNDS, reason="wallet short")
+                else:
+                    began = False  # it was waiting already: the shortage did not begin now
+                return Decision(
+                    short=decision.amount_to_add,
+                    shortage_began=began,
+                    awaiting=await self._awaiting(conn, False),
+                )
+            return Decision(drive=await self._start_topup(conn, transaction_id, covering, decision.amount))
 
-    async def _plan_topup(
-        self, conn: asyncpg.Connection, transaction_id: str, mine: list[WalletTopup], shortfall: Money
-    ) -> str:
-        """The top-up to drive; a new one is recorded (pending) in the caller's locked transaction."""
-        plan = domain.plan_topup(transaction_id, [(t.id, t.status, t.failure_reason) for t in mine])
-        if isinstance(plan, domain.TopupFailed):
-            raise FailPermanently(plan.reason)
-        if isinstance(plan, domain.TopupsExhausted):
-            raise RetryLater(f"the wallet is still short after {plan.count} successful top-ups")
-        if isinstance(plan, domain.ResumeTopup):
-            return plan.topup_id
+    def _decision(
+        self, book: WalletBook, transaction_id: str, cost: Money, can_top_up: bool
+    ) -> domain.FundingDecision:
         try:
-            amount = domain.topup_amount(shortfall, min_topup=self._min_topup, max_topup=self._max_topup)
+            return domain.decide_funding(
+                book,
+                transaction_id,
+                cost,
+                can_top_up=can_top_up,
+                min_topup=self._min_topup,
+                max_topup=self._max_topup,
+            )
         except domain.TopupAboveMaximum as exc:
             raise FailPermanently("topup_above_maximum", str(exc)) from None
-        await repo.start_topup(conn, topup_id=plan.topup_id, amount=amount, transaction_id=transaction_id)
-        log.info("wallet top-up planned", extra={"topup_id": plan.topup_id, "amount": amount.amount})
-        return plan.topup_id
+
+    async def _with_fresh_purchase_status(self, others: list[OrderCost]) -> list[OrderCost]:
+        """`others` with Zendit's current status for the purchases whose hold we have not seen; an
+        answer we cannot get leaves the order reserved (counting it twice is the safe mistake)."""
+
+        async def fresh(order: OrderCost) -> OrderCost:
+            if not domain.status_unsure(order):
+                return order
+            assert order.zendit_transaction_id is not None  # status_unsure says so
+            try:
+                purchase = await self._zendit.get_purchase(order.zendit_transaction_id)
+            except (ZenditError, TimeoutError) as exc:
+                log.info("purchase status unknown; its cost stays reserved", extra={"error": str(exc)[:200]})
+                return order
+            return replace(order, zendit_status=purchase.status)
+
+        return list(await asyncio.gather(*(fresh(order) for order in others)))
+
+    async def _start_topup(
+        self, conn: asyncpg.Connection, transaction_id: str, covering: list[WalletTopup], amount: Money
+    ) -> str:
+        """Record a new top-up (pending) in the caller's locked transaction, unless the ones meant for
+        this order say it should fail or stop (domain.after_short)."""
+        verdict = domain.after_short([TopupView(t.id, t.status, t.failure_reason) for t in covering])
+        if isinstance(verdict, domain.TopupFailed):
+            raise FailPermanently(verdict.reason)
+        if isinstance(verdict, domain.TopupsExhausted):
+            raise RetryLater(f"the wallet is still short after {verdict.count} successful top-ups")
+        topup_id = domain.next_topup_id(transaction_id, [t.id for t in covering])
+        if topup_id is None:
+            raise RetryLater("this order has started every top-up it may")
+        await repo.start_topup(conn, topup_id=topup_id, amount=amount, transaction_id=transaction_id)
+        log.info("wallet top-up planned", extra={"topup_id": topup_id, "amount": amount.amount})
+        return topup_id
+
+    @staticmethod
+    async def _awaiting(conn: asyncpg.Connection, can_top_up: bool) -> int | None:
+        return None if can_top_up else await repo.count_awaiting_funds(conn)
+
+    def _refuse_if_waited_too_long(self, order: Order) -> None:
+        paid_at = order.paid_at or order.created_at
+        if datetime.now(UTC) - paid_at >= self._max_age:
+            raise FailPermanently(
+                "awaiting_funds_expired",
+                f"waited {self._max_age} for the Zendit wallet to be funded (AWAITING_FUNDS_MAX_AGE)",
+            )
 
     async def _fund_prefunded(self, transaction_id: str, cost: Money) -> None:
-        decision = await self._decide(transaction_id, cost, top_up=False)
+        decision = await self._decide(transaction_id, cost, can_top_up=False)
         if decision.moved_on:
             return None
-        if decision.funded:
-            return await self._announce(await self._order(transaction_id))
-        assert decision.shortfall is not None
-        try:
-            async with self._pool().acquire() as conn:
-                moved = await transition(conn, transaction_id, S.AWAITING_FUNDS, reason="wallet short")
-        except IllegalTransition:
-            return None  # a concurrent delivery funded it meanwhile and announced it
-        if moved.changed:  # one alert per order, not one per re-check
-            operator_alert(
-                "wallet_short",
-                f"the Zendit wallet is short: add at least {decision.shortfall} in the Zendit console",
-                amount_to_add=decision.shortfall.amount,
-                currency=decision.shortfall.currency,
-            )
-        raise CheckAgainLater(PREFUNDED_RECHECK_SECONDS, "waiting for the operator to fund the wallet")
+        if decision.awaiting is not None:
+            awaiting_funds_orders.set(decision.awaiting)
+        if decision.funded or decision.already_funded:
+            if decision.awaiting == 0:
+                wallet_shortfall.labels(currency=cost.currency).set(0)
+            for funded in decision.funded or (transaction_id,):
+                await self._announce(funded)
+            return None
+        if decision.short is not None:
+            wallet_shortfall.labels(currency=decision.short.currency).set(decision.short.amount)
+            if decision.shortage_began:  # one alert per shortage, not one per order or re-check
+                operator_alert(
+                    "wallet_short",
+                    f"the Zendit wallet is short: add at least {decision.short} in the Zendit console",
+                    amount_to_add=decision.short.amount,
+                    currency=decision.short.currency,
+                )
+        raise CheckAgainLater(self._recheck_seconds, "waiting for the operator to fund the wallet")
 
-    async def _announce(self, order: Order) -> None:
-        cost = order.zendit_cost_money
-        if cost is None:  # cannot happen: the cost is recorded before an order is funded
+    async def _mark_funded(self, conn: asyncpg.Connection, transaction_id: str) -> None:
+        """→ funded, with its order.funded in the outbox (same transaction)."""
+        await transition(conn, transaction_id, S.FUNDED, reason="the wallet covers it")
+        await repo.add_announcement(conn, await self._funded_event(conn, transaction_id))
+
+    async def _announce(self, transaction_id: str) -> None:
+        """Publish the order's order.funded that nobody has published yet (the outbox row stays locked
+        until the broker confirms, so two deliveries cannot both publish it)."""
+        async with self._pool().acquire() as conn, conn.transaction():
+            pending = await repo.unpublished_announcements(conn, transaction_id)
+            if not pending and not await repo.has_announcement(conn, transaction_id):
+                # Funded without an outbox row (before the outbox was used for it, or by hand).
+                pending = [await self._funded_event(conn, transaction_id)]
+                await repo.add_announcement(conn, pending[0])
+            for event in pending:
+                await self._publisher.publish(event)
+                await repo.mark_announced(conn, event.event_id)
+                log.info("order funded", extra={"topup_id": event.topup_id})
+        crash_here("funding.before_ack")  # announced; the message is not acknowledged yet
+
+    async def _funded_event(self, conn: asyncpg.Connection, transaction_id: str) -> OrderFunded:
+        order = await get_order(conn, transaction_id)
+        if order is None or order.zendit_cost_money is None:  # cannot happen: a cost comes first
             raise UnexpectedOrderState("a funded order without a Zendit cost")
         succeeded = [
             t.id
-            for t in await repo.get_topups(self._pool(), domain.topup_ids(order.transaction_id))
+            for t in await repo.covering_topups(conn, transaction_id)
             if t.status == TopupStatus.SUCCEEDED
         ]
-        await self._publisher.publish(
-            OrderFunded(
-                transaction_id=order.transaction_id,
-                offer_id=order.offer_id,
-                zendit_cost=cost,
-                topup_id=succeeded[-1] if succeeded else None,
-            )
+        return OrderFunded(
+            transaction_id=transaction_id,
+            offer_id=order.offer_id,
+            zendit_cost=order.zendit_cost_money,
+            topup_id=succeeded[-1] if succeeded else None,
         )
-        log.info("order funded", extra={"topup_id": succeeded[-1] if succeeded else None})
-        crash_here("funding.before_ack")  # announced; the message is not acknowledged yet

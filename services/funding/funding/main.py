@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 from fastapi import FastAPI
@@ -75,6 +76,8 @@ def create_app(settings: Settings) -> FastAPI:
         mode=mode,
         min_topup=settings.zendit_min_topup,
         max_topup=settings.zendit_max_topup,
+        awaiting_funds_recheck_seconds=settings.awaiting_funds_recheck_seconds,
+        awaiting_funds_max_age=timedelta(seconds=settings.awaiting_funds_max_age),
     )
     capture = CapturePayment(pool=pool, stripe=providers.stripe, publisher=ctx.publisher)
     handlers.register(ctx, fund_order=fund_order, stripe=providers.stripe, capture=capture)

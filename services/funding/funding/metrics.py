@@ -6,6 +6,8 @@
                                                      | failed
     esim_zendit_wallet_available_minor_units{currency}
     esim_stripe_issuing_available_minor_units{currency}
+    esim_stripe_issuing_float_low{currency}          1: the last top-up found the Issuing float too low
+                                                     to pay it; 0: a card was created since
 
 An operator alert is an ERROR log line with a stable `alert` key plus the counter above, which is what
 the Prometheus alert rules and log-based alerting match on.
@@ -40,9 +42,26 @@ issuing_available = Gauge(
     "Stripe Issuing float available at the last top-up.",
     ("currency",),
 )
+issuing_float_low = Gauge(
+    "esim_stripe_issuing_float_low",
+    "1 when the last top-up attempt found the Stripe Issuing float too low to pay it (fund Issuing); "
+    "0 once a card has been created since.",
+    ("currency",),
+)
 
 
 def operator_alert(reason: str, message: str, **facts: object) -> None:
     """Tell the operator (log line + counter). `facts` are amounts and ids, never card data."""
     operator_alerts_total.labels(reason=reason).inc()
     log.error(message, extra={"alert": reason, **facts})
+
+
+awaiting_funds_orders = Gauge(
+    "esim_funding_awaiting_funds_orders",
+    "Orders waiting for the operator to fund the Zendit wallet (prefunded mode), at the last decision.",
+)
+wallet_shortfall = Gauge(
+    "esim_funding_wallet_shortfall_minor_units",
+    "What the operator must add to the Zendit wallet for every waiting order (prefunded mode).",
+    ("currency",),
+)

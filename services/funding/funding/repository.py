@@ -5,12 +5,15 @@ Order states change only through `esim_common.orders.transition`; this module re
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict
 
+from esim_common.events import OrderFunded
 from esim_common.money import Money
 from esim_common.order_repository import record
 from esim_common.order_states import OrderStatus
@@ -58,10 +61,36 @@ class WalletTopup(BaseModel):
 
 
 SELECT_RESERVING = """
-    SELECT status, zendit_status, zendit_cost, zendit_cost_currency
+    SELECT status, zendit_status, zendit_cost, zendit_cost_currency, zendit_transaction_id
       FROM esim_purchases
      WHERE status = ANY($1::text[]) AND transaction_id <> $2
 """
+
+# Orders waiting for money, in payment order (the wallet decision reads them under the wallet lock).
+SELECT_WAITING = """
+    SELECT transaction_id, status, zendit_cost, zendit_cost_currency
+      FROM esim_purchases
+     WHERE status IN ('funding', 'awaiting_funds') AND zendit_cost IS NOT NULL
+     ORDER BY paid_at NULLS LAST, transaction_id
+"""
+SELECT_OPEN_TOPUPS = """
+    SELECT t.*, c.active AS card_active, extract(epoch FROM now() - t.updated_at) AS idle_seconds
+      FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
+     WHERE t.status IN ('pending', 'card_created', 'submitted')
+     ORDER BY t.created_at, t.id
+"""
+SELECT_COVERING = """
+    SELECT t.*, c.active AS card_active
+      FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
+     WHERE t.order_ids @> ARRAY[$1::text]
+     ORDER BY t.created_at, t.id
+"""
+# An order waiting for a top-up started by another joins it, so the top-up's outcome becomes its own.
+JOIN_TOPUP = """
+    UPDATE wallet_topups SET order_ids = array_append(order_ids, $2::text)
+     WHERE id = $1 AND NOT order_ids @> ARRAY[$2::text]
+"""
+COUNT_AWAITING_FUNDS = "SELECT count(*) FROM esim_purchases WHERE status = 'awaiting_funds'"
 
 RECORD_COST_IF_MISSING = """
     UPDATE esim_purchases SET zendit_cost = $2, zendit_cost_currency = $3, updated_at = now()
@@ -115,17 +144,56 @@ async def reserving_orders(conn: asyncpg.Connection, *, exclude: str) -> list[Or
             cost=Money(row["zendit_cost"], row["zendit_cost_currency"].strip())
             if row["zendit_cost"] is not None and row["zendit_cost_currency"]
             else None,
+            zendit_transaction_id=row["zendit_transaction_id"],
         )
         for row in rows
     ]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    transaction_id: str
+    status: OrderStatus
+    cost: Money
+
+
+async def waiting_orders(conn: asyncpg.Connection) -> list[Waiting]:
+    """Orders in funding or awaiting_funds with a known cost, in payment order."""
+    return [
+        Waiting(
+            transaction_id=row["transaction_id"],
+            status=OrderStatus(row["status"]),
+            cost=Money(row["zendit_cost"], row["zendit_cost_currency"].strip()),
+        )
+        for row in await conn.fetch(SELECT_WAITING)
+    ]
+
+
+async def open_topups(conn: asyncpg.Connection) -> list[tuple[WalletTopup, float]]:
+    """Top-ups on their way (oldest first), each with the seconds since its row last changed."""
+    rows = await conn.fetch(SELECT_OPEN_TOPUPS)
+    return [(_topup(row, drop=("idle_seconds",)), float(row["idle_seconds"])) for row in rows]
+
+
+async def covering_topups(conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str) -> list[WalletTopup]:
+    """The top-ups meant to cover this order (it started or joined them), oldest first."""
+    return [_topup(row) for row in await conn.fetch(SELECT_COVERING, transaction_id)]
+
+
+async def join_topup(conn: asyncpg.Connection, topup_id: str, transaction_id: str) -> None:
+    await conn.execute(JOIN_TOPUP, topup_id, transaction_id)
+
+
+async def count_awaiting_funds(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval(COUNT_AWAITING_FUNDS))
 
 
 async def record_cost_if_missing(pool: asyncpg.Pool, transaction_id: str, cost: Money) -> None:
     await pool.execute(RECORD_COST_IF_MISSING, transaction_id, cost.amount, cost.currency)
 
 
-def _topup(row: asyncpg.Record) -> WalletTopup:
-    values = dict(row)
+def _topup(row: asyncpg.Record, drop: Sequence[str] = ()) -> WalletTopup:
+    values = {key: value for key, value in dict(row).items() if key not in drop}
     values["currency"] = values["currency"].strip()  # char(3)
     return WalletTopup.model_validate(values)
 
@@ -187,6 +255,46 @@ async def finish_topup(
 
 async def mark_card_cancelled(conn: asyncpg.Connection, card_id: str) -> None:
     await conn.execute(MARK_CARD_CANCELLED, card_id)
+
+
+# ------------------------------------------------------------------------------------ order.funded, once
+# Written with the move to `funded` (same transaction); published after the commit with the row locked
+# until the broker confirms, then stamped. An order funded twice (Zendit said INSUFFICIENT_FUNDS and it
+# was funded again) has two rows, one per funding.
+
+INSERT_ANNOUNCEMENT = """
+    INSERT INTO outbox (event_id, routing_key, transaction_id, payload) VALUES ($1, $2, $3, $4::jsonb)
+"""
+SELECT_UNPUBLISHED_FUNDED = """
+    SELECT payload::text FROM outbox
+     WHERE transaction_id = $1 AND routing_key = 'order.funded' AND published_at IS NULL
+     ORDER BY created_at
+       FOR UPDATE
+"""
+HAS_FUNDED = """
+    SELECT EXISTS (SELECT 1 FROM outbox WHERE transaction_id = $1 AND routing_key = 'order.funded')
+"""
+MARK_ANNOUNCED = "UPDATE outbox SET published_at = now() WHERE event_id = $1"
+
+
+async def add_announcement(conn: asyncpg.Connection, event: OrderFunded) -> None:
+    await conn.execute(
+        INSERT_ANNOUNCEMENT, event.event_id, event.routing_key, event.transaction_id, event.model_dump_json()
+    )
+
+
+async def unpublished_announcements(conn: asyncpg.Connection, transaction_id: str) -> list[OrderFunded]:
+    """The order's order.funded events nobody has published yet, locked until the transaction ends."""
+    rows = await conn.fetch(SELECT_UNPUBLISHED_FUNDED, transaction_id)
+    return [OrderFunded.model_validate_json(row["payload"]) for row in rows]
+
+
+async def has_announcement(conn: asyncpg.Connection, transaction_id: str) -> bool:
+    return bool(await conn.fetchval(HAS_FUNDED, transaction_id))
+
+
+async def mark_announced(conn: asyncpg.Connection, event_id: uuid.UUID) -> None:
+    await conn.execute(MARK_ANNOUNCED, event_id)
 
 
 # ------------------------------------------------------------------------------------ capture after delivery

@@ -41,7 +41,7 @@ from funding import domain
 from funding import repository as repo
 from funding.cardholder import PlatformCardholder
 from funding.domain import TopupStatus
-from funding.metrics import issuing_available, operator_alert, topups_total
+from funding.metrics import issuing_available, issuing_float_low, operator_alert, topups_total
 from funding.repository import WalletTopup
 
 log = logging.getLogger("esim.funding.topups")
@@ -120,6 +120,7 @@ class TopupPhases:
             available = await self._stripe.issuing_available_balance(topup.currency)
             issuing_available.labels(currency=topup.currency).set(available)
             if not domain.issuing_float_covers(available, topup.money):
+                issuing_float_low.labels(currency=topup.currency).set(1)
                 operator_alert(
                     "issuing_float_low",
                     "the Stripe Issuing balance cannot pay a wallet top-up: fund Issuing",
@@ -138,6 +139,7 @@ class TopupPhases:
                 allowed_categories=self._allowed_categories,
                 allowed_merchant_countries=self._allowed_merchant_countries,
             )
+            issuing_float_low.labels(currency=topup.currency).set(0)
             crash_here("funding.after_card_created")  # the card exists at Stripe, not yet in our books
             await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
         log.info("single-use card created", extra={"topup_id": topup_id, "card_id": card.id})

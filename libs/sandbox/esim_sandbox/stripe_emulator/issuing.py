@@ -89,7 +89,8 @@ async def create_card(call: Call) -> dict[str, Any]:
         raise invalid_value("status", "Invalid status: must be one of active, inactive")
     created = now()
     expiry = datetime.date.fromtimestamp(created)
-    number = _unused_number(call)
+    chosen = call.state.next_card_secret  # armed through /_sandbox/issuing/next_card: used once
+    number = chosen.number if chosen is not None else _unused_number(call)
     card = issuing_objects.card(
         card_id=new_id("ic_"),
         created=created,
@@ -105,7 +106,8 @@ async def create_card(call: Call) -> dict[str, Any]:
         metadata=metadata(params.get("metadata")),
     )
     call.state.add(card)
-    call.state.card_secrets[card["id"]] = CardSecret(number=number, cvc=new_cvc())
+    call.state.next_card_secret = None
+    call.state.card_secrets[card["id"]] = chosen or CardSecret(number=number, cvc=new_cvc())
     call.state.cards_by_number[number] = card["id"]
     call.emit("issuing_card.created", card)
     return call.render(card)

@@ -19,6 +19,10 @@
   those, one after another in that order (otherwise every held action as it came). Answers `{"released"}`.
 - `GET|POST|DELETE /_sandbox/faults`: list / arm / clear injected API faults,
   e.g. `{"path": "/v1/refunds", "method": "POST", "count": 2, "status": 500}` (see `faults`).
+- `POST /_sandbox/issuing/next_card`: `{"number", "cvc"}` — the next Issuing card created gets this
+  number (13-19 digits, Luhn-valid, not issued yet) and CVC (3-4 digits), once; tests use it for a
+  canary card they can search logs and dumps for. Answers `{"armed": true, "last4"}` (never the number
+  or CVC). `DELETE` disarms it.
 - `GET  /_sandbox/health`: liveness for compose files and scripts.
 """
 
@@ -34,7 +38,8 @@ from starlette.routing import Route
 from . import checkout, delivery, faults
 from .control import control_route, field, read_json
 from .errors import StripeApiError
-from .state import StripeState
+from .ids import is_luhn_valid
+from .state import CardSecret, StripeState
 from .webhooks import Webhooks
 
 
@@ -173,6 +178,27 @@ async def clear_faults(request: Request) -> dict[str, Any]:
     return await list_faults(request)
 
 
+async def arm_next_card(request: Request) -> dict[str, Any]:
+    state: StripeState = request.app.state.stripe
+    body = await read_json(request)
+    number, cvc = field(body, "number", str), field(body, "cvc", str)
+    # The messages name the rule, never the value: this route exists to handle secrets.
+    if not (13 <= len(number) <= 19 and is_luhn_valid(number)):
+        raise StripeApiError(400, "number must be 13-19 digits passing the Luhn check.", param="number")
+    if number in state.cards_by_number:
+        raise StripeApiError(400, "A card with this number was already issued.", param="number")
+    if not (cvc.isdigit() and 3 <= len(cvc) <= 4):
+        raise StripeApiError(400, "cvc must be 3 or 4 digits.", param="cvc")
+    state.next_card_secret = CardSecret(number=number, cvc=cvc)
+    return {"armed": True, "last4": number[-4:]}
+
+
+async def disarm_next_card(request: Request) -> dict[str, Any]:
+    state: StripeState = request.app.state.stripe
+    state.next_card_secret = None
+    return {"armed": False, "last4": None}
+
+
 async def health(request: Request) -> dict[str, Any]:
     return {"ok": True}
 
@@ -192,5 +218,7 @@ def routes() -> list[Route]:
         control_route("/_sandbox/faults", list_faults, method="GET"),
         control_route("/_sandbox/faults", add_fault, method="POST"),
         control_route("/_sandbox/faults", clear_faults, method="DELETE"),
+        control_route("/_sandbox/issuing/next_card", arm_next_card, method="POST"),
+        control_route("/_sandbox/issuing/next_card", disarm_next_card, method="DELETE"),
         control_route("/_sandbox/health", health, method="GET"),
     ]

@@ -111,6 +111,8 @@ class StripeState:
     private: dict[str, dict[str, Any]] = field(default_factory=dict)
     card_secrets: dict[str, CardSecret] = field(default_factory=dict)
     cards_by_number: dict[str, str] = field(default_factory=dict)
+    # `/_sandbox/issuing/next_card`: the number and CVC the next created card gets (once), for canaries.
+    next_card_secret: CardSecret | None = None
     events: list[EventRecord] = field(default_factory=list)
     # Keyed by (API key, Idempotency-Key): Stripe scopes keys to the account and mode of the API key.
     idempotency: dict[tuple[str, str], IdempotentResult] = field(default_factory=dict)

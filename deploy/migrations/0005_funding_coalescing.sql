@@ -1,0 +1,10 @@
+-- Coalesced top-ups and announcements through the outbox (issue 5).
+--
+-- A top-up is started by one order and covers every order that waits for it: `order_ids` lists them,
+-- and an order finds "its" top-ups with `order_ids @> ARRAY[txn]` (GIN). order.funded is written to the
+-- outbox with the transition to `funded`; an order's announcements are found by transaction id.
+CREATE INDEX IF NOT EXISTS wallet_topups_order_ids_idx ON wallet_topups USING gin (order_ids);
+CREATE INDEX IF NOT EXISTS outbox_transaction_idx ON outbox (transaction_id, routing_key);
+-- Waiting orders are read in payment order under the wallet lock.
+CREATE INDEX IF NOT EXISTS esim_purchases_waiting_idx ON esim_purchases (paid_at, transaction_id)
+    WHERE status IN ('funding', 'awaiting_funds');
