@@ -8,3 +8,6 @@ CREATE INDEX IF NOT EXISTS outbox_transaction_idx ON outbox (transaction_id, rou
 -- Waiting orders are read in payment order under the wallet lock.
 CREATE INDEX IF NOT EXISTS esim_purchases_waiting_idx ON esim_purchases (paid_at, transaction_id)
     WHERE status IN ('funding', 'awaiting_funds');
+-- Set (and committed) just before the Stripe card is created: after a crash in between, the top-up is
+-- known to maybe have a card at Stripe, which is then fetched again (same idempotency key) and cancelled.
+ALTER TABLE wallet_topups ADD COLUMN card_requested_at timestamptz;

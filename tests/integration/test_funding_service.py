@@ -294,6 +294,66 @@ async def test_continues_from_card_created_with_the_same_card(
     assert wallet(zendit_emulator)["wallet"]["balance"] == 1_000 + MIN_TOPUP
 
 
+async def _leave_requested_topup(pool, *, txn: str, topup_id: str) -> None:
+    """What a worker that died between asking Stripe for the card and writing it down leaves behind."""
+    async with pool.acquire() as conn:
+        await transition(conn, txn, S.FUNDING)
+        await conn.execute(
+            "INSERT INTO wallet_topups"
+            " (id, amount, currency, gateway_reference, order_ids, card_requested_at)"
+            " VALUES ($1, $2, 'USD', $1, $3, now())",
+            topup_id,
+            MIN_TOPUP,
+            [txn],
+        )
+
+
+async def test_a_crash_inside_the_card_creation_resumes_with_the_card_stripe_made_and_cancels_it(
+    funding, paid_order, platform_card, zendit_emulator, stripe_emulator
+):
+    set_wallet(zendit_emulator, 1_000)
+    event = await paid_order()
+    txn = event.transaction_id
+    topup_id = f"tu_{txn}"
+    # The crashed worker had passed the float check and asked Stripe for the card; Stripe made it, the
+    # worker died before writing it down. Since then the Issuing float has run dry: a fresh check would
+    # fail the top-up and leave that card active and unknown to us.
+    card = await platform_card(topup_id, MIN_TOPUP)
+    await _leave_requested_topup(funding.pool, txn=txn, topup_id=topup_id)
+    saved = dict(stripe_emulator.state.issuing_available)
+    stripe_emulator.state.issuing_available["usd"] = 0
+    try:
+        await funding.deliver(event)
+        await funding.wait_status(txn, S.REFUNDED)  # the card's charge is declined: no float
+    finally:
+        stripe_emulator.state.issuing_available.update(saved)
+
+    assert [c["id"] for c in cards_for(stripe_emulator, topup_id)] == [card.id]  # no second card
+    assert cards_for(stripe_emulator, topup_id)[0]["status"] == "canceled"
+    assert approved_charges(stripe_emulator, card.id) == []
+    [stored] = await rows(funding.pool, "SELECT card_id, active FROM issuing_cards")
+    assert stored == {"card_id": card.id, "active": False}
+
+
+async def test_giving_up_on_a_top_up_whose_card_creation_crashed_cancels_the_card_stripe_made(
+    funding, paid_order, platform_card, zendit_emulator, stripe_emulator
+):
+    set_wallet(zendit_emulator, 1_000)
+    event = await paid_order()
+    txn = event.transaction_id
+    topup_id = f"tu_{txn}"
+    card = await platform_card(topup_id, MIN_TOPUP)
+    await _leave_requested_topup(funding.pool, txn=txn, topup_id=topup_id)
+
+    await funding.app.state.fund_order.give_up(txn, "retries_exhausted")
+
+    [found] = cards_for(stripe_emulator, topup_id)
+    assert found["id"] == card.id and found["status"] == "canceled"
+    assert approved_charges(stripe_emulator, card.id) == []
+    [topup] = await rows(funding.pool, "SELECT status, card_id FROM wallet_topups")
+    assert topup == {"status": "failed", "card_id": card.id}
+
+
 async def test_continues_from_submitted_after_the_charge_landed_without_charging_again(
     funding,
     paid_order,

@@ -168,6 +168,8 @@ def test_redacting_filter_protects_a_handler_with_its_own_formatter() -> None:
         ("{'cvv': '1234', 'exp_month': 12}", "{'cvv': '[REDACTED]', 'exp_month': 12}"),
         ("card[cvc]=123&card[exp_year]=2030", "card[cvc]=[REDACTED]&card[exp_year]=2030"),
         ("CVC2: 123, security_code=4567", "CVC2: [REDACTED], security_code=[REDACTED]"),
+        ("card revealed cvc 047, CVV2 1234", "card revealed cvc [REDACTED], CVV2 [REDACTED]"),
+        ("the cvc 12345 check and cvc check", "the cvc 12345 check and cvc check"),  # not a CVC's shape
         ("key sk_live_51Hxyzabc123 and rk_test_51Habcdef", "key [REDACTED] and [REDACTED]"),
         ("signing secret whsec_0a1b2c3d4e5f", "signing secret [REDACTED]"),
         ("Authorization: Bearer eyJhbGciOi.x-y_z==", "Authorization: Bearer [REDACTED]"),

@@ -113,6 +113,8 @@ _CVC_VALUE = re.compile(
     (?P<value> "(?:[^"\\]|\\.)*" | '(?:[^'\\]|\\.)*' | \\"[^"\\]*\\" | [^\s,;&}}\])"'\\]+ )
     """
 )
+# ... or the key, a space and three or four digits ("cvc 047"), as prose and format strings write it.
+_CVC_SPACED = re.compile(rf"(?i)(?<![a-z0-9])(?P<key>{_CVC_KEY})(?P<sep>\s+)\d{{3,4}}(?!\d)")
 _CVC_FIELD = re.compile(rf"(?i)^(?:card[_.-]?)?{_CVC_KEY}$")
 
 _SECRET_SHAPES = (
@@ -193,6 +195,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     text = _BEARER.sub(rf"\g<1>{PLACEHOLDER}", text)
     text = _URL_PASSWORD.sub(rf"\g<1>{PLACEHOLDER}\g<2>", text)
     text = _CVC_VALUE.sub(_redact_cvc, text)
+    text = _CVC_SPACED.sub(lambda m: f"{m['key']}{m['sep']}{PLACEHOLDER}", text)
     return _DIGIT_RUN.sub(lambda m: m.group() if m["uuid"] else _redact_pans_in_run(m.group()), text)
 
 

@@ -83,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     handlers.register(ctx, fund_order=fund_order, stripe=providers.stripe, capture=capture)
 
     app = service_app(ctx, title="funding")
+    app.state.fund_order = fund_order  # the use case, for operator tooling and tests
     _close_on_shutdown(app, providers)
     return app
 

@@ -53,6 +53,7 @@ class WalletTopup(BaseModel):
     attempts: int
     created_at: datetime
     updated_at: datetime
+    card_requested_at: datetime | None = None  # the card creation was asked for (it may exist)
     card_active: bool | None = None  # from issuing_cards; None when no card was created
 
     @property
@@ -107,6 +108,10 @@ SELECT_TOPUPS = """
       FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
      WHERE t.id = ANY($1::text[])
      ORDER BY t.created_at, t.id
+"""
+MARK_CARD_REQUESTED = """
+    UPDATE wallet_topups SET card_requested_at = COALESCE(card_requested_at, now()), updated_at = now()
+     WHERE id = $1 AND status = 'pending'
 """
 MARK_CARD_CREATED = """
     UPDATE wallet_topups SET status = 'card_created', card_id = $2, updated_at = now()
@@ -235,6 +240,10 @@ async def record_card(
         await conn.execute(MARK_CARD_CREATED, topup.id, card.id)
         await record(conn, transaction_id, stripe_issuing_card_id=card.id)
     return await get_topup(conn, topup.id)
+
+
+async def mark_card_requested(conn: asyncpg.Connection, topup_id: str) -> None:
+    await conn.execute(MARK_CARD_REQUESTED, topup_id)
 
 
 async def mark_submitted(conn: asyncpg.Connection, topup_id: str) -> None:

@@ -1,19 +1,22 @@
 """A wallet top-up as resumable phases, each recorded in `wallet_topups` before and after its side effect.
 
-    pending ──Issuing float ok, card created──► card_created ──► submitted ──gateway 200──► succeeded
-       │                                                          │  ▲ 5xx / timeout: retried later
-       └─ Issuing float too low ─► failed                         │  └ with the same reference
-                                                                  └──gateway 4xx──► declined
+    pending ──Issuing float ok (card_requested_at), card created──► card_created ──► submitted
+       │                                                                               │
+       └─ Issuing float too low ─► failed        succeeded ◄──gateway 200──────────────┤ 5xx / timeout:
+                                                 declined  ◄──gateway 4xx──────────────┘ retried later,
+                                                                                          same reference
 
-The top-up id (`tu_{txn}`, see `domain.topup_ids`) is the idempotency root: the Stripe card is created
-with the key `issuing-card:{topup_id}` and the gateway is called with `reference = topup_id`, so a
-redelivered message resumes the same top-up and can never pay twice.
+A top-up is started by one order (`tu_{txn}`, see `domain.topup_ids`) and covers the orders that wait
+for it (`order_ids`). Its id is the idempotency root: the Stripe card is created with the key
+`issuing-card:{topup_id}` and the gateway is called with `reference = topup_id`, so a redelivered message
+resumes the same top-up and can never pay twice.
 
 Each phase runs in one transaction holding the top-up's advisory lock and re-reads the row first, so
 two deliveries of the same order (duplicates, replicas) take turns: the second finds the phase done
 and moves on. A crash inside a phase rolls it back; the repeat is safe because every provider call in
-it is idempotent. `submitted` is committed before the gateway call, so `abandon` knows when a card may
-already have paid.
+it is idempotent. `card_requested_at` is committed before the card is created and `submitted` before
+the gateway call, so a resumed delivery and `abandon` know when a card may exist or may already have
+paid.
 
 The card's number and CVC are read just before the gateway call and live only in a local variable for
 that call. The card is cancelled once the outcome is known (succeeded, declined) and when we give up;
@@ -30,7 +33,7 @@ import asyncpg
 
 from esim_common.crash_points import crash_here
 from esim_common.errors import FailPermanently
-from esim_common.providers.stripe import CardDetails, StripeGateway
+from esim_common.providers.stripe import CardDetails, IssuedCard, StripeGateway
 from esim_common.providers.topup_gateway import (
     TopupDeclined,
     TopupGatewayClient,
@@ -99,6 +102,11 @@ class TopupPhases:
                         amount=topup.amount,
                         currency=topup.currency,
                     )
+                if topup.status == TopupStatus.PENDING and topup.card_requested_at is not None:
+                    # A crash may have left a card at Stripe that our books do not know: fetch it (same
+                    # idempotency key) so that it is cancelled below with the rest.
+                    card = await self._create_card(topup)
+                    await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
                 if topup.status.is_open:
                     await self._end(conn, topup, TopupStatus.FAILED, failure_reason=reason)
             await self._retire_card(found.id)
@@ -113,36 +121,55 @@ class TopupPhases:
             yield conn, await repo.get_topup(conn, topup_id)
 
     async def _issue_card(self, topup_id: str, transaction_id: str) -> None:
-        """pending → card_created (or failed when the Issuing float cannot pay the top-up)."""
+        """pending → card_created (or failed when the Issuing float cannot pay the top-up).
+
+        Two phases: the float check ends by committing `card_requested_at`, so that after a crash in the
+        card creation a resumed delivery (or `abandon`) knows a card may exist at Stripe and asks for it
+        again under the same idempotency key instead of checking the float again and walking away from a
+        card that is active."""
+        async with self._locked(topup_id) as (conn, topup):
+            if topup.status != TopupStatus.PENDING or topup.card_requested_at is not None:
+                pass
+            elif not await self._float_covers(topup):
+                await self._end(conn, topup, TopupStatus.FAILED, failure_reason="issuing_float_low")
+                return
+            else:
+                await repo.mark_card_requested(conn, topup_id)
         async with self._locked(topup_id) as (conn, topup):
             if topup.status != TopupStatus.PENDING:
                 return
-            available = await self._stripe.issuing_available_balance(topup.currency)
-            issuing_available.labels(currency=topup.currency).set(available)
-            if not domain.issuing_float_covers(available, topup.money):
-                issuing_float_low.labels(currency=topup.currency).set(1)
-                operator_alert(
-                    "issuing_float_low",
-                    "the Stripe Issuing balance cannot pay a wallet top-up: fund Issuing",
-                    issuing_available=available,
-                    topup_amount=topup.amount,
-                    currency=topup.currency,
-                    topup_id=topup.id,
-                )
-                await self._end(conn, topup, TopupStatus.FAILED, failure_reason="issuing_float_low")
-                return
-            card = await self._stripe.create_single_use_card(
-                topup_id=topup.id,
-                cardholder_id=await self._cardholder.id(),
-                amount=topup.amount,
-                currency=topup.currency,
-                allowed_categories=self._allowed_categories,
-                allowed_merchant_countries=self._allowed_merchant_countries,
-            )
-            issuing_float_low.labels(currency=topup.currency).set(0)
+            card = await self._create_card(topup)
             crash_here("funding.after_card_created")  # the card exists at Stripe, not yet in our books
             await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
         log.info("single-use card created", extra={"topup_id": topup_id, "card_id": card.id})
+
+    async def _float_covers(self, topup: WalletTopup) -> bool:
+        available = await self._stripe.issuing_available_balance(topup.currency)
+        issuing_available.labels(currency=topup.currency).set(available)
+        if domain.issuing_float_covers(available, topup.money):
+            issuing_float_low.labels(currency=topup.currency).set(0)
+            return True
+        issuing_float_low.labels(currency=topup.currency).set(1)
+        operator_alert(
+            "issuing_float_low",
+            "the Stripe Issuing balance cannot pay a wallet top-up: fund Issuing",
+            issuing_available=available,
+            topup_amount=topup.amount,
+            currency=topup.currency,
+            topup_id=topup.id,
+        )
+        return False
+
+    async def _create_card(self, topup: WalletTopup) -> IssuedCard:
+        """The top-up's card; asking again (same idempotency key) returns the card made the first time."""
+        return await self._stripe.create_single_use_card(
+            topup_id=topup.id,
+            cardholder_id=await self._cardholder.id(),
+            amount=topup.amount,
+            currency=topup.currency,
+            allowed_categories=self._allowed_categories,
+            allowed_merchant_countries=self._allowed_merchant_countries,
+        )
 
     async def _mark_submitted(self, topup_id: str) -> None:
         """card_created → submitted, committed before the card is handed over (counts hand-overs)."""
@@ -168,6 +195,19 @@ class TopupPhases:
                 )
             except TopupDeclined as exc:
                 log.warning("wallet top-up declined", extra={"topup_id": topup_id, "reason": exc.reason})
+                if topup.attempts > 1:
+                    # An earlier hand-over's outcome was unknown: the gateway should have replayed it
+                    # (same reference). A decline now may mean it did not, and the single-use card had
+                    # already paid: the wallet may hold money no order accounts for.
+                    operator_alert(
+                        "topup_declined_after_handover",
+                        "a top-up was declined after an earlier hand-over of its card; "
+                        "check Zendit /transactions for a CREDIT with this reference",
+                        topup_id=topup.id,
+                        amount=topup.amount,
+                        currency=topup.currency,
+                        attempts=topup.attempts,
+                    )
                 await self._end(conn, topup, TopupStatus.DECLINED, failure_reason=exc.reason)
                 return
             except TopupGatewayUnavailable:

@@ -230,6 +230,9 @@ class StripeGateway:
         max_network_retries: int = 2,
         timeout_seconds: float = 10,
     ) -> None:
+        # STRIPE_LOG=debug makes the SDK print whole response bodies (a revealed card's number and CVC)
+        # with print(), past our logging and its redaction. Never here: our own logs say what happened.
+        stripe.log = None
         self._http = stripe.HTTPXClient(timeout=timeout_seconds)
         self._client = stripe.StripeClient(
             api_key,
