@@ -184,7 +184,8 @@ class FundOrder:
                 self._refuse_if_waited_too_long(order)
             others = await repo.reserving_orders(conn, exclude=transaction_id)
             waiting = await repo.waiting_orders(conn)
-            on_the_way = await repo.open_topups(conn)
+            # Prefunded mode drives no top-up: one left open by an earlier issuing_card run is not coming.
+            on_the_way = await repo.open_topups(conn) if can_top_up else []
             covering = await repo.covering_topups(conn, transaction_id)
             balance = (await self._zendit.get_balance()).available
             wallet_available.labels(currency=balance.currency).set(balance.amount)
