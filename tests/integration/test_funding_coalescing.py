@@ -133,28 +133,90 @@ async def test_a_gateway_failing_twice_then_succeeding_makes_one_topup_and_one_c
 
 
 async def test_a_declined_topup_fails_every_order_waiting_for_it_with_one_card_and_one_refund_each(
-    funding, stripe_gateway, stripe_emulator, zendit_emulator, declining_card_network
+    service_settings, amqp_url, stripe_gateway, stripe_emulator, zendit_emulator, declining_card_network
 ):
+    # A minimum top-up that covers all three: whichever order asks first, the others wait for its top-up
+    # (however their deliveries interleave), so exactly one card is tried.
+    settings = service_settings.model_copy(update={"zendit_min_topup": 4 * COST.amount})
     set_wallet(zendit_emulator, 0)
-    events = await pay_for(funding, stripe_gateway, stripe_emulator, 3)
+    async with running(settings, amqp_url) as funding:
+        events = await pay_for(funding, stripe_gateway, stripe_emulator, 3)
 
-    await deliver_together(funding, events)
-    await wait_all(funding, events, S.REFUNDED, within=60)
+        await deliver_together(funding, events)
+        await wait_all(funding, events, S.REFUNDED, within=60)
+
+        [topup] = await rows(funding.pool, "SELECT id, status, order_ids FROM wallet_topups")
+        orders = [await get_order(funding.pool, e.transaction_id) for e in events]
+        told = await funding.messages("notify.order-failed")
 
     # One card was declined; the orders that waited for it did not each try a card of their own.
-    [topup] = await rows(funding.pool, "SELECT id, status, order_ids FROM wallet_topups")
-    assert topup["status"] == "declined" and sorted(topup["order_ids"]) == sorted(
-        e.transaction_id for e in events
-    )
+    assert topup["status"] == "declined"
+    assert sorted(topup["order_ids"]) == sorted(e.transaction_id for e in events)
     [card] = cards(stripe_emulator, [topup])
     assert card["status"] == "canceled"
+    assert [o.failure_reason for o in orders] == ["topup_declined"] * 3
     for event in events:
-        order = await get_order(funding.pool, event.transaction_id)
-        assert order.failure_reason == "topup_declined"
         assert len(stripe_emulator.state.find("refund", payment_intent=event.payment_intent_id)) == 1
-    told = await funding.messages("notify.order-failed")
     assert sorted(m["transaction_id"] for m in told) == sorted(e.transaction_id for e in events)
     assert wallet(zendit_emulator)["wallet"]["balance"] == 0
+
+
+async def test_orders_waiting_for_a_top_up_whose_driver_stopped_drive_it_themselves(
+    funding, paid_order, stripe_emulator, zendit_emulator
+):
+    set_wallet(zendit_emulator, 0)
+    # A top-up started by an order whose message went to the DLQ (a bug): open, and idle for 2 minutes.
+    stranded = await paid_order()
+    topup_id = f"tu_{stranded.transaction_id}"
+    await funding.pool.execute(
+        "INSERT INTO wallet_topups (id, amount, currency, gateway_reference, order_ids, updated_at)"
+        " VALUES ($1, $2, 'USD', $1, $3, now() - interval '2 minutes')",
+        topup_id,
+        3 * COST.amount,
+        [stranded.transaction_id],
+    )
+    await funding.pool.execute(
+        "UPDATE esim_purchases SET status = 'funding' WHERE transaction_id = $1", stranded.transaction_id
+    )
+    event = await paid_order()
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.FUNDED, within=30)
+
+    [topup] = await rows(funding.pool, "SELECT id, status, order_ids FROM wallet_topups")
+    assert topup["id"] == topup_id and topup["status"] == "succeeded"
+    assert topup["order_ids"] == [stranded.transaction_id, event.transaction_id]
+    [card] = cards(stripe_emulator, [topup])
+    assert card["status"] == "canceled" and len(approved_charges(stripe_emulator, card["id"])) == 1
+
+
+async def test_a_purchase_zendit_already_holds_is_not_counted_twice_before_topping_up(
+    funding, paid_order, zendit_emulator, zendit_client
+):
+    # Order A's purchase was placed and Zendit holds its cost, but we last saw it ACCEPTED. The wallet
+    # holds exactly A's cost plus B's: B needs no top-up once Zendit is asked about A.
+    set_wallet(zendit_emulator, 2 * COST.amount)
+    zendit_emulator.control("POST", "purchase_delay", {"seconds": 0.2})
+    zendit_emulator.control("POST", "purchase_stalls", {"count": 1})  # held, then stays IN_PROGRESS
+    a = await paid_order()
+    await zendit_client.purchase(transaction_id=a.transaction_id, offer_id=a.offer_id)
+    await eventually(
+        lambda: wallet(zendit_emulator)["wallet"]["holds"] == {a.transaction_id: COST.amount},
+        within=10,
+        what="Zendit holding A's cost",
+    )
+    await funding.pool.execute(
+        "UPDATE esim_purchases"
+        " SET status = 'purchasing', zendit_transaction_id = $1, zendit_status = 'ACCEPTED'"
+        " WHERE transaction_id = $1",
+        a.transaction_id,
+    )
+    b = await paid_order()
+
+    await funding.deliver(b)
+    await funding.wait_status(b.transaction_id, S.FUNDED, within=30)
+
+    assert await rows(funding.pool, "SELECT id FROM wallet_topups") == []
 
 
 # ------------------------------------------------------------------------------------ prefunded mode

@@ -460,6 +460,49 @@ async def test_a_low_issuing_float_fails_fast_with_an_operator_alert_and_no_card
     assert len(alerts) == 1 and alerts[0].issuing_available == MIN_TOPUP - 1
 
 
+async def test_a_card_creation_stripe_answers_with_a_500_is_retried_under_a_new_key(
+    funding, paid_order, zendit_emulator, stripe_emulator
+):
+    # Stripe keeps the 500 as the key's first result for 24 h: the same key would fail all day.
+    set_wallet(zendit_emulator, 1_000)
+    stripe_emulator.inject_fault("/v1/issuing/cards", method="POST", status=500, count=1)
+    event = await paid_order()
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.FUNDED, within=30)
+
+    [topup] = await rows(funding.pool, "SELECT id, status, card_attempts, card_id FROM wallet_topups")
+    assert topup["status"] == "succeeded" and topup["card_attempts"] == 2
+    [card] = cards_for(stripe_emulator, topup["id"])
+    assert card["id"] == topup["card_id"] and card["status"] == "canceled"
+    assert len(approved_charges(stripe_emulator, card["id"])) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "count", "reason"),
+    [(403, 1, "card_refused_403"), (500, 10, "retries_exhausted")],
+    ids=["refused", "stripe-down"],
+)
+async def test_a_card_stripe_will_not_make_fails_the_top_up_and_refunds_the_order(
+    status, count, reason, funding, paid_order, zendit_emulator, stripe_emulator
+):
+    set_wallet(zendit_emulator, 1_000)
+    stripe_emulator.inject_fault("/v1/issuing/cards", method="POST", status=status, count=count)
+    event = await paid_order()
+
+    await funding.deliver(event)
+    await funding.wait_status(event.transaction_id, S.REFUNDED, within=40)  # tiers: 1 s + 3 s + 10 s
+
+    stripe_emulator.clear_faults()
+    order = await get_order(funding.pool, event.transaction_id)
+    assert order.failure_reason == reason
+    [topup] = await rows(funding.pool, "SELECT id, status, failure_reason, card_id FROM wallet_topups")
+    assert topup["status"] == "failed" and topup["card_id"] is None
+    assert topup["failure_reason"] == reason
+    assert cards_for(stripe_emulator, topup["id"]) == []
+    assert len(stripe_emulator.state.find("refund", payment_intent=event.payment_intent_id)) == 1
+
+
 async def test_an_offer_priced_in_another_currency_than_the_wallet_is_refunded(
     funding, paid_order, zendit_emulator, stripe_emulator
 ):

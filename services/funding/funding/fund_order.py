@@ -73,7 +73,6 @@ class Decision:
     drive: str | None = None  # issuing_card: the top-up this delivery moves forward now
     wait_for: str | None = None  # issuing_card: the top-up on its way this order waits for
     short: Money | None = None  # prefunded: what the operator must add for every waiting order
-    shortage_began: bool = False  # prefunded: this order is the first to wait (alert once)
     awaiting: int | None = None  # prefunded: orders in awaiting_funds after this decision
 
 
@@ -120,6 +119,7 @@ class FundOrder:
         if self._mode == FundingMode.PREFUNDED:
             return await self._fund_prefunded(txn, cost)
         await self._topups.settle_interrupted(txn)
+        await self._wait_while_topup_on_its_way(txn)
         # Each pass funds the order, waits, or drives one top-up; next_topup_id bounds the top-ups.
         for _ in range(domain.MAX_TOPUPS_PER_ORDER + 1):
             decision = await self._decide(txn, cost, can_top_up=True)
@@ -135,6 +135,20 @@ class FundOrder:
     async def give_up(self, transaction_id: str, reason: str) -> None:
         """Before the refund: no top-up this order started may stay open, no card of it active."""
         await self._topups.abandon(transaction_id, reason)
+        if self._mode == FundingMode.PREFUNDED:  # one waiting order fewer (refunded after its max age)
+            awaiting = await repo.count_awaiting_funds(self._pool())
+            awaiting_funds_orders.set(awaiting)
+            if awaiting == 0:
+                wallet_shortfall.clear()
+
+    async def _wait_while_topup_on_its_way(self, transaction_id: str) -> None:
+        """An order that joined a top-up someone else drives checks, without the wallet lock or a Zendit
+        call, whether it is still on its way: a burst of waiting orders costs one cheap query each."""
+        covering = await repo.covering_topups(self._pool(), transaction_id)
+        if covering and covering[-1].status.is_open:
+            latest = covering[-1]
+            if not domain.may_drive(latest.id, transaction_id, idle_seconds=latest.idle_seconds):
+                raise CheckAgainLater(TOPUP_WAIT_SECONDS, f"waiting for top-up {latest.id}")
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -181,7 +195,7 @@ class FundOrder:
                 log.info("order left funding meanwhile", extra={"status": order.status.value})
                 return Decision(moved_on=True)
             if not can_top_up:
-                self._refuse_if_waited_too_long(order)
+                await repo.mark_funds_checked(conn, transaction_id)
             others = await repo.reserving_orders(conn, exclude=transaction_id)
             waiting = await repo.waiting_orders(conn)
             # Prefunded mode drives no top-up: one left open by an earlier issuing_card run is not coming.
@@ -197,7 +211,7 @@ class FundOrder:
                 available=balance,
                 reserved=domain.reserved_amount(others, balance.currency),
                 incoming=sum(
-                    (t.money for t, _ in on_the_way if t.currency == balance.currency),
+                    (t.money for t in on_the_way if t.currency == balance.currency),
                     Money.zero(balance.currency),
                 ),
                 waiting=tuple(
@@ -244,21 +258,20 @@ class FundOrder:
                     await self._mark_funded(conn, funded)
                 return Decision(funded=tuple(batch), awaiting=await self._awaiting(conn, can_top_up))
             if isinstance(decision, domain.WaitForTopup):
-                latest, idle_seconds = on_the_way[-1]
+                latest = on_the_way[-1]
                 await repo.join_topup(conn, latest.id, transaction_id)
-                drive = domain.may_drive(latest.id, transaction_id, idle_seconds=idle_seconds)
+                drive = domain.may_drive(latest.id, transaction_id, idle_seconds=latest.idle_seconds)
                 return Decision(wait_for=latest.id, drive=latest.id if drive else None)
             if isinstance(decision, domain.Short):
+                self._refuse_if_waited_too_long(order)  # only when the money is not there now
                 began = await repo.count_awaiting_funds(conn) == 0
                 if order.status == S.FUNDING:
                     await transition(conn, transaction_id, S.AWAITING_FUNDS, reason="wallet short")
                 else:
                     began = False  # it was waiting already: the shortage did not begin now
-                return Decision(
-                    short=decision.amount_to_add,
-                    shortage_began=began,
-                    awaiting=await self._awaiting(conn, False),
-                )
+                if began:  # one alert per shortage; before the commit: a crash repeats it, never loses it
+                    self._alert_shortage(decision.amount_to_add)
+                return Decision(short=decision.amount_to_add, awaiting=await self._awaiting(conn, False))
             return Decision(drive=await self._start_topup(conn, transaction_id, covering, decision.amount))
 
     def _decision(
@@ -323,6 +336,7 @@ class FundOrder:
             )
 
     async def _fund_prefunded(self, transaction_id: str, cost: Money) -> None:
+        await self._behind_a_waiting_order(transaction_id)
         decision = await self._decide(transaction_id, cost, can_top_up=False)
         if decision.moved_on:
             return None
@@ -336,14 +350,29 @@ class FundOrder:
             return None
         if decision.short is not None:
             wallet_shortfall.labels(currency=decision.short.currency).set(decision.short.amount)
-            if decision.shortage_began:  # one alert per shortage, not one per order or re-check
-                operator_alert(
-                    "wallet_short",
-                    f"the Zendit wallet is short: add at least {decision.short} in the Zendit console",
-                    amount_to_add=decision.short.amount,
-                    currency=decision.short.currency,
-                )
         raise CheckAgainLater(self._recheck_seconds, "waiting for the operator to fund the wallet")
+
+    async def _behind_a_waiting_order(self, transaction_id: str) -> None:
+        """prefunded: while the first order in line keeps looking at the balance (its look funds every
+        waiting order the money pays for, in payment order), the orders behind it need not; they look
+        themselves again as soon as it stops (its message lost, say)."""
+        order = await self._order(transaction_id)
+        if order.status != S.AWAITING_FUNDS:
+            return
+        first = await repo.first_in_line(self._pool())
+        if first is None or first.transaction_id == transaction_id or first.checked_seconds_ago is None:
+            return
+        if first.checked_seconds_ago < 2 * self._recheck_seconds:
+            self._refuse_if_waited_too_long(order)
+            raise CheckAgainLater(self._recheck_seconds, "an order paid earlier is first in line")
+
+    def _alert_shortage(self, amount_to_add: Money) -> None:
+        operator_alert(
+            "wallet_short",
+            f"the Zendit wallet is short: add at least {amount_to_add} in the Zendit console",
+            amount_to_add=amount_to_add.amount,
+            currency=amount_to_add.currency,
+        )
 
     async def _mark_funded(self, conn: asyncpg.Connection, transaction_id: str) -> None:
         """→ funded, with its order.funded in the outbox (same transaction)."""

@@ -54,7 +54,9 @@ class WalletTopup(BaseModel):
     created_at: datetime
     updated_at: datetime
     card_requested_at: datetime | None = None  # the card creation was asked for (it may exist)
+    card_attempts: int = 1  # names the card's idempotency key; +1 after Stripe answered with an error
     card_active: bool | None = None  # from issuing_cards; None when no card was created
+    idle_seconds: float = 0.0  # since the row last changed (database clock)
 
     @property
     def money(self) -> Money:
@@ -75,13 +77,13 @@ SELECT_WAITING = """
      ORDER BY paid_at NULLS LAST, transaction_id
 """
 SELECT_OPEN_TOPUPS = """
-    SELECT t.*, c.active AS card_active, extract(epoch FROM now() - t.updated_at) AS idle_seconds
+    SELECT t.*, c.active AS card_active, extract(epoch FROM now() - t.updated_at)::float8 AS idle_seconds
       FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
      WHERE t.status IN ('pending', 'card_created', 'submitted')
      ORDER BY t.created_at, t.id
 """
 SELECT_COVERING = """
-    SELECT t.*, c.active AS card_active
+    SELECT t.*, c.active AS card_active, extract(epoch FROM now() - t.updated_at)::float8 AS idle_seconds
       FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
      WHERE t.order_ids @> ARRAY[$1::text]
      ORDER BY t.created_at, t.id
@@ -92,6 +94,15 @@ JOIN_TOPUP = """
      WHERE id = $1 AND NOT order_ids @> ARRAY[$2::text]
 """
 COUNT_AWAITING_FUNDS = "SELECT count(*) FROM esim_purchases WHERE status = 'awaiting_funds'"
+# prefunded: when an order last looked at the balance, and which waiting order is first in line.
+MARK_FUNDS_CHECKED = "UPDATE esim_purchases SET funds_checked_at = now() WHERE transaction_id = $1"
+SELECT_FIRST_IN_LINE = """
+    SELECT transaction_id, extract(epoch FROM now() - funds_checked_at)::float8 AS checked_seconds_ago
+      FROM esim_purchases
+     WHERE status = 'awaiting_funds'
+     ORDER BY paid_at NULLS LAST, transaction_id
+     LIMIT 1
+"""
 
 RECORD_COST_IF_MISSING = """
     UPDATE esim_purchases SET zendit_cost = $2, zendit_cost_currency = $3, updated_at = now()
@@ -111,6 +122,12 @@ SELECT_TOPUPS = """
 """
 MARK_CARD_REQUESTED = """
     UPDATE wallet_topups SET card_requested_at = COALESCE(card_requested_at, now()), updated_at = now()
+     WHERE id = $1 AND status = 'pending'
+"""
+# Stripe answered the card creation with an error: no card exists under this key, and the next attempt
+# needs a new key (Stripe would replay the error for this one).
+MARK_CARD_REQUEST_ANSWERED = """
+    UPDATE wallet_topups SET card_requested_at = NULL, card_attempts = card_attempts + 1, updated_at = now()
      WHERE id = $1 AND status = 'pending'
 """
 MARK_CARD_CREATED = """
@@ -174,10 +191,9 @@ async def waiting_orders(conn: asyncpg.Connection) -> list[Waiting]:
     ]
 
 
-async def open_topups(conn: asyncpg.Connection) -> list[tuple[WalletTopup, float]]:
-    """Top-ups on their way (oldest first), each with the seconds since its row last changed."""
-    rows = await conn.fetch(SELECT_OPEN_TOPUPS)
-    return [(_topup(row, drop=("idle_seconds",)), float(row["idle_seconds"])) for row in rows]
+async def open_topups(conn: asyncpg.Connection) -> list[WalletTopup]:
+    """Top-ups on their way, oldest first."""
+    return [_topup(row) for row in await conn.fetch(SELECT_OPEN_TOPUPS)]
 
 
 async def covering_topups(conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str) -> list[WalletTopup]:
@@ -189,16 +205,32 @@ async def join_topup(conn: asyncpg.Connection, topup_id: str, transaction_id: st
     await conn.execute(JOIN_TOPUP, topup_id, transaction_id)
 
 
-async def count_awaiting_funds(conn: asyncpg.Connection) -> int:
+async def count_awaiting_funds(conn: asyncpg.Connection | asyncpg.Pool) -> int:
     return int(await conn.fetchval(COUNT_AWAITING_FUNDS))
+
+
+async def mark_funds_checked(conn: asyncpg.Connection, transaction_id: str) -> None:
+    await conn.execute(MARK_FUNDS_CHECKED, transaction_id)
+
+
+@dataclass(frozen=True)
+class FirstInLine:
+    transaction_id: str
+    checked_seconds_ago: float | None  # None: it has not looked at the balance yet
+
+
+async def first_in_line(conn: asyncpg.Connection | asyncpg.Pool) -> FirstInLine | None:
+    """The earliest-paid order waiting in awaiting_funds, and how long ago it last looked."""
+    row = await conn.fetchrow(SELECT_FIRST_IN_LINE)
+    return FirstInLine(row["transaction_id"], row["checked_seconds_ago"]) if row is not None else None
 
 
 async def record_cost_if_missing(pool: asyncpg.Pool, transaction_id: str, cost: Money) -> None:
     await pool.execute(RECORD_COST_IF_MISSING, transaction_id, cost.amount, cost.currency)
 
 
-def _topup(row: asyncpg.Record, drop: Sequence[str] = ()) -> WalletTopup:
-    values = {key: value for key, value in dict(row).items() if key not in drop}
+def _topup(row: asyncpg.Record) -> WalletTopup:
+    values = dict(row)
     values["currency"] = values["currency"].strip()  # char(3)
     return WalletTopup.model_validate(values)
 
@@ -244,6 +276,10 @@ async def record_card(
 
 async def mark_card_requested(conn: asyncpg.Connection, topup_id: str) -> None:
     await conn.execute(MARK_CARD_REQUESTED, topup_id)
+
+
+async def mark_card_request_answered(conn: asyncpg.Connection, topup_id: str) -> None:
+    await conn.execute(MARK_CARD_REQUEST_ANSWERED, topup_id)
 
 
 async def mark_submitted(conn: asyncpg.Connection, topup_id: str) -> None:

@@ -33,7 +33,13 @@ import asyncpg
 
 from esim_common.crash_points import crash_here
 from esim_common.errors import FailPermanently
-from esim_common.providers.stripe import CardDetails, IssuedCard, StripeGateway
+from esim_common.providers.stripe import (
+    CardDetails,
+    IssuedCard,
+    StripeGateway,
+    StripeGatewayError,
+    StripePermanentError,
+)
 from esim_common.providers.topup_gateway import (
     TopupDeclined,
     TopupGatewayClient,
@@ -103,13 +109,28 @@ class TopupPhases:
                         currency=topup.currency,
                     )
                 if topup.status == TopupStatus.PENDING and topup.card_requested_at is not None:
-                    # A crash may have left a card at Stripe that our books do not know: fetch it (same
-                    # idempotency key) so that it is cancelled below with the rest.
-                    card = await self._create_card(topup)
-                    await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
+                    await self._recover_card(conn, topup, transaction_id)
                 if topup.status.is_open:
                     await self._end(conn, topup, TopupStatus.FAILED, failure_reason=reason)
             await self._retire_card(found.id)
+
+    async def _recover_card(self, conn: asyncpg.Connection, topup: WalletTopup, transaction_id: str) -> None:
+        """A card creation got no answer (a crash, a timeout): a card may exist at Stripe that our books
+        do not know. Ask again under the same key, so that it is recorded and cancelled with the rest."""
+        try:
+            card = await self._create_card(topup)
+        except StripeGatewayError as exc:
+            if exc.http_status is not None:
+                return  # Stripe answered this key with an error: no card was made under it
+            operator_alert(
+                "card_may_be_active",
+                "giving up on a top-up whose card creation got no answer; find the card by "
+                "metadata.topup_id in the Stripe Dashboard and cancel it",
+                topup_id=topup.id,
+                error=type(exc).__name__,
+            )
+            return
+        await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
 
     # ------------------------------------------------------------------------------------ phases
 
@@ -121,12 +142,14 @@ class TopupPhases:
             yield conn, await repo.get_topup(conn, topup_id)
 
     async def _issue_card(self, topup_id: str, transaction_id: str) -> None:
-        """pending → card_created (or failed when the Issuing float cannot pay the top-up).
+        """pending → card_created (or failed when the Issuing float cannot pay the top-up, or Stripe
+        refuses the card).
 
         Two phases: the float check ends by committing `card_requested_at`, so that after a crash in the
         card creation a resumed delivery (or `abandon`) knows a card may exist at Stripe and asks for it
         again under the same idempotency key instead of checking the float again and walking away from a
-        card that is active."""
+        card that is active. When Stripe *answers* with an error no card was made, and it would replay
+        that answer for the key all day: the next attempt gets a key of its own (`card_attempts`)."""
         async with self._locked(topup_id) as (conn, topup):
             if topup.status != TopupStatus.PENDING or topup.card_requested_at is not None:
                 pass
@@ -135,13 +158,27 @@ class TopupPhases:
                 return
             else:
                 await repo.mark_card_requested(conn, topup_id)
+        refused: StripeGatewayError | None = None
         async with self._locked(topup_id) as (conn, topup):
-            if topup.status != TopupStatus.PENDING:
-                return
-            card = await self._create_card(topup)
-            crash_here("funding.after_card_created")  # the card exists at Stripe, not yet in our books
-            await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
-        log.info("single-use card created", extra={"topup_id": topup_id, "card_id": card.id})
+            if topup.status != TopupStatus.PENDING or topup.card_requested_at is None:
+                return  # finished meanwhile, or an attempt was answered with an error: start over
+            try:
+                card = await self._create_card(topup)
+            except StripeGatewayError as exc:
+                if exc.http_status is None:
+                    raise  # no answer: a card may exist, and asking again under the same key tells
+                await repo.mark_card_request_answered(conn, topup_id)
+                if isinstance(exc, StripePermanentError):
+                    reason = f"card_refused_{exc.code or exc.http_status}"
+                    await self._end(conn, topup, TopupStatus.FAILED, failure_reason=reason)
+                    return
+                refused = exc  # transient: committed above, raised below for the retry tiers
+            else:
+                crash_here("funding.after_card_created")  # the card exists at Stripe, not in our books
+                await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
+                log.info("single-use card created", extra={"topup_id": topup_id, "card_id": card.id})
+        if refused is not None:
+            raise refused
 
     async def _float_covers(self, topup: WalletTopup) -> bool:
         available = await self._stripe.issuing_available_balance(topup.currency)
@@ -169,6 +206,7 @@ class TopupPhases:
             currency=topup.currency,
             allowed_categories=self._allowed_categories,
             allowed_merchant_countries=self._allowed_merchant_countries,
+            attempt=topup.card_attempts,
         )
 
     async def _mark_submitted(self, topup_id: str) -> None:

@@ -15,8 +15,10 @@ a message that failed on Stripe to the right fate without catching anything::
 
 Every POST carries an idempotency key derived from OUR ids (`checkout:{txn}`, `refund:{txn}`,
 `issuing-card:{topup_id}`, ...), so a redelivered message or a restarted worker repeats the same Stripe
-request and gets the first result back instead of paying, refunding or issuing twice. The exception is
-`capture:{txn}:{attempt}`: see `capture_payment_intent`.
+request and gets the first result back instead of paying, refunding or issuing twice. The exceptions are
+`capture:{txn}:{attempt}` (see `capture_payment_intent`) and a card creation that Stripe answered with an
+error, which the caller repeats under `issuing-card:{topup_id}:{attempt}`: Stripe replays a saved 500
+for 24 h, so the same key would fail the same way all day.
 
 Money is integer minor units. Currencies are our uppercase ISO codes on both sides of this module;
 Stripe gets lowercase. Results are frozen dataclasses, not StripeObjects.
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import stripe
+from stripe import _util as stripe_util  # the SDK's own console logging switch (see silence_sdk_console_log)
 
 from esim_common.errors import PermanentError, TransientError
 from esim_common.metrics import observe_provider_call
@@ -52,6 +55,19 @@ CancellationReason = Literal["abandoned", "duplicate", "fraudulent", "requested_
 # Stripe's webhook timestamp tolerance: older signatures are replays.
 WEBHOOK_TOLERANCE_SECONDS = 300
 _CARD_LIKE_DIGITS = re.compile(r"\d[\d -]{10,22}\d")
+
+
+def issuing_card_key(topup_id: str, attempt: int) -> str:
+    """The idempotency key of a top-up's card creation; the first attempt keeps the historical form."""
+    return f"issuing-card:{topup_id}" if attempt <= 1 else f"issuing-card:{topup_id}:{attempt}"
+
+
+def silence_sdk_console_log() -> None:
+    """STRIPE_LOG=debug (read once, when the SDK is imported) or `stripe.log` makes the SDK print whole
+    response bodies — a revealed card's number and CVC — with print(), past our logging and its
+    redaction. Switched off for good: our own logs say what happened."""
+    stripe.log = None
+    stripe_util.STRIPE_LOG = None
 
 
 class StripeGatewayError(Exception):
@@ -230,9 +246,7 @@ class StripeGateway:
         max_network_retries: int = 2,
         timeout_seconds: float = 10,
     ) -> None:
-        # STRIPE_LOG=debug makes the SDK print whole response bodies (a revealed card's number and CVC)
-        # with print(), past our logging and its redaction. Never here: our own logs say what happened.
-        stripe.log = None
+        silence_sdk_console_log()
         self._http = stripe.HTTPXClient(timeout=timeout_seconds)
         self._client = stripe.StripeClient(
             api_key,
@@ -453,9 +467,11 @@ class StripeGateway:
         currency: str,
         allowed_categories: Sequence[str] | None = None,
         allowed_merchant_countries: Sequence[str] | None = None,
+        attempt: int = 1,
     ) -> IssuedCard:
         """A virtual card, active now, that can pay `amount` once: per-authorisation and all-time limits
-        equal to the amount, and cancelled by Stripe after one payment."""
+        equal to the amount, and cancelled by Stripe after one payment. `attempt` > 1 after Stripe
+        answered an earlier attempt with an error (no card was made then): a key of its own."""
         limit = _positive(amount, "amount")
         controls: dict[str, Any] = {
             "spending_limits": [
@@ -481,7 +497,7 @@ class StripeGateway:
         card = await self._call(
             "create_single_use_card",
             self._client.v1.issuing.cards.create_async(
-                params=params, options={"idempotency_key": f"issuing-card:{topup_id}"}
+                params=params, options={"idempotency_key": issuing_card_key(topup_id, attempt)}
             ),
         )
         return _issued_card(card)
