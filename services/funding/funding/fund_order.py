@@ -207,11 +207,12 @@ class FundOrder:
                 raise FailPermanently(
                     "currency_mismatch", f"the wallet is in {balance.currency}, the cost in {cost.currency}"
                 )
+            on_the_way = [t for t in on_the_way if t.currency == balance.currency]
             book = WalletBook(
                 available=balance,
                 reserved=domain.reserved_amount(others, balance.currency),
                 incoming=sum(
-                    (t.money for t in on_the_way if t.currency == balance.currency),
+                    (t.money for t in on_the_way),
                     Money.zero(balance.currency),
                 ),
                 waiting=tuple(
@@ -230,6 +231,7 @@ class FundOrder:
                 # is then counted twice (safe), never not at all.
                 others = await self._with_fresh_purchase_status(others)
                 balance = (await self._zendit.get_balance()).available
+                wallet_available.labels(currency=balance.currency).set(balance.amount)
                 book = replace(
                     book, available=balance, reserved=domain.reserved_amount(others, balance.currency)
                 )
