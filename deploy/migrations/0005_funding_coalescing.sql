@@ -12,8 +12,10 @@ CREATE INDEX IF NOT EXISTS esim_purchases_waiting_idx ON esim_purchases (paid_at
 -- known to maybe have a card at Stripe, which is then fetched again (same idempotency key) and cancelled.
 ALTER TABLE wallet_topups ADD COLUMN card_requested_at timestamptz;
 -- Names the idempotency key of the card creation (`issuing-card:<id>`, then `issuing-card:<id>:<n>`):
--- after Stripe answered an attempt with an error (which it would replay for 24 h), the next gets a new key.
+-- after an attempt that made no card (Stripe would replay its error for 24 h), the next gets a new key.
 ALTER TABLE wallet_topups ADD COLUMN card_attempts integer NOT NULL DEFAULT 1 CHECK (card_attempts >= 1);
 -- prefunded mode: when a waiting order last looked at the Zendit balance. While the first order in line
 -- keeps looking, the ones behind it need not (its look funds them too, in payment order).
 ALTER TABLE esim_purchases ADD COLUMN funds_checked_at timestamptz;
+-- An order that took over a stalled top-up (its starter's message went to the DLQ) closes it if it gives up.
+ALTER TABLE wallet_topups ADD COLUMN driven_by text;

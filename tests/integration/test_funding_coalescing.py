@@ -295,3 +295,6 @@ async def test_a_prefunded_order_that_waited_too_long_is_refunded_and_the_custom
     [told] = await funding.messages("notify.order-failed")
     assert told["transaction_id"] == event.transaction_id and told["step"] == "funding"
     assert await funding.messages("provisioning.order-funded") == []
+    # Nobody waits any more: the gauges say so (they are not left at the refunded order's numbers).
+    assert REGISTRY.get_sample_value("esim_funding_awaiting_funds_orders") == 0
+    assert shortfall_gauge() in (None, 0)

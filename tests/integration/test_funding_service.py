@@ -16,7 +16,6 @@ from esim_common.money import Money
 from esim_common.order_repository import get_order
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
-from esim_common.providers.stripe import BillingAddress
 from esim_common.settings import FundingMode
 from tests.fixtures.funding import (
     COST,
@@ -25,6 +24,7 @@ from tests.fixtures.funding import (
     approved_charges,
     cards_for,
     credits,
+    leave_requested_topup,
     pay_for_order,
     rows,
     running,
@@ -227,30 +227,6 @@ async def test_a_gateway_503_is_retried_with_the_same_reference_and_charges_once
 # ------------------------------------------------------------------------------------ resume points
 
 
-@pytest.fixture
-async def platform_card(funding, stripe_gateway):
-    """A single-use card for `topup_id`, made the way the service makes it (same idempotency key)."""
-
-    async def make(topup_id: str, amount: int):
-        s = funding.settings
-        holder = await stripe_gateway.ensure_cardholder(
-            name=s.stripe_issuing_cardholder_name,
-            email=s.service_owner_email,
-            billing_address=BillingAddress(
-                line1=s.stripe_issuing_address_line1,
-                city=s.stripe_issuing_address_city,
-                state=s.stripe_issuing_address_state,
-                postal_code=s.stripe_issuing_address_postal,
-                country=s.stripe_issuing_address_country,
-            ),
-        )
-        return await stripe_gateway.create_single_use_card(
-            topup_id=topup_id, cardholder_id=holder.id, amount=amount, currency="USD"
-        )
-
-    return make
-
-
 async def _leave_topup(pool, *, txn: str, topup_id: str, card, status: str) -> None:
     """What a worker that crashed in this phase leaves behind."""
     async with pool.acquire() as conn:
@@ -294,20 +270,6 @@ async def test_continues_from_card_created_with_the_same_card(
     assert wallet(zendit_emulator)["wallet"]["balance"] == 1_000 + MIN_TOPUP
 
 
-async def _leave_requested_topup(pool, *, txn: str, topup_id: str) -> None:
-    """What a worker that died between asking Stripe for the card and writing it down leaves behind."""
-    async with pool.acquire() as conn:
-        await transition(conn, txn, S.FUNDING)
-        await conn.execute(
-            "INSERT INTO wallet_topups"
-            " (id, amount, currency, gateway_reference, order_ids, card_requested_at)"
-            " VALUES ($1, $2, 'USD', $1, $3, now())",
-            topup_id,
-            MIN_TOPUP,
-            [txn],
-        )
-
-
 async def test_a_crash_inside_the_card_creation_resumes_with_the_card_stripe_made_and_cancels_it(
     funding, paid_order, platform_card, zendit_emulator, stripe_emulator
 ):
@@ -319,7 +281,7 @@ async def test_a_crash_inside_the_card_creation_resumes_with_the_card_stripe_mad
     # worker died before writing it down. Since then the Issuing float has run dry: a fresh check would
     # fail the top-up and leave that card active and unknown to us.
     card = await platform_card(topup_id, MIN_TOPUP)
-    await _leave_requested_topup(funding.pool, txn=txn, topup_id=topup_id)
+    await leave_requested_topup(funding.pool, txn=txn, topup_id=topup_id)
     saved = dict(stripe_emulator.state.issuing_available)
     stripe_emulator.state.issuing_available["usd"] = 0
     try:
@@ -343,7 +305,7 @@ async def test_giving_up_on_a_top_up_whose_card_creation_crashed_cancels_the_car
     txn = event.transaction_id
     topup_id = f"tu_{txn}"
     card = await platform_card(topup_id, MIN_TOPUP)
-    await _leave_requested_topup(funding.pool, txn=txn, topup_id=topup_id)
+    await leave_requested_topup(funding.pool, txn=txn, topup_id=topup_id)
 
     await funding.app.state.fund_order.give_up(txn, "retries_exhausted")
 

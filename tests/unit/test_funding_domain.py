@@ -264,6 +264,8 @@ def test_only_the_order_that_started_a_topup_drives_it_unless_it_has_stalled():
     assert may_drive("tu_t-2", "t", idle_seconds=0)
     assert not may_drive("tu_other", "t", idle_seconds=TOPUP_STALE_SECONDS - 1)
     assert may_drive("tu_other", "t", idle_seconds=TOPUP_STALE_SECONDS)
+    assert may_drive("tu_other", "t", idle_seconds=0, driven_by="t")  # it took the top-up over
+    assert not may_drive("tu_other", "t", idle_seconds=0, driven_by="u")
 
 
 def test_the_order_failure_reason_names_a_decline_and_keeps_other_reasons():

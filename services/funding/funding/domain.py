@@ -321,9 +321,16 @@ def next_topup_id(transaction_id: str, existing: Iterable[str]) -> str | None:
 TOPUP_STALE_SECONDS = 60
 
 
-def may_drive(topup_id: str, transaction_id: str, *, idle_seconds: float) -> bool:
-    """Whether this order moves the top-up forward itself, or waits for the order that started it."""
-    return topup_id in topup_ids(transaction_id) or idle_seconds >= TOPUP_STALE_SECONDS
+def may_drive(
+    topup_id: str, transaction_id: str, *, idle_seconds: float, driven_by: str | None = None
+) -> bool:
+    """Whether this order moves the top-up forward itself (it started it, took it over, or the top-up
+    has stalled), or waits for the order that drives it."""
+    return (
+        topup_id in topup_ids(transaction_id)
+        or driven_by == transaction_id
+        or idle_seconds >= TOPUP_STALE_SECONDS
+    )
 
 
 def order_failure_reason(status: TopupStatus, topup_reason: str | None) -> str:

@@ -136,7 +136,7 @@ class FundOrder:
         """Before the refund: no top-up this order started may stay open, no card of it active."""
         await self._topups.abandon(transaction_id, reason)
         if self._mode == FundingMode.PREFUNDED:  # one waiting order fewer (refunded after its max age)
-            awaiting = await repo.count_awaiting_funds(self._pool())
+            awaiting = await repo.count_awaiting_funds(self._pool(), besides=transaction_id)
             awaiting_funds_orders.set(awaiting)
             if awaiting == 0:
                 wallet_shortfall.clear()
@@ -147,7 +147,9 @@ class FundOrder:
         covering = await repo.covering_topups(self._pool(), transaction_id)
         if covering and covering[-1].status.is_open:
             latest = covering[-1]
-            if not domain.may_drive(latest.id, transaction_id, idle_seconds=latest.idle_seconds):
+            if not domain.may_drive(
+                latest.id, transaction_id, idle_seconds=latest.idle_seconds, driven_by=latest.driven_by
+            ):
                 raise CheckAgainLater(TOPUP_WAIT_SECONDS, f"waiting for top-up {latest.id}")
 
     # ------------------------------------------------------------------------------------ steps
@@ -262,7 +264,16 @@ class FundOrder:
             if isinstance(decision, domain.WaitForTopup):
                 latest = on_the_way[-1]
                 await repo.join_topup(conn, latest.id, transaction_id)
-                drive = domain.may_drive(latest.id, transaction_id, idle_seconds=latest.idle_seconds)
+                drive = domain.may_drive(
+                    latest.id, transaction_id, idle_seconds=latest.idle_seconds, driven_by=latest.driven_by
+                )
+                if (
+                    drive
+                    and latest.id not in domain.topup_ids(transaction_id)
+                    and latest.driven_by != transaction_id
+                ):
+                    await repo.take_over_topup(conn, latest.id, transaction_id)
+                    log.warning("taking over a stalled top-up", extra={"topup_id": latest.id})
                 return Decision(wait_for=latest.id, drive=latest.id if drive else None)
             if isinstance(decision, domain.Short):
                 self._refuse_if_waited_too_long(order)  # only when the money is not there now

@@ -54,7 +54,8 @@ class WalletTopup(BaseModel):
     created_at: datetime
     updated_at: datetime
     card_requested_at: datetime | None = None  # the card creation was asked for (it may exist)
-    card_attempts: int = 1  # names the card's idempotency key; +1 after Stripe answered with an error
+    card_attempts: int = 1  # names the card's idempotency key; +1 after an attempt that made no card
+    driven_by: str | None = None  # an order that took this top-up over when it stalled
     card_active: bool | None = None  # from issuing_cards; None when no card was created
     idle_seconds: float = 0.0  # since the row last changed (database clock)
 
@@ -91,9 +92,20 @@ SELECT_COVERING = """
 # An order waiting for a top-up started by another joins it, so the top-up's outcome becomes its own.
 JOIN_TOPUP = """
     UPDATE wallet_topups SET order_ids = array_append(order_ids, $2::text)
-     WHERE id = $1 AND NOT order_ids @> ARRAY[$2::text]
+     WHERE id = $1 AND NOT order_ids @> ARRAY[$2::text] AND status IN ('pending', 'card_created', 'submitted')
 """
-COUNT_AWAITING_FUNDS = "SELECT count(*) FROM esim_purchases WHERE status = 'awaiting_funds'"
+# An order takes over a stalled top-up it waits for: it is now the one to close it if it gives up, and
+# the row is fresh again, so that the other waiting orders leave it to this one.
+TAKE_OVER_TOPUP = "UPDATE wallet_topups SET driven_by = $2, updated_at = now() WHERE id = $1"
+SELECT_DRIVEN_BY = """
+    SELECT t.*, c.active AS card_active, extract(epoch FROM now() - t.updated_at)::float8 AS idle_seconds
+      FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
+     WHERE t.id = ANY($2::text[]) OR t.driven_by = $1
+     ORDER BY t.created_at, t.id
+"""
+COUNT_AWAITING_FUNDS = """
+    SELECT count(*) FROM esim_purchases WHERE status = 'awaiting_funds' AND transaction_id <> $1
+"""
 # prefunded: when an order last looked at the balance, and which waiting order is first in line.
 MARK_FUNDS_CHECKED = "UPDATE esim_purchases SET funds_checked_at = now() WHERE transaction_id = $1"
 SELECT_FIRST_IN_LINE = """
@@ -205,8 +217,20 @@ async def join_topup(conn: asyncpg.Connection, topup_id: str, transaction_id: st
     await conn.execute(JOIN_TOPUP, topup_id, transaction_id)
 
 
-async def count_awaiting_funds(conn: asyncpg.Connection | asyncpg.Pool) -> int:
-    return int(await conn.fetchval(COUNT_AWAITING_FUNDS))
+async def take_over_topup(conn: asyncpg.Connection, topup_id: str, transaction_id: str) -> None:
+    await conn.execute(TAKE_OVER_TOPUP, topup_id, transaction_id)
+
+
+async def topups_driven_by(
+    conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str, own_ids: Sequence[str]
+) -> list[WalletTopup]:
+    """The top-ups this order started (`own_ids`) or took over, oldest first."""
+    return [_topup(row) for row in await conn.fetch(SELECT_DRIVEN_BY, transaction_id, list(own_ids))]
+
+
+async def count_awaiting_funds(conn: asyncpg.Connection | asyncpg.Pool, *, besides: str = "") -> int:
+    """Orders in awaiting_funds, `besides` this one."""
+    return int(await conn.fetchval(COUNT_AWAITING_FUNDS, besides))
 
 
 async def mark_funds_checked(conn: asyncpg.Connection, transaction_id: str) -> None:

@@ -55,6 +55,10 @@ from funding.repository import WalletTopup
 
 log = logging.getLogger("esim.funding.topups")
 
+HTTP_CONFLICT = 409  # Stripe: a request with this idempotency key is still being processed
+# Cards are looked up from the top-up's creation on, minus this much for clocks that disagree.
+CLOCK_SKEW_SECONDS = 600
+
 
 class TopupPhases:
     def __init__(
@@ -95,8 +99,11 @@ class TopupPhases:
         return topup
 
     async def abandon(self, transaction_id: str, reason: str) -> None:
-        """We give up on this order: close its open top-ups as failed and cancel their cards."""
-        for found in await repo.get_topups(self._pool(), domain.topup_ids(transaction_id)):
+        """We give up on this order: close the top-ups it started or took over as failed, and cancel
+        their cards."""
+        for found in await repo.topups_driven_by(
+            self._pool(), transaction_id, domain.topup_ids(transaction_id)
+        ):
             async with self._locked(found.id) as (conn, topup):
                 if topup.status == TopupStatus.SUBMITTED:
                     # The gateway may have charged the card before it stopped answering: money may sit
@@ -115,22 +122,21 @@ class TopupPhases:
             await self._retire_card(found.id)
 
     async def _recover_card(self, conn: asyncpg.Connection, topup: WalletTopup, transaction_id: str) -> None:
-        """A card creation got no answer (a crash, a timeout): a card may exist at Stripe that our books
-        do not know. Ask again under the same key, so that it is recorded and cancelled with the rest."""
+        """A card creation whose outcome we never learnt: a card may exist at Stripe that our books do
+        not know. Look for it, so that it is recorded and cancelled with the rest."""
         try:
-            card = await self._create_card(topup)
-        except StripeGatewayError as exc:
-            if exc.http_status is not None:
-                return  # Stripe answered this key with an error: no card was made under it
+            card = await self._existing_card(topup)
+        except (StripeGatewayError, TimeoutError) as exc:
             operator_alert(
                 "card_may_be_active",
-                "giving up on a top-up whose card creation got no answer; find the card by "
-                "metadata.topup_id in the Stripe Dashboard and cancel it",
+                "giving up on a top-up whose card we could not look for; find cards with this "
+                "metadata.topup_id in the Stripe Dashboard and cancel them",
                 topup_id=topup.id,
                 error=type(exc).__name__,
             )
             return
-        await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
+        if card is not None:
+            await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
 
     # ------------------------------------------------------------------------------------ phases
 
@@ -143,16 +149,22 @@ class TopupPhases:
 
     async def _issue_card(self, topup_id: str, transaction_id: str) -> None:
         """pending → card_created (or failed when the Issuing float cannot pay the top-up, or Stripe
-        refuses the card).
+        will not make the card).
 
-        Two phases: the float check ends by committing `card_requested_at`, so that after a crash in the
-        card creation a resumed delivery (or `abandon`) knows a card may exist at Stripe and asks for it
-        again under the same idempotency key instead of checking the float again and walking away from a
-        card that is active. When Stripe *answers* with an error no card was made, and it would replay
-        that answer for the key all day: the next attempt gets a key of its own (`card_attempts`)."""
+        Two phases. The float check ends by committing `card_requested_at`: from then on a card may
+        exist at Stripe. A delivery that finds it set without a card (a crash, a timeout) looks the card
+        up at Stripe before asking for one (the same idempotency key would also return it, but only for
+        24 h). An error answer does not say whether an earlier request under the key made the card
+        (Stripe's 5xx leave it open, the SDK's retries hide the first answer), so we look too; only when
+        no card exists does the next attempt get a key of its own (`card_attempts`), because Stripe
+        replays a saved 500 for the key all day."""
+        cardholder_id = await self._cardholder.id()  # before a card is asked for: its errors are its own
+        resuming = False
         async with self._locked(topup_id) as (conn, topup):
-            if topup.status != TopupStatus.PENDING or topup.card_requested_at is not None:
-                pass
+            if topup.status != TopupStatus.PENDING:
+                return
+            if topup.card_requested_at is not None:
+                resuming = True
             elif not await self._float_covers(topup):
                 await self._end(conn, topup, TopupStatus.FAILED, failure_reason="issuing_float_low")
                 return
@@ -161,24 +173,59 @@ class TopupPhases:
         refused: StripeGatewayError | None = None
         async with self._locked(topup_id) as (conn, topup):
             if topup.status != TopupStatus.PENDING or topup.card_requested_at is None:
-                return  # finished meanwhile, or an attempt was answered with an error: start over
-            try:
-                card = await self._create_card(topup)
-            except StripeGatewayError as exc:
-                if exc.http_status is None:
-                    raise  # no answer: a card may exist, and asking again under the same key tells
-                await repo.mark_card_request_answered(conn, topup_id)
-                if isinstance(exc, StripePermanentError):
-                    reason = f"card_refused_{exc.code or exc.http_status}"
-                    await self._end(conn, topup, TopupStatus.FAILED, failure_reason=reason)
-                    return
-                refused = exc  # transient: committed above, raised below for the retry tiers
-            else:
+                return  # finished meanwhile, or an attempt ended without a card: start over
+            card = await self._existing_card(topup) if resuming else None
+            if card is None:
+                try:
+                    card = await self._create_card(topup, cardholder_id)
+                except StripeGatewayError as exc:
+                    if exc.http_status is None or exc.http_status == HTTP_CONFLICT:
+                        raise  # no answer, or the first request is still running: same key, later
+                    card = await self._existing_card(topup)
+                    if card is None:
+                        await repo.mark_card_request_answered(conn, topup_id)
+                        if isinstance(exc, StripePermanentError):
+                            await self._refuse_card(conn, topup, exc)
+                            return
+                        refused = exc  # transient: committed above, raised below for the retry tiers
+            if card is not None:
                 crash_here("funding.after_card_created")  # the card exists at Stripe, not in our books
                 await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
                 log.info("single-use card created", extra={"topup_id": topup_id, "card_id": card.id})
         if refused is not None:
             raise refused
+
+    async def _existing_card(self, topup: WalletTopup) -> IssuedCard | None:
+        """The card Stripe made for this top-up, if any (an active one first); any extra card — two
+        requests that both made one — is cancelled at once."""
+        cards = await self._stripe.find_topup_cards(
+            cardholder_id=await self._cardholder.id(),
+            topup_id=topup.id,
+            since=int(topup.created_at.timestamp()) - CLOCK_SKEW_SECONDS,
+        )
+        if not cards:
+            return None
+        keep = next((card for card in cards if card.status == "active"), cards[0])
+        for extra in cards:
+            if extra.id != keep.id and extra.status != "canceled":
+                await self._stripe.cancel_card(extra.id)
+                log.warning(
+                    "extra card of a top-up cancelled", extra={"topup_id": topup.id, "card_id": extra.id}
+                )
+        return keep
+
+    async def _refuse_card(
+        self, conn: asyncpg.Connection, topup: WalletTopup, exc: StripeGatewayError
+    ) -> None:
+        reason = f"card_refused_{exc.code or exc.http_status}"
+        operator_alert(
+            "card_refused",
+            "Stripe refused to create a top-up card (key, permissions or spending-control settings?)",
+            topup_id=topup.id,
+            http_status=exc.http_status,
+            code=exc.code,
+        )
+        await self._end(conn, topup, TopupStatus.FAILED, failure_reason=reason)
 
     async def _float_covers(self, topup: WalletTopup) -> bool:
         available = await self._stripe.issuing_available_balance(topup.currency)
@@ -197,11 +244,11 @@ class TopupPhases:
         )
         return False
 
-    async def _create_card(self, topup: WalletTopup) -> IssuedCard:
+    async def _create_card(self, topup: WalletTopup, cardholder_id: str) -> IssuedCard:
         """The top-up's card; asking again (same idempotency key) returns the card made the first time."""
         return await self._stripe.create_single_use_card(
             topup_id=topup.id,
-            cardholder_id=await self._cardholder.id(),
+            cardholder_id=cardholder_id,
             amount=topup.amount,
             currency=topup.currency,
             allowed_categories=self._allowed_categories,

@@ -502,6 +502,28 @@ class StripeGateway:
         )
         return _issued_card(card)
 
+    async def find_topup_cards(self, *, cardholder_id: str, topup_id: str, since: int) -> list[IssuedCard]:
+        """The cardholder's cards whose `metadata.topup_id` is `topup_id`, oldest first, created at or
+        after `since` (epoch seconds). The truth about a card creation whose answer we never got or
+        cannot trust. Stripe lists newest first, so the pages are read only back to `since`."""
+        found: list[IssuedCard] = []
+        starting_after: str | None = None
+        while True:
+            params: dict[str, Any] = {"cardholder": cardholder_id, "limit": 100}
+            if starting_after is not None:
+                params["starting_after"] = starting_after
+            page = await self._call(
+                "list_cards", self._client.v1.issuing.cards.list_async(params=cast(Any, params))
+            )
+            for card in page.data:
+                if card.created < since:
+                    return found[::-1]
+                if _metadata(card.metadata).get("topup_id") == topup_id:
+                    found.append(_issued_card(card))
+            if not page.has_more or not page.data:
+                return found[::-1]
+            starting_after = page.data[-1].id
+
     async def reveal_card(self, card_id: str) -> CardDetails:
         """Number and CVC (Stripe returns them only when expanded). Keep them in memory, briefly."""
         card = await self._call(
