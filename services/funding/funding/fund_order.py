@@ -263,7 +263,8 @@ class FundOrder:
                 return Decision(funded=tuple(batch), awaiting=await self._awaiting(conn, can_top_up))
             if isinstance(decision, domain.WaitForTopup):
                 latest = on_the_way[-1]
-                await repo.join_topup(conn, latest.id, transaction_id)
+                if not await repo.join_topup(conn, latest.id, transaction_id):
+                    return Decision(wait_for=latest.id)  # it ended a moment ago: decide again shortly
                 drive = domain.may_drive(
                     latest.id, transaction_id, idle_seconds=latest.idle_seconds, driven_by=latest.driven_by
                 )

@@ -91,12 +91,18 @@ SELECT_COVERING = """
 """
 # An order waiting for a top-up started by another joins it, so the top-up's outcome becomes its own.
 JOIN_TOPUP = """
-    UPDATE wallet_topups SET order_ids = array_append(order_ids, $2::text)
-     WHERE id = $1 AND NOT order_ids @> ARRAY[$2::text] AND status IN ('pending', 'card_created', 'submitted')
+    UPDATE wallet_topups
+       SET order_ids = CASE WHEN order_ids @> ARRAY[$2::text] THEN order_ids
+                            ELSE array_append(order_ids, $2::text) END
+     WHERE id = $1 AND status IN ('pending', 'card_created', 'submitted')
+ RETURNING id
 """
 # An order takes over a stalled top-up it waits for: it is now the one to close it if it gives up, and
 # the row is fresh again, so that the other waiting orders leave it to this one.
-TAKE_OVER_TOPUP = "UPDATE wallet_topups SET driven_by = $2, updated_at = now() WHERE id = $1"
+TAKE_OVER_TOPUP = """
+    UPDATE wallet_topups SET driven_by = $2, updated_at = now()
+     WHERE id = $1 AND status IN ('pending', 'card_created', 'submitted')
+"""
 SELECT_DRIVEN_BY = """
     SELECT t.*, c.active AS card_active, extract(epoch FROM now() - t.updated_at)::float8 AS idle_seconds
       FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
@@ -213,8 +219,9 @@ async def covering_topups(conn: asyncpg.Connection | asyncpg.Pool, transaction_i
     return [_topup(row) for row in await conn.fetch(SELECT_COVERING, transaction_id)]
 
 
-async def join_topup(conn: asyncpg.Connection, topup_id: str, transaction_id: str) -> None:
-    await conn.execute(JOIN_TOPUP, topup_id, transaction_id)
+async def join_topup(conn: asyncpg.Connection, topup_id: str, transaction_id: str) -> bool:
+    """Count this order among the top-up's; False when the top-up has ended meanwhile."""
+    return await conn.fetchval(JOIN_TOPUP, topup_id, transaction_id) is not None
 
 
 async def take_over_topup(conn: asyncpg.Connection, topup_id: str, transaction_id: str) -> None:

@@ -55,7 +55,10 @@ from funding.repository import WalletTopup
 
 log = logging.getLogger("esim.funding.topups")
 
-HTTP_CONFLICT = 409  # Stripe: a request with this idempotency key is still being processed
+# Answers Stripe does not save under the idempotency key (so they say nothing about an earlier request
+# under it, which may still be making the card): still in progress (409), rate limited before the
+# idempotency layer (429), a gateway error from Stripe's edge (502-504). The same key again, later.
+UNSAVED_ANSWERS = frozenset({409, 429, 502, 503, 504})
 # Cards are looked up from the top-up's creation on, minus this much for clocks that disagree.
 CLOCK_SKEW_SECONDS = 600
 
@@ -81,7 +84,8 @@ class TopupPhases:
     async def settle_interrupted(self, transaction_id: str) -> None:
         """Finish this order's top-ups that a crash or a transient error interrupted, and cancel any
         card still active. Runs before the balance check: a submitted top-up may already have paid."""
-        for topup in await repo.get_topups(self._pool(), domain.topup_ids(transaction_id)):
+        own_ids = domain.topup_ids(transaction_id)
+        for topup in await repo.topups_driven_by(self._pool(), transaction_id, own_ids):
             if topup.status.is_open or topup.card_active:
                 await self.finish(topup.id, transaction_id)
 
@@ -115,11 +119,16 @@ class TopupPhases:
                         amount=topup.amount,
                         currency=topup.currency,
                     )
-                if topup.status == TopupStatus.PENDING and topup.card_requested_at is not None:
+                if topup.status == TopupStatus.PENDING and (
+                    topup.card_requested_at is not None or topup.card_attempts > 1
+                ):
                     await self._recover_card(conn, topup, transaction_id)
                 if topup.status.is_open:
                     await self._end(conn, topup, TopupStatus.FAILED, failure_reason=reason)
-            await self._retire_card(found.id)
+            try:
+                await self._retire_card(found.id)
+            except StripeGatewayError as exc:  # the refund must not wait for Stripe's Issuing API
+                self._alert_card_may_be_active(found.id, exc)
 
     async def _recover_card(self, conn: asyncpg.Connection, topup: WalletTopup, transaction_id: str) -> None:
         """A card creation whose outcome we never learnt: a card may exist at Stripe that our books do
@@ -127,16 +136,23 @@ class TopupPhases:
         try:
             card = await self._existing_card(topup)
         except (StripeGatewayError, TimeoutError) as exc:
-            operator_alert(
-                "card_may_be_active",
-                "giving up on a top-up whose card we could not look for; find cards with this "
-                "metadata.topup_id in the Stripe Dashboard and cancel them",
-                topup_id=topup.id,
-                error=type(exc).__name__,
-            )
+            self._alert_card_may_be_active(topup.id, exc)
             return
         if card is not None:
             await repo.record_card(conn, topup=topup, card=card, transaction_id=transaction_id)
+        elif topup.card_requested_at is not None:
+            # The last request got no saved answer: Stripe may still be making the card.
+            self._alert_card_may_be_active(topup.id, None)
+
+    @staticmethod
+    def _alert_card_may_be_active(topup_id: str, exc: BaseException | None) -> None:
+        operator_alert(
+            "card_may_be_active",
+            "giving up on a top-up whose card may exist at Stripe; find cards with this "
+            "metadata.topup_id in the Stripe Dashboard and cancel any that are active",
+            topup_id=topup_id,
+            error=type(exc).__name__ if exc is not None else None,
+        )
 
     # ------------------------------------------------------------------------------------ phases
 
@@ -154,21 +170,21 @@ class TopupPhases:
         Two phases. The float check ends by committing `card_requested_at`: from then on a card may
         exist at Stripe. A delivery that finds it set without a card (a crash, a timeout) looks the card
         up at Stripe before asking for one (the same idempotency key would also return it, but only for
-        24 h). An error answer does not say whether an earlier request under the key made the card
-        (Stripe's 5xx leave it open, the SDK's retries hide the first answer), so we look too; only when
-        no card exists does the next attempt get a key of its own (`card_attempts`), because Stripe
-        replays a saved 500 for the key all day."""
+        24 h). An answer Stripe does not save under the key (409, 429, an edge 5xx: UNSAVED_ANSWERS) or
+        none at all says nothing about an earlier request that may still be making the card: the same
+        key again, later. After a saved error answer (a 500, a refusal) we look too, and only when no
+        card exists does the next attempt get a key of its own (`card_attempts`), because Stripe replays
+        a saved 500 for the key all day."""
         cardholder_id = await self._cardholder.id()  # before a card is asked for: its errors are its own
-        resuming = False
         async with self._locked(topup_id) as (conn, topup):
             if topup.status != TopupStatus.PENDING:
                 return
-            if topup.card_requested_at is not None:
-                resuming = True
-            elif not await self._float_covers(topup):
-                await self._end(conn, topup, TopupStatus.FAILED, failure_reason="issuing_float_low")
-                return
-            else:
+            # An earlier delivery asked for a card: look before asking (again, or under a new key).
+            resuming = topup.card_requested_at is not None or topup.card_attempts > 1
+            if topup.card_requested_at is None:
+                if not await self._float_covers(topup):
+                    await self._end(conn, topup, TopupStatus.FAILED, failure_reason="issuing_float_low")
+                    return
                 await repo.mark_card_requested(conn, topup_id)
         refused: StripeGatewayError | None = None
         async with self._locked(topup_id) as (conn, topup):
@@ -179,8 +195,8 @@ class TopupPhases:
                 try:
                     card = await self._create_card(topup, cardholder_id)
                 except StripeGatewayError as exc:
-                    if exc.http_status is None or exc.http_status == HTTP_CONFLICT:
-                        raise  # no answer, or the first request is still running: same key, later
+                    if exc.http_status is None or exc.http_status in UNSAVED_ANSWERS:
+                        raise  # nothing saved under the key, or still running: the same key, later
                     card = await self._existing_card(topup)
                     if card is None:
                         await repo.mark_card_request_answered(conn, topup_id)
