@@ -7,7 +7,12 @@
     esim_zendit_wallet_available_minor_units{currency}
     esim_stripe_issuing_available_minor_units{currency}
     esim_stripe_issuing_float_low{currency}          1: the last top-up found the Issuing float too low
-                                                     to pay it; 0: a card was created since
+                                                     to pay it; 0: the float covered one since
+    esim_funding_awaiting_funds_orders               prefunded: orders waiting for the operator
+    esim_funding_wallet_shortfall_minor_units{currency}   prefunded: what all waiting orders still need
+
+Alert reasons: issuing_float_low, wallet_short (once per shortage), topup_outcome_unknown,
+topup_declined_after_handover, card_refused, card_may_be_active, capture_failed.
 
 An operator alert is an ERROR log line with a stable `alert` key plus the counter above, which is what
 the Prometheus alert rules and log-based alerting match on.
