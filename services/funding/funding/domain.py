@@ -138,7 +138,7 @@ class WalletBook:
 
     @property
     def demand(self) -> Money:
-        return _total(o.cost for o in self.waiting) if self.waiting else Money.zero(self.available.currency)
+        return sum((o.cost for o in self.waiting), Money.zero(self.available.currency))
 
     def ahead_of(self, transaction_id: str) -> Money:
         """The costs of the orders paid before this one that are still waiting."""
@@ -148,14 +148,6 @@ class WalletBook:
                 return ahead
             ahead += order.cost
         raise ValueError(f"order {transaction_id} is not among the waiting orders")
-
-
-def _total(costs: Iterable[Money]) -> Money:
-    costs = list(costs)
-    total = Money.zero(costs[0].currency)
-    for cost in costs:
-        total += cost
-    return total
 
 
 @dataclass(frozen=True)
