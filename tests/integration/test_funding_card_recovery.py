@@ -19,6 +19,7 @@ from tests.fixtures.funding import (
     approved_charges,
     cards_for,
     leave_requested_topup,
+    leave_stalled_topup,
     pay_for_order,
     rows,
     running,
@@ -170,17 +171,7 @@ async def test_an_order_that_took_over_a_stalled_top_up_closes_it_when_it_gives_
 ):
     set_wallet(zendit_emulator, 0)
     stranded = await paid_order()
-    topup_id = f"tu_{stranded.transaction_id}"
-    await funding.pool.execute(
-        "INSERT INTO wallet_topups (id, amount, currency, gateway_reference, order_ids, updated_at)"
-        " VALUES ($1, $2, 'USD', $1, $3, now() - interval '2 minutes')",
-        topup_id,
-        3 * COST.amount,
-        [stranded.transaction_id],
-    )
-    await funding.pool.execute(
-        "UPDATE esim_purchases SET status = 'funding' WHERE transaction_id = $1", stranded.transaction_id
-    )
+    topup_id = await leave_stalled_topup(funding.pool, txn=stranded.transaction_id, amount=3 * COST.amount)
     zendit_emulator.control("POST", "faults", {"endpoint": "wallet_topup", "status": 503, "count": 200})
     event = await paid_order()
 

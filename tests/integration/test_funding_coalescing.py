@@ -23,6 +23,7 @@ from tests.fixtures.funding import (
     Funding,
     approved_charges,
     credits,
+    leave_stalled_topup,
     pay_for_order,
     rows,
     running,
@@ -167,17 +168,7 @@ async def test_orders_waiting_for_a_top_up_whose_driver_stopped_drive_it_themsel
     set_wallet(zendit_emulator, 0)
     # A top-up started by an order whose message went to the DLQ (a bug): open, and idle for 2 minutes.
     stranded = await paid_order()
-    topup_id = f"tu_{stranded.transaction_id}"
-    await funding.pool.execute(
-        "INSERT INTO wallet_topups (id, amount, currency, gateway_reference, order_ids, updated_at)"
-        " VALUES ($1, $2, 'USD', $1, $3, now() - interval '2 minutes')",
-        topup_id,
-        3 * COST.amount,
-        [stranded.transaction_id],
-    )
-    await funding.pool.execute(
-        "UPDATE esim_purchases SET status = 'funding' WHERE transaction_id = $1", stranded.transaction_id
-    )
+    topup_id = await leave_stalled_topup(funding.pool, txn=stranded.transaction_id, amount=3 * COST.amount)
     event = await paid_order()
 
     await funding.deliver(event)
