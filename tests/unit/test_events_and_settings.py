@@ -15,10 +15,10 @@ from esim_common.settings import FundingMode, Settings, load_settings
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_every_event_has_its_own_routing_key_under_order_or_zendit():
+def test_every_event_has_its_own_routing_key_under_order_zendit_or_operator():
     keys = [event.routing_key for event in ALL_EVENTS]
     assert len(set(keys)) == len(keys)
-    assert all(key.split(".")[0] in {"order", "zendit"} for key in keys)
+    assert all(key.split(".")[0] in {"order", "zendit", "operator"} for key in keys)
 
 
 def test_an_event_round_trips_through_json_unchanged():

@@ -113,6 +113,25 @@ class PurchaseUpdateHint(Event):
     zendit_transaction_id: str = Field(min_length=1, max_length=80)
 
 
+# What an operator is told about. `needs_attention`: an order no automation can finish (provisioning's
+# purchase deadline, an unreadable purchase); `wallet_short`: prefunded mode, the Zendit wallet cannot
+# pay for the orders waiting (`amount_to_add`).
+AlertKind = Literal["needs_attention", "wallet_short"]
+
+
+class OperatorAlert(Event):
+    """Something only a person can resolve. notify emails SERVICE_OWNER_EMAIL once per `alert_key`;
+    `transaction_id` is the order concerned (for `wallet_short`, the order whose wait began the
+    shortage). `facts` are ids, codes and amounts for the email, never secrets or card data."""
+
+    routing_key: ClassVar[str] = "operator.alert"
+    alert: AlertKind
+    alert_key: str = Field(min_length=1, max_length=128)  # one email per key, e.g. `wallet_short:<txn>`
+    reason: str = Field(max_length=200)  # short machine-readable code
+    amount_to_add: Amount | None = None  # wallet_short
+    facts: dict[str, str] = Field(default_factory=dict)
+
+
 ALL_EVENTS: tuple[type[Event], ...] = (
     OrderPaid,
     OrderFunded,
@@ -121,4 +140,5 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     OrderFailed,
     OrderRefunded,
     PurchaseUpdateHint,
+    OperatorAlert,
 )

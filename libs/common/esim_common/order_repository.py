@@ -59,6 +59,10 @@ class Order(BaseModel):
     capture_status: str | None = None
     captured_at: datetime | None = None
     capture_failure_reason: str | None = None
+    # The plan as the Zendit offer described it at checkout (migration 0006); NULL on older orders.
+    offer_data_mb: int | None = None  # Zendit's dataGB times 1000
+    offer_data_unlimited: bool | None = None
+    offer_duration_days: int | None = None
 
     @property
     def price_money(self) -> Money:

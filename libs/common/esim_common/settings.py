@@ -173,13 +173,20 @@ class Settings(BaseSettings):
     supabase_url: str | None = None
     supabase_service_role_key: SecretStr | None = None
     supabase_bucket: str = "esim-qrcodes"
+    # 0: `qr_code_url` is the object's public URL (the bucket must be public); otherwise a signed URL
+    # valid this long (a QR code is an activation secret: private bucket and signed URLs by default).
+    supabase_signed_url_seconds: int = Field(default=604800, ge=0)
+    # Also fetch Zendit's own QR image for every delivered purchase and check it reads as our LPA string.
+    zendit_qr_cross_check: bool = False
 
     # --- email
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
-    smtp_starttls: bool = False
+    smtp_starttls: bool = False  # upgrade a plain connection (port 587)
+    smtp_tls: bool = False  # implicit TLS from the first byte (port 465); not together with STARTTLS
+    smtp_ca_file: str | None = None  # PEM bundle to trust instead of the system's (a private relay)
     smtp_from: str = "eSIM Shop <esim@example.com>"
     smtp_timeout_seconds: float = 10.0
 
@@ -215,6 +222,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"ZENDIT_MIN_TOPUP ({self.zendit_min_topup}) is above "
                 f"ZENDIT_MAX_TOPUP ({self.zendit_max_topup})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_smtp_tls_mode(self) -> Settings:
+        if self.smtp_tls and self.smtp_starttls:
+            raise ValueError(
+                "SMTP_TLS (implicit TLS, usually port 465) and SMTP_STARTTLS (upgrade, usually port 587) "
+                "exclude each other: set the one your SMTP server speaks"
             )
         return self
 

@@ -95,6 +95,8 @@ ESIM_QUEUES: tuple[ConsumerQueue, ...] = (
     ConsumerQueue("provisioning.purchase-hint", ("zendit.purchase-updated",)),
     ConsumerQueue("notify.order-provisioned", ("order.provisioned",)),
     ConsumerQueue("notify.order-failed", ("order.failed",)),
+    # Operator alerts (needs_attention, wallet_short): one email each to SERVICE_OWNER_EMAIL.
+    ConsumerQueue("notify.operator-alert", ("operator.alert",)),
     ConsumerQueue("reconcile.order-failed", ("order.failed",)),
     # Outcomes the reconciler counts; they also make every event routable (publishes are mandatory).
     ConsumerQueue("reconcile.order-delivered", ("order.delivered",)),
