@@ -261,29 +261,43 @@ async def test_the_stored_qr_code_is_served_and_nothing_outside_the_store_is(
 
 
 # ------------------------------------------------------------------------------------------- never blocking
-async def test_a_slow_purchase_does_not_hold_the_consumer_while_it_waits_for_zendit(
+SLOW_PURCHASE_SECONDS = 5.0  # the case; real purchases take ~15 s, an outage hours
+
+
+async def test_a_purchase_that_takes_5_s_does_not_hold_the_consumer_and_other_orders_complete_meanwhile(
     start_provisioning, funded_order, db, zendit_emulator
 ):
     # One unacknowledged message at a time: a handler that waited for DONE would block everything.
     service = await start_provisioning(broker_prefetch=1)
-    slow, fast = await funded_order(), await funded_order()
+    slow = await funded_order()
+    others = [await funded_order() for _ in range(3)]
 
-    zendit_emulator.control("POST", "purchase_delay", {"seconds": 5.0})
+    zendit_emulator.control("POST", "purchase_delay", {"seconds": SLOW_PURCHASE_SECONDS})
     await service.publish_funded(slow)
     deadline = time.monotonic() + 5
     while slow not in zendit_emulator.state.purchases:
         assert time.monotonic() < deadline, "the slow purchase was never placed"
         await asyncio.sleep(0.05)
+    slow_done_at = time.monotonic() + SLOW_PURCHASE_SECONDS  # Zendit finishes it then, not before
     zendit_emulator.control("POST", "purchase_delay", {"seconds": 0.2})
-    await service.publish_funded(fast)
+    for txn in others:
+        await service.publish_funded(txn)
 
-    fast_order = await wait_for_status(db, fast, OrderStatus.PROVISIONED, within=4.0)
+    delivered = [
+        await wait_for_status(
+            db, txn, OrderStatus.PROVISIONED, within=max(0.1, slow_done_at - time.monotonic())
+        )
+        for txn in others
+    ]
+    slow_at_zendit = zendit_emulator.control("GET", "state")["purchases"][slow]["status"]
     slow_meanwhile = await order_of(db, slow)
     slow_order = await wait_for_status(db, slow, OrderStatus.PROVISIONED)
 
+    assert zendit_emulator.state.purchases[slow].delay == SLOW_PURCHASE_SECONDS
+    assert slow_at_zendit in {"ACCEPTED", "PENDING", "AUTHORIZED", "IN_PROGRESS"}  # all done meanwhile
     assert slow_meanwhile.status == OrderStatus.PURCHASING
     assert slow_meanwhile.zendit_status in {"ACCEPTED", "PENDING", "AUTHORIZED", "IN_PROGRESS"}
-    assert fast_order.qr_stored_at < slow_order.qr_stored_at
+    assert all(order.qr_stored_at < slow_order.qr_stored_at for order in delivered)
     assert zendit_purchases(zendit_emulator, slow) == [slow]
 
 

@@ -53,7 +53,8 @@ def test_there_is_no_attempt_zero():
         (S.REFUND_PENDING, 1, Step.FINISH_REFUND),
         (S.REFUND_PENDING, 0, Step.IGNORE),  # a top-up failure's refund, not ours
         (S.REFUNDED, 1, Step.IGNORE),
-        (S.NEEDS_ATTENTION, 1, Step.IGNORE),
+        (S.NEEDS_ATTENTION, 1, Step.ALERT),  # publish its operator alert if that was lost
+        (S.NEEDS_ATTENTION, 0, Step.IGNORE),  # held before any purchase: not ours to announce
         (S.TOPUP_FAILED, 0, Step.IGNORE),
         (S.PAID, 0, Step.IGNORE),
     ],

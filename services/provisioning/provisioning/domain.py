@@ -1,10 +1,13 @@
 """Provisioning's business rules. Pure: no database, broker, HTTP or clock, so tests call them directly.
 
 funded ─► purchasing ─► (poll Zendit, never blocking the consumer) ─► provisioned
-              │  DONE: QR rendered, verified, stored
+              │  DONE: QR rendered and read back (or Zendit's, read back), stored
+              ├─ DONE but no QR code reads as its LPA string ─► needs_attention (never refunded)
               ├─ FAILED INSUFFICIENT_FUNDS ─► funding (fund again; the next attempt gets a new id)
               ├─ FAILED other ─► purchase_failed ─► refund (compensation)
               └─ not final after the deadline ─► needs_attention (Zendit may still deliver)
+
+needs_attention always comes with one `operator.alert` (queued in the outbox with the move).
 
 A Zendit webhook (`zendit.purchase-updated`) only makes us look sooner: it counts while
 `awaits_purchase` holds, and the purchase is then fetched with our own key like any poll.
@@ -12,6 +15,7 @@ A Zendit webhook (`zendit.purchase-updated`) only makes us look sooner: it count
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -51,6 +55,7 @@ class Step(StrEnum):
     ANNOUNCE = "announce"  # provisioned/delivered: re-publish order.provisioned (heals a lost publish)
     FUND_AGAIN = "fund_again"  # back in funding after INSUFFICIENT_FUNDS: re-publish order.paid
     FINISH_REFUND = "finish_refund"  # purchase failed, refund not finished: resume the compensation
+    ALERT = "alert"  # needs_attention: publish its operator alert if that is still pending (lost publish)
     IGNORE = "ignore"  # nothing for provisioning to do (not funded yet, or already failed for good)
 
 
@@ -68,6 +73,8 @@ def next_step(status: OrderStatus, purchase_attempts: int) -> Step:
         return Step.FUND_AGAIN
     if purchase_attempts >= 1 and status in (S.PURCHASE_FAILED, S.REFUND_PENDING):
         return Step.FINISH_REFUND
+    if purchase_attempts >= 1 and status == S.NEEDS_ATTENTION:
+        return Step.ALERT
     return Step.IGNORE
 
 
@@ -165,3 +172,58 @@ def next_check(elapsed_seconds: float, deadline_seconds: float) -> CheckAgain | 
     if elapsed_seconds >= deadline_seconds:
         return DeadlinePassed(waited_seconds=elapsed_seconds)
     return CheckAgain(delay_seconds=poll_delay(elapsed_seconds))
+
+
+# ------------------------------------------------------------------------------ which QR code is delivered
+
+# The order's failure reason when no QR code can be shown to read as the LPA string: not `zendit_`, so
+# the failure path never refunds it (Zendit delivered; an operator sends the activation data by hand).
+QR_UNVERIFIED_REASON = "qr_unverified"
+# ZENDIT_QR_CROSS_CHECK found Zendit's own QR image reading as something else than what we delivered.
+QR_MISMATCH_ALERT = "zendit_qr_mismatch"
+
+
+class QrCheck(StrEnum):
+    """What a QR image was found to hold, compared with the purchase's LPA string."""
+
+    MATCH = "match"  # exactly one code, reading exactly the LPA string
+    MISMATCH = "mismatch"  # a code reading something else (or more than one code)
+    UNREADABLE = "unreadable"  # no code found in the image
+    UNAVAILABLE = "unavailable"  # Zendit did not give us its image
+
+
+def qr_check(decoded: Sequence[str], lpa: str) -> QrCheck:
+    """Compare the texts decoded from an image with the LPA string; nothing else is good enough."""
+    if list(decoded) == [lpa]:
+        return QrCheck.MATCH
+    return QrCheck.MISMATCH if decoded else QrCheck.UNREADABLE
+
+
+class QrSource(StrEnum):
+    OURS = "ours"
+    ZENDIT = "zendit"
+
+
+def qr_to_deliver(ours_verified: bool, zendit: QrCheck | None) -> QrSource | None:
+    """Whose QR image the customer gets; None: neither may be sent, an operator must act.
+
+    Ours whenever it read back as the LPA string: the activation data in Zendit's confirmation is the
+    source of truth, and our image is proven to carry exactly that. Zendit's only as the fallback,
+    and only when it too reads as exactly that string (`zendit` is None when it was not looked at).
+    """
+    if ours_verified:
+        return QrSource.OURS
+    if zendit == QrCheck.MATCH:
+        return QrSource.ZENDIT
+    return None
+
+
+def cross_check_alerts(check: QrCheck) -> bool:
+    """Whether ZENDIT_QR_CROSS_CHECK's look at Zendit's image calls for an operator.
+
+    Only a code that reads as another string: Zendit disagrees with its own confirmation (or our LPA
+    building is wrong), which a person must look at. Our verified code is still delivered — it holds
+    the confirmation's activation data — so the customer does not wait for an auxiliary image.
+    An image without a readable code, or none at all, proves nothing either way: counted, not alerted.
+    """
+    return check == QrCheck.MISMATCH

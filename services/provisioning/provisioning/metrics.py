@@ -27,8 +27,24 @@ purchase_seconds = Histogram(
 
 operator_alerts_total = Counter(
     "esim_provisioning_operator_alerts_total",
-    "Orders provisioning handed to an operator (needs_attention), by reason.",
+    "Operator alerts raised by provisioning: orders handed to an operator (needs_attention), and "
+    "zendit_qr_mismatch (Zendit's QR image disagrees with the delivered one), by reason.",
     ("reason",),
+)
+
+# Whose rendering of the LPA string was stored for the customer: ours, or Zendit's as the fallback.
+qr_codes_total = Counter(
+    "esim_provisioning_qr_codes_total",
+    "QR codes stored for delivery, by whose rendering it is (zendit: ours could not be verified).",
+    ("source",),
+)
+
+# check: fallback (ours could not be verified) or cross_check (ZENDIT_QR_CROSS_CHECK);
+# outcome: match, mismatch, unreadable, unavailable (domain.QrCheck).
+zendit_qr_checks_total = Counter(
+    "esim_zendit_qr_checks_total",
+    "Zendit's QR images read back and compared with the purchase's LPA string.",
+    ("check", "outcome"),
 )
 
 

@@ -5,15 +5,24 @@
     wait       not final → record its status, CheckAgainLater (the consumer is free meanwhile);
                past PURCHASE_DEADLINE_SECONDS → needs_attention + operator alert (never refunded)
     complete   a final purchase settles the order under its row lock, once (`_complete`):
-      deliver    DONE → LPA → QR PNG (read back) → storage → provisioned + facts → order.provisioned
-                 (queued in the outbox with the state change; published once, whoever delivers next)
+      deliver    DONE → LPA → QR PNG read back as the LPA (ours; else Zendit's, read back too; else
+                 needs_attention) → storage → provisioned + facts → order.provisioned (queued in the
+                 outbox with the state change; published once, whoever delivers next). With
+                 ZENDIT_QR_CROSS_CHECK, Zendit's image is read too; if it reads otherwise, ours is
+                 still delivered and an operator.alert (zendit_qr_mismatch) is queued with it
       fund again FAILED INSUFFICIENT_FUNDS → funding → order.paid (the next attempt gets a new id)
       fail       FAILED otherwise → purchase_failed → FailPermanently(zendit_<code>) → `on_failure`
                  refunds once
 
 Zendit errors while a purchase may exist are not retried through the consumer's three tiers (14 s
 would turn a short Zendit outage into operator work, or worse a refund while Zendit still delivers):
-they are waited out like an unfinished purchase, until the same deadline.
+they are waited out like an unfinished purchase, until the same deadline. Fetching Zendit's QR image as
+the fallback is the exception: the purchase is DONE, so a transient error there takes the usual retry
+tiers, and when they run out an operator gets the order (never a refund).
+
+needs_attention is entered with its `operator.alert` queued in the same transaction (outbox) and
+published after the commit; a redelivery that finds the order there publishes it if it is still
+pending.
 
 Zendit webhooks (`on_purchase_hint`) only make us look sooner. A hint names a purchase; if the order
 still waits for exactly that purchase, we GET it with our own key (nothing from the webhook's body is
@@ -28,13 +37,20 @@ order already provisioned re-publishes its `order.provisioned` if that is still 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
+from esim_common import outbox
 from esim_common.compensation import fail_and_refund
 from esim_common.errors import CheckAgainLater, FailPermanently
-from esim_common.events import OrderFunded, OrderPaid, OrderProvisioned, PurchaseUpdateHint
+from esim_common.events import (
+    OperatorAlert,
+    OrderFunded,
+    OrderPaid,
+    OrderProvisioned,
+    PurchaseUpdateHint,
+)
 from esim_common.money import Money
 from esim_common.order_repository import Order, get_order
 from esim_common.order_states import OrderStatus
@@ -42,13 +58,14 @@ from esim_common.providers.stripe import StripeGateway
 from esim_common.providers.zendit import (
     Purchase,
     ZenditClient,
+    ZenditError,
     ZenditNotFound,
     ZenditPermanentError,
     ZenditTransientError,
 )
 from esim_common.service import ServiceContext
 from provisioning import domain, qr, repository
-from provisioning.domain import Outcome, Step
+from provisioning.domain import Outcome, QrCheck, QrSource, Step
 from provisioning.metrics import (
     HintOutcome,
     PurchaseOutcome,
@@ -56,6 +73,8 @@ from provisioning.metrics import (
     operator_alerts_total,
     purchase_hints_total,
     purchase_seconds,
+    qr_codes_total,
+    zendit_qr_checks_total,
 )
 from provisioning.storage import QrStorage
 
@@ -64,7 +83,15 @@ log = logging.getLogger("esim.provisioning")
 S = OrderStatus
 UNREADABLE_REASON = "purchase_status_unreadable"
 # Operator-alert reasons are a metric label: anything unexpected is counted as "other".
-ALERT_REASONS = frozenset({domain.DEADLINE_REASON, UNREADABLE_REASON, "retries_exhausted"})
+ALERT_REASONS = frozenset(
+    {
+        domain.DEADLINE_REASON,
+        UNREADABLE_REASON,
+        "retries_exhausted",
+        domain.QR_UNVERIFIED_REASON,
+        domain.QR_MISMATCH_ALERT,
+    }
+)
 _OUTCOME_LABELS: dict[Outcome, PurchaseOutcome] = {
     Outcome.DONE: "done",
     Outcome.FUND_AGAIN: "fund_again",
@@ -74,6 +101,16 @@ _OUTCOME_LABELS: dict[Outcome, PurchaseOutcome] = {
 
 class IncompleteConfirmation(Exception):
     """A DONE purchase without the activation data to build a QR code: a person must look (DLQ)."""
+
+
+@dataclass(frozen=True)
+class QrCode:
+    """The PNG the customer gets (read back as the LPA string), whose rendering it is, and whether
+    ZENDIT_QR_CROSS_CHECK found Zendit's own image reading as another string."""
+
+    png: bytes = field(repr=False)
+    source: QrSource
+    zendit_disagrees: bool = False
 
 
 @dataclass
@@ -169,6 +206,8 @@ class Provisioner:
             await self._announce_fund_again(order)
         elif step == Step.FINISH_REFUND:
             raise FailPermanently(order.failure_reason or "purchase_failed", "resuming the refund")
+        elif step == Step.ALERT:
+            await self._publish_alert(repository.needs_attention_alert(order, order.failure_reason or ""))
         elif step in (Step.IGNORE, Step.START):
             log.info("order.funded ignored", extra={"status": order.status.value})
 
@@ -229,7 +268,7 @@ class Provisioner:
 
     async def _wait(self, order: Order, purchase: Purchase | None) -> None:
         if purchase is not None and purchase.status.value != order.zendit_status:
-            await repository.record_pending_status(
+            await repository.record_zendit_status(
                 self.ctx.pool, order.transaction_id, self._zendit_id(order), purchase.status.value
             )
         elapsed = await repository.attempt_elapsed_seconds(self.ctx.pool, order.transaction_id)
@@ -248,15 +287,27 @@ class Provisioner:
 
         The scheduled poll and a webhook hint can see the same DONE at the same moment. The decision
         is taken under the order's row lock and only while the order still waits for this purchase,
-        so exactly one of them renders and stores the QR code and moves the order; the other gets
+        so exactly one of them stores the QR code and moves the order; the other gets
         `(order as it is now, False)` and changes nothing.
+
+        The QR code is made and checked before the lock is taken: Zendit's image (the fallback, the
+        cross-check) is an HTTP call that must not hold the row (and a pooled connection) while it
+        waits. Both racers may do that work; only the one that wins the lock uses it.
         """
+        try:
+            qr_code = await self._qr_code(purchase) if outcome == Outcome.DONE else None
+        except FailPermanently:
+            # No QR code can be sent: the order goes to an operator, whose alert must say it is DONE.
+            await repository.record_zendit_status(
+                self.ctx.pool, order.transaction_id, zendit_id, purchase.status.value
+            )
+            raise
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             locked = await repository.must_get(conn, order.transaction_id, lock=True)
             if not domain.awaits_purchase(locked.status, self._zendit_id(locked), zendit_id):
                 return locked, False
-            if outcome == Outcome.DONE:
-                settled = await self._deliver(conn, locked, purchase)
+            if qr_code is not None:
+                settled = await self._deliver(conn, locked, purchase, qr_code)
             elif outcome == Outcome.FUND_AGAIN:
                 short = domain.purchase_failure_reason(domain.INSUFFICIENT_FUNDS)
                 settled = await repository.send_back_to_funding(conn, locked.transaction_id, reason=short)
@@ -266,30 +317,31 @@ class Provisioner:
                 )
         count_outcome(_OUTCOME_LABELS[outcome])
         details = {"zendit_transaction_id": zendit_id, "source": source, "attempt": locked.purchase_attempts}
-        if outcome == Outcome.DONE:
+        if qr_code is not None:
+            qr_codes_total.labels(source=qr_code.source.value).inc()
             purchase_seconds.observe(
                 await repository.attempt_elapsed_seconds(self.ctx.pool, order.transaction_id)
             )
-            log.info("esim provisioned", extra=details)
+            log.info("esim provisioned", extra={**details, "qr_source": qr_code.source.value})
+            if qr_code.zendit_disagrees:  # its operator.alert is in the outbox: announced with the order
+                operator_alerts_total.labels(reason=domain.QR_MISMATCH_ALERT).inc()
+                log.error(
+                    "OPERATOR ALERT: zendit's QR code reads differently from the one delivered",
+                    extra={"alert": domain.QR_MISMATCH_ALERT, "zendit_transaction_id": zendit_id},
+                )
         elif outcome == Outcome.FUND_AGAIN:
             log.warning("zendit wallet was short after all: funding again", extra=details)
         else:
             log.warning("zendit purchase FAILED", extra={**details, "reason": settled.failure_reason})
         return settled, True
 
-    async def _deliver(self, conn: asyncpg.Connection, order: Order, purchase: Purchase) -> Order:
-        """Render, check and store the QR code, then mark the order provisioned (caller holds the lock)."""
+    async def _deliver(
+        self, conn: asyncpg.Connection, order: Order, purchase: Purchase, qr_code: QrCode
+    ) -> Order:
+        """Store the checked QR code, then mark the order provisioned (the caller holds the lock)."""
         confirmation = purchase.confirmation
-        if confirmation is None or not confirmation.activation_code:
-            raise IncompleteConfirmation(
-                f"zendit purchase {purchase.transaction_id} is DONE without activation data"
-            )
-        try:
-            lpa = confirmation.lpa
-        except ValueError as exc:
-            raise IncompleteConfirmation(f"zendit purchase {purchase.transaction_id}: {exc}") from exc
-        png = qr.lpa_qr_png(lpa)
-        url = await self.storage.save(order.transaction_id, png)
+        assert confirmation is not None  # `_qr_code` refused a DONE purchase without one
+        url = await self.storage.save(order.transaction_id, qr_code.png)
         provisioned = await repository.mark_provisioned(
             conn,
             order.transaction_id,
@@ -299,8 +351,90 @@ class Provisioner:
             activation_code=confirmation.activation_code,
         )
         # Queued in the same transaction as the state change: it cannot be lost, only delayed.
-        await repository.add_announcement(conn, self._provisioned_event(provisioned))
+        await outbox.add(conn, self._provisioned_event(provisioned))
+        if qr_code.zendit_disagrees:
+            await outbox.add(conn, repository.qr_mismatch_alert(provisioned))
         return provisioned
+
+    # -- the QR code: ours read back; Zendit's as the fallback and, optionally, as a cross-check ------
+    async def _qr_code(self, purchase: Purchase) -> QrCode:
+        """The QR code of a DONE purchase, proven to read as its LPA string (`domain.qr_to_deliver`).
+
+        Ours when it reads back (and, with ZENDIT_QR_CROSS_CHECK, whether Zendit's image disagrees);
+        otherwise Zendit's image, only if it reads as exactly the same string. Neither →
+        FailPermanently(qr_unverified): the failure path hands the order to an operator and never
+        refunds it (Zendit delivered). A transient error fetching Zendit's image as the fallback →
+        the retry tiers.
+        """
+        lpa = self._lpa_of(purchase)
+        ours = self._our_verified_qr(lpa)
+        if ours is not None:
+            cross_check = self.ctx.settings.zendit_qr_cross_check
+            disagrees = cross_check and await self._zendit_disagrees(purchase.transaction_id, lpa)
+            return QrCode(png=ours, source=QrSource.OURS, zendit_disagrees=disagrees)
+        zendit_png, check = await self._zendit_fallback(purchase, lpa)
+        if domain.qr_to_deliver(ours_verified=False, zendit=check) == QrSource.ZENDIT and zendit_png:
+            log.warning("our QR code could not be verified: delivering Zendit's, which reads as the LPA")
+            return QrCode(png=zendit_png, source=QrSource.ZENDIT)
+        raise FailPermanently(
+            domain.QR_UNVERIFIED_REASON,
+            f"no QR code reads as the LPA string of zendit purchase {purchase.transaction_id} "
+            f"(ours: not verified; zendit's: {check.value if check else 'not checked, no decoder'})",
+        )
+
+    async def _zendit_fallback(self, purchase: Purchase, lpa: str) -> tuple[bytes | None, QrCheck | None]:
+        """Zendit's image of the purchase and how it reads; (None, None) when nothing can be decoded."""
+        if not qr.can_decode():
+            return None, None
+        try:
+            png = await self.zendit.get_qrcode(purchase.transaction_id)  # transient: raised, retried
+        except ZenditPermanentError as exc:
+            # Not raised as is: its reason reads `zendit_*`, which the failure path would refund.
+            log.error("zendit's QR code unavailable", extra={"error": exc.message[:200]})
+            png, check = None, QrCheck.UNAVAILABLE
+        else:
+            check = domain.qr_check(qr.codes_in(png), lpa)
+        zendit_qr_checks_total.labels(check="fallback", outcome=check.value).inc()
+        return png, check
+
+    @staticmethod
+    def _lpa_of(purchase: Purchase) -> str:
+        confirmation = purchase.confirmation
+        if confirmation is None or not confirmation.activation_code:
+            raise IncompleteConfirmation(
+                f"zendit purchase {purchase.transaction_id} is DONE without activation data"
+            )
+        try:
+            return confirmation.lpa
+        except ValueError as exc:
+            raise IncompleteConfirmation(f"zendit purchase {purchase.transaction_id}: {exc}") from exc
+
+    @staticmethod
+    def _our_verified_qr(lpa: str) -> bytes | None:
+        """Our rendering, read back as exactly `lpa`; None when that cannot be shown."""
+        if not qr.can_decode():
+            log.error("zxing-cpp is not installed: no QR code can be read back before delivery")
+            return None
+        try:
+            return qr.lpa_qr_png(lpa)
+        except qr.QrVerificationFailed as exc:
+            log.error("our QR code does not read back as the LPA string", extra={"error": str(exc)})
+            return None
+
+    async def _zendit_disagrees(self, zendit_id: str, lpa: str) -> bool:
+        """ZENDIT_QR_CROSS_CHECK: does Zendit's own image of the purchase read as another string?
+
+        It never holds up the delivery: ours read back as the LPA string built from the confirmation,
+        the source of truth, so ours goes out either way and a disagreement is an operator's to judge
+        (`domain.cross_check_alerts`). An image Zendit cannot give us now is only counted.
+        """
+        try:
+            check = domain.qr_check(qr.codes_in(await self.zendit.get_qrcode(zendit_id)), lpa)
+        except ZenditError as exc:
+            log.warning("zendit's QR code unavailable to cross-check", extra={"error": exc.message[:200]})
+            check = QrCheck.UNAVAILABLE
+        zendit_qr_checks_total.labels(check="cross_check", outcome=check.value).inc()
+        return domain.cross_check_alerts(check)
 
     # -- announcements: order.provisioned once (outbox); order.paid again on a redelivery (idempotent) -
     @staticmethod
@@ -317,15 +451,13 @@ class Provisioner:
     async def _announce(self, order: Order) -> None:
         """Publish the order's order.provisioned unless it was published (and confirmed) before."""
         event = self._provisioned_event(order)
-        async with self.ctx.pool.acquire() as conn, conn.transaction():
+        async with self.ctx.pool.acquire() as conn:
             # Orders provisioned before the outbox was used for this event have no row yet.
-            await repository.add_announcement(conn, event)
-            pending = await repository.unpublished_announcement(conn, event.event_id)
-            if pending is None:
-                log.info("order.provisioned was announced already")
-                return
-            await self.ctx.publisher.publish(pending)
-            await repository.mark_announced(conn, event.event_id)
+            await outbox.add(conn, event)
+        if not await outbox.publish_pending(self.ctx.pool, self.ctx.publisher, event):
+            log.info("order.provisioned was announced already")
+        # A cross-check's alert, queued with the delivery, goes out with it (no row: nothing to do).
+        await self._publish_alert(repository.qr_mismatch_alert(order))
 
     async def _announce_fund_again(self, order: Order) -> None:
         if not order.stripe_payment_intent_id:
@@ -340,18 +472,27 @@ class Provisioner:
         )
 
     async def _hold_for_operator(self, order: Order, reason: str) -> None:
-        if not await repository.hold_for_operator(self.ctx.pool, order.transaction_id, reason=reason):
-            return
-        operator_alerts_total.labels(reason=reason if reason in ALERT_REASONS else "other").inc()
-        # The operator alert: Zendit may still deliver, so this order is neither refunded nor retried.
-        log.error(
-            "OPERATOR ALERT: zendit purchase unresolved, order needs attention",
-            extra={
-                "alert": "purchase_needs_attention",
-                "reason": reason,
-                "zendit_transaction_id": order.zendit_transaction_id,
-            },
-        )
+        moved, alert = await repository.hold_for_operator(self.ctx.pool, order.transaction_id, reason=reason)
+        if moved:
+            operator_alerts_total.labels(reason=reason if reason in ALERT_REASONS else "other").inc()
+            # Zendit may still deliver (or did, without a QR code we can vouch for): this order is
+            # neither refunded nor retried; the operator.alert below tells a person.
+            log.error(
+                "OPERATOR ALERT: zendit purchase unresolved, order needs attention",
+                extra={
+                    "alert": "purchase_needs_attention",
+                    "reason": reason,
+                    "zendit_transaction_id": order.zendit_transaction_id,
+                },
+            )
+        if alert is not None:
+            await self._publish_alert(alert)
+
+    async def _publish_alert(self, alert: OperatorAlert) -> None:
+        """Publish the queued operator.alert unless it was published before (no row: not ours, no-op).
+        A failed publish raises (a transient error): the redelivery's Step.ALERT publishes it."""
+        if await outbox.publish_pending(self.ctx.pool, self.ctx.publisher, alert):
+            log.info("operator alert published", extra={"alert_key": alert.alert_key})
 
     @staticmethod
     def _count_hint(outcome: HintOutcome, message: str, zendit_id: str, **details: object) -> None:

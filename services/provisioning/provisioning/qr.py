@@ -3,8 +3,9 @@
 Pure functions (bytes in, bytes out). A QR code that does not scan to exactly the activation string is
 worse than none — the customer cannot install the eSIM they paid for, and an eSIM profile can often
 be downloaded only once — so the rendered image is decoded with zxing-cpp and compared before it is
-stored. zxing-cpp is a runtime dependency of this service; where it is missing the check is skipped
-with a warning rather than blocking delivery.
+stored. When it does not read back, Zendit's own image is the fallback, read back the same way
+(`codes_in`). zxing-cpp is a runtime dependency of this service: where it is missing nothing can be
+read back, and provisioning hands DONE purchases to an operator instead of sending unverified codes.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def decode_png(png: bytes) -> list[str]:
         raise RuntimeError("zxing-cpp is not installed")
     with Image.open(io.BytesIO(png)) as image:
         return [result.text for result in zxingcpp.read_barcodes(image)]
+
+
+def codes_in(png: bytes) -> list[str]:
+    """Like `decode_png` for an image someone else made: [] when it is not an image we can open."""
+    try:
+        return decode_png(png)
+    except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        return []
 
 
 def verify_png(png: bytes, expected: str) -> bool:

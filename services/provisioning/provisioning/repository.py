@@ -11,11 +11,12 @@ import uuid
 
 import asyncpg
 
-from esim_common.events import OrderProvisioned
+from esim_common import outbox
+from esim_common.events import OperatorAlert
 from esim_common.order_repository import Order, get_order, record
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
-from provisioning.domain import zendit_transaction_id
+from provisioning.domain import QR_MISMATCH_ALERT, zendit_transaction_id
 
 S = OrderStatus
 
@@ -76,15 +77,16 @@ async def attempt_elapsed_seconds(pool: asyncpg.Pool, transaction_id: str) -> fl
 
 # Guarded: a poll that read IN_PROGRESS just before a webhook hint settled the purchase must not write
 # its stale status over the settled order (or over a later attempt).
-RECORD_PENDING_STATUS = """
+RECORD_ZENDIT_STATUS = """
     UPDATE esim_purchases SET zendit_status = $3, updated_at = now()
      WHERE transaction_id = $1 AND status = 'purchasing' AND zendit_transaction_id = $2
 """
 
 
-async def record_pending_status(pool: asyncpg.Pool, transaction_id: str, zendit_id: str, status: str) -> None:
-    """The current attempt's not-yet-final Zendit status, while the order still waits for it."""
-    await pool.execute(RECORD_PENDING_STATUS, transaction_id, zendit_id, status)
+async def record_zendit_status(pool: asyncpg.Pool, transaction_id: str, zendit_id: str, status: str) -> None:
+    """The current attempt's Zendit status as last seen, while the order still waits for it (a status
+    that is not final yet, or a DONE that could not be delivered: what an operator is told)."""
+    await pool.execute(RECORD_ZENDIT_STATUS, transaction_id, zendit_id, status)
 
 
 # The three ways an attempt ends. Each takes the connection of the caller's transaction, which holds
@@ -134,50 +136,65 @@ async def mark_purchase_failed(conn: asyncpg.Connection, transaction_id: str, *,
 
 
 # ------------------------------------------------------------------------------ announcing once
-# order.provisioned goes through the `outbox` table: the row (one per order, its event id derived
-# from the order) is stamped `published_at` in the transaction that holds it locked while the broker
-# confirms the publish. So a second announcer — a redelivered message, or the scheduled poll coming
-# back after a webhook hint already delivered the order — finds it stamped and publishes nothing,
-# while a publish lost to a crash or a broker error (row not stamped) is published by the next one.
+# order.provisioned and operator alerts go through the outbox (`esim_common.outbox`): queued
+# in the transaction of the state change they announce, published after the commit by whoever comes
+# next (the delivery itself, a redelivery, a webhook hint). Their event ids are derived from the order,
+# so every announcer names the same row and it is published once.
 
 _ORDER_PROVISIONED_NAMESPACE = uuid.UUID("0b6f9d2e-4a51-4c3e-8f7a-2d9c1e5b7a43")
-
-INSERT_ANNOUNCEMENT = """
-    INSERT INTO outbox (event_id, routing_key, transaction_id, payload) VALUES ($1, $2, $3, $4::jsonb)
-    ON CONFLICT (event_id) DO NOTHING
-"""
-SELECT_UNPUBLISHED_ANNOUNCEMENT = """
-    SELECT payload::text FROM outbox WHERE event_id = $1 AND published_at IS NULL FOR UPDATE
-"""
-MARK_ANNOUNCED = "UPDATE outbox SET published_at = now() WHERE event_id = $1"
 
 
 def order_provisioned_event_id(transaction_id: str) -> uuid.UUID:
     return uuid.uuid5(_ORDER_PROVISIONED_NAMESPACE, f"order.provisioned:{transaction_id}")
 
 
-async def add_announcement(conn: asyncpg.Connection, event: OrderProvisioned) -> None:
-    """Queue `event` (idempotent: the first version written is the one published)."""
-    await conn.execute(
-        INSERT_ANNOUNCEMENT, event.event_id, event.routing_key, event.transaction_id, event.model_dump_json()
+def needs_attention_alert(order: Order, reason: str) -> OperatorAlert:
+    """The alert of an order provisioning handed to a person (one per order: notify emails once per
+    `alert_key`)."""
+    return _operator_alert(order, reason, alert_key=f"needs_attention:{order.transaction_id}")
+
+
+def qr_mismatch_alert(order: Order) -> OperatorAlert:
+    """ZENDIT_QR_CROSS_CHECK found Zendit's QR image reading as another string than the one delivered:
+    the order is delivered, but a person should compare the two (one alert per order)."""
+    return _operator_alert(order, QR_MISMATCH_ALERT, alert_key=f"{QR_MISMATCH_ALERT}:{order.transaction_id}")
+
+
+def _operator_alert(order: Order, reason: str, *, alert_key: str) -> OperatorAlert:
+    # Facts are ids and statuses only: never activation data. The event id follows from the key, so
+    # every worker and redelivery names the same outbox row.
+    facts = {
+        "zendit_transaction_id": order.zendit_transaction_id or "",
+        "purchase_attempts": str(order.purchase_attempts),
+        "zendit_status": order.zendit_status or "unknown",
+        "offer_id": order.offer_id,
+    }
+    return OperatorAlert(
+        event_id=outbox.stable_event_id(alert_key),
+        transaction_id=order.transaction_id,
+        alert="needs_attention",
+        alert_key=alert_key,
+        reason=reason[:200],
+        facts={name: value for name, value in facts.items() if value},
     )
 
 
-async def unpublished_announcement(conn: asyncpg.Connection, event_id: uuid.UUID) -> OrderProvisioned | None:
-    """The queued event if nobody has published it yet, locked until the caller's transaction ends."""
-    payload = await conn.fetchval(SELECT_UNPUBLISHED_ANNOUNCEMENT, event_id)
-    return OrderProvisioned.model_validate_json(payload) if payload is not None else None
+async def hold_for_operator(
+    pool: asyncpg.Pool, transaction_id: str, *, reason: str
+) -> tuple[bool, OperatorAlert | None]:
+    """purchasing → needs_attention, with its operator alert queued in the same transaction.
 
-
-async def mark_announced(conn: asyncpg.Connection, event_id: uuid.UUID) -> None:
-    await conn.execute(MARK_ANNOUNCED, event_id)
-
-
-async def hold_for_operator(pool: asyncpg.Pool, transaction_id: str, *, reason: str) -> bool:
-    """purchasing → needs_attention; False when the order is no longer purchasing (nothing changed)."""
+    Returns (moved, alert). `moved` is False when the order was not purchasing (nothing changed).
+    `alert` is the order's alert whenever the order is in needs_attention now — also when it was
+    already — so the caller publishes it if that is still pending: a redelivery heals a lost publish.
+    """
     async with pool.acquire() as conn, conn.transaction():
         order = await must_get(conn, transaction_id, lock=True)
+        if order.status == S.NEEDS_ATTENTION:
+            return False, needs_attention_alert(order, order.failure_reason or reason)
         if order.status != S.PURCHASING:
-            return False
+            return False, None
         await transition(conn, transaction_id, S.NEEDS_ATTENTION, failure_reason=reason)
-        return True
+        alert = needs_attention_alert(order, reason)
+        await outbox.add(conn, alert)
+        return True, alert

@@ -16,6 +16,7 @@ Exception texts never contain the API key.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
@@ -578,18 +579,34 @@ class ZenditClient:
         params = _params(_limit=limit, _offset=offset, createdAt=created_at, status=status)
         return await self._get_model(PurchasePage, "GET", "esim/purchases", params=params)
 
-    async def get_qrcode_png(self, transaction_id: str) -> bytes:
-        """Zendit's rendering of the purchase's QR code. Call it only once the purchase is DONE: what
-        Zendit answers before that is undocumented (the emulator answers 400, a permanent error)."""
+    async def get_qrcode(self, transaction_id: str) -> bytes:
+        """Zendit's rendering of the purchase's QR code, as PNG bytes.
+
+        The API answers a PNG by default and `{imageBase64}` to `Accept: application/json` (the
+        official SDKs ask for either); we ask for the PNG and also take the JSON shape, in case a
+        gateway in between prefers it. Call it once the purchase is DONE: what Zendit answers before
+        is undocumented (the emulator: 400, a permanent error). An answer that is not a PNG is a
+        ZenditTransientError (INVALID_RESPONSE), like any unreadable 2xx.
+        """
         path = f"esim/purchases/{_path_segment(transaction_id)}/qrcode"
         response = await self._send("GET", path, accept="image/png")
-        if not response.content.startswith(_PNG_SIGNATURE):
+        content = response.content
+        if response.headers.get("content-type", "").startswith("application/json"):
+            try:
+                content = base64.b64decode(_QRCode.model_validate_json(content).image_base64, validate=True)
+            except (ValidationError, ValueError):
+                content = b""
+        if not content.startswith(_PNG_SIGNATURE):
             raise ZenditTransientError(
                 f"Zendit GET /{path} did not answer a PNG ({response.headers.get('content-type')})",
                 status_code=response.status_code,
                 error_code="INVALID_RESPONSE",
             )
-        return response.content
+        return content
+
+    async def get_qrcode_png(self, transaction_id: str) -> bytes:
+        """The same as `get_qrcode` (its earlier name)."""
+        return await self.get_qrcode(transaction_id)
 
     async def get_qrcode_base64(self, transaction_id: str) -> str:
         """The QR PNG as base64, from the JSON variant of the qrcode endpoint."""

@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import qrcode
+from PIL import Image
 from qrcode.constants import ERROR_CORRECT_M
 
 from esim_common.lpa import lpa_string
@@ -51,11 +52,23 @@ def new_confirmation(iccid: str | None = None) -> dict[str, Any]:
     }
 
 
-def qr_png(confirmation: dict[str, Any]) -> bytes:
-    """The confirmation's LPA string as a PNG QR code."""
-    code = qrcode.QRCode(error_correction=ERROR_CORRECT_M, box_size=10, border=4)
-    code.add_data(lpa_string(confirmation["smdpAddress"], confirmation["activationCode"]))
-    code.make(fit=True)
+# What `GET .../qrcode` serves for a purchase (a sandbox control picks it): `real` encodes the purchase's
+# LPA string; `wrong` a well-formed LPA string with another activation code (Zendit disagreeing with its
+# own confirmation); `blank` a PNG without any code in it (an image nobody can scan).
+QR_IMAGES = ("real", "wrong", "blank")
+
+
+def qr_png(confirmation: dict[str, Any], image: str = "real") -> bytes:
+    """The confirmation's LPA string as a PNG QR code (or, for tests, a `wrong` or `blank` one)."""
     buffer = io.BytesIO()
+    if image == "blank":
+        Image.new("L", (330, 330), 255).save(buffer, format="PNG")
+        return buffer.getvalue()
+    activation_code = confirmation["activationCode"]
+    if image == "wrong":
+        activation_code = "WRONG" + activation_code[5:]  # hex codes never start with W
+    code = qrcode.QRCode(error_correction=ERROR_CORRECT_M, box_size=10, border=4)
+    code.add_data(lpa_string(confirmation["smdpAddress"], activation_code))
+    code.make(fit=True)
     code.make_image().save(buffer, format="PNG")
     return buffer.getvalue()

@@ -117,12 +117,13 @@ async def get_purchase(request: Request) -> Response:
 
 @endpoint("get_qrcode")
 async def get_qrcode(request: Request) -> Response:
-    record = state_of(request).purchases.get(request.path_params["transaction_id"])
+    state = state_of(request)
+    record = state.purchases.get(request.path_params["transaction_id"])
     if record is None:
         return error_response(404, message="Transaction not found")
     if record.status != "DONE" or record.confirmation is None:
         raise BadRequest(f"Transaction is {record.status}, the QR code exists once it is DONE")
-    png = qr_png(record.confirmation)
+    png = qr_png(record.confirmation, state.qr_images.get(record.transaction_id, "real"))
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({"imageBase64": base64.b64encode(png).decode("ascii")})
     return Response(png, media_type="image/png")

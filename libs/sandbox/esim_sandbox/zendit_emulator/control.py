@@ -7,10 +7,14 @@
     POST /_sandbox/purchase_failures              {"code", "count"=1, "offerId"?, "message"?}
     POST /_sandbox/purchase_stalls                {"count"=1, "offerId"?}  (stay IN_PROGRESS)
     POST /_sandbox/purchases/{id}/resolve         {"status": "DONE"|"FAILED", "code"?, "message"?}
+    POST /_sandbox/purchases/{id}/qrcode          {"image": "real"|"wrong"|"blank"}: what Zendit's QR
+                                                  image for that purchase shows (a QR code of its LPA
+                                                  string, of another activation code, or no code at
+                                                  all); may be set before the purchase is placed
     POST /_sandbox/offers/{offerId}               {"enabled": bool}
     POST /_sandbox/faults                         {"endpoint", "count"=1, "status"=500|null,
                                                    "sleepSeconds"=0, "when"="before"|"after"}
-    DELETE /_sandbox/faults                       clear injected faults and purchase rules
+    DELETE /_sandbox/faults                       clear injected faults, purchase rules and QR images
     /_sandbox/webhook...                          Zendit's purchase webhooks: see `webhooks.py`
 
 Endpoint names for faults: get_balance, list_offers, get_offer, create_purchase, get_purchase,
@@ -26,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .activation import QR_IMAGES
 from .http import BadRequest, error_response, read_json_object, state_of
 from .state import Fault, PurchaseRule
 
@@ -150,6 +155,17 @@ async def resolve_purchase(request: Request) -> Response:
 
 
 @_control
+async def set_qr_image(request: Request) -> Response:
+    body = await read_json_object(request)
+    image = body.get("image")
+    if image not in QR_IMAGES:
+        raise BadRequest(f"image must be one of {list(QR_IMAGES)}", {"image": "invalid"})
+    transaction_id = request.path_params["transaction_id"]
+    state_of(request).set_qr_image(transaction_id, image)
+    return JSONResponse({"transactionId": transaction_id, "image": image})
+
+
+@_control
 async def set_offer(request: Request) -> Response:
     body = await read_json_object(request)
     offer = state_of(request).offers.get(request.path_params["offer_id"])
@@ -199,6 +215,7 @@ ROUTES = [
     Route("/purchase_failures", add_purchase_failures, methods=["POST"]),
     Route("/purchase_stalls", add_purchase_stalls, methods=["POST"]),
     Route("/purchases/{transaction_id}/resolve", resolve_purchase, methods=["POST"]),
+    Route("/purchases/{transaction_id}/qrcode", set_qr_image, methods=["POST"]),
     Route("/offers/{offer_id}", set_offer, methods=["POST"]),
     Route("/faults", add_fault, methods=["POST"]),
     Route("/faults", clear_faults, methods=["DELETE"]),

@@ -137,6 +137,8 @@ class ZenditState:
             self.credits: list[dict[str, Any]] = []
             self.purchase_rules: list[PurchaseRule] = []
             self.faults: list[Fault] = []
+            # transactionId → what its qrcode endpoint serves (activation.QR_IMAGES); "real" when absent.
+            self.qr_images: dict[str, str] = {}
             self._seq = 0
 
     # -- wallet --------------------------------------------------------------------------------------
@@ -194,6 +196,15 @@ class ZenditState:
         with self._lock:
             self.faults.clear()
             self.purchase_rules.clear()
+            self.qr_images.clear()
+
+    def set_qr_image(self, transaction_id: str, image: str) -> None:
+        """What `GET /esim/purchases/{transaction_id}/qrcode` serves; the purchase need not exist yet."""
+        with self._lock:
+            if image == "real":
+                self.qr_images.pop(transaction_id, None)
+            else:
+                self.qr_images[transaction_id] = image
 
     def take_fault(self, endpoint: str) -> Fault | None:
         with self._lock:
@@ -428,6 +439,7 @@ class ZenditState:
                     for ref, t in self.topups.items()
                 },
                 "purchaseRules": [vars(rule).copy() for rule in self.purchase_rules if rule.remaining > 0],
+                "qrImages": dict(self.qr_images),
                 "faults": [vars(fault).copy() for fault in self.faults if fault.remaining > 0],
             }
 
