@@ -262,7 +262,12 @@ def test_every_flag_of_a_command_is_one_the_program_accepts(name):
 def test_the_sandbox_command_of_compose_serves_every_emulator_on_all_interfaces(tmp_path):
     """Containers reach the sandbox through its container address: loopback-only would be unreachable.
     127.0.0.2 is a loopback address that a server bound to 127.0.0.1 alone does not answer."""
-    ports = {"--stripe-port": free_port(), "--zendit-port": free_port(), "--smtp-port": free_port()}
+    ports = {
+        "--stripe-port": free_port(),
+        "--zendit-port": free_port(),
+        "--storage-port": free_port(),
+        "--smtp-port": free_port(),
+    }
     command = []
     for part in command_of("sandbox"):
         flag = part.partition("=")[0]
@@ -292,6 +297,8 @@ def test_the_sandbox_command_of_compose_serves_every_emulator_on_all_interfaces(
             timeout=5,
         )
         assert offers.status_code == 200
+        storage = httpx.get(f"http://{other_loopback}:{ports['--storage-port']}/_sandbox/health", timeout=5)
+        assert storage.status_code == 200
         mail = EmailMessage()
         mail["From"], mail["To"], mail["Subject"] = "shop@example.com", "ada@example.com", "compose"
         mail.set_content("hi")
@@ -348,7 +355,9 @@ def test_the_compose_port_of_a_service_is_the_default_its_main_module_serves(nam
 
 def test_the_sandbox_publishes_the_ports_its_command_opens():
     flags = flags_of(command_of("sandbox"))
-    opened = {int(flags[flag]) for flag in ("--stripe-port", "--zendit-port", "--smtp-port")}
+    opened = {
+        int(flags[flag]) for flag in ("--stripe-port", "--zendit-port", "--storage-port", "--smtp-port")
+    }
     assert flags["--host"] == "0.0.0.0"
     assert {(host, published, container) for host, published, container in port_mappings("sandbox")} == {
         ("127.0.0.1", port, port) for port in opened

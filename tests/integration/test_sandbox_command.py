@@ -12,12 +12,14 @@ from email.message import EmailMessage
 import httpx
 
 from esim_sandbox.serve import free_port
+from esim_sandbox.storage_emulator import DEFAULT_SERVICE_ROLE_KEY
 
 STARTUP_SECONDS = 20
 
 
 def test_the_sandbox_command_serves_every_emulator_and_stops_on_sigterm(tmp_path):
     stripe_port, zendit_port, smtp_port = free_port(), free_port(), free_port()
+    storage_port = free_port()
     mail_dir = tmp_path / "mail"
     process = subprocess.Popen(
         [
@@ -26,6 +28,7 @@ def test_the_sandbox_command_serves_every_emulator_and_stops_on_sigterm(tmp_path
             "esim_sandbox",
             f"--stripe-port={stripe_port}",
             f"--zendit-port={zendit_port}",
+            f"--storage-port={storage_port}",
             f"--smtp-port={smtp_port}",
             f"--mail-dir={mail_dir}",
         ],
@@ -43,6 +46,7 @@ def test_the_sandbox_command_serves_every_emulator_and_stops_on_sigterm(tmp_path
         assert f"http://127.0.0.1:{stripe_port}" in banner
         assert f"http://127.0.0.1:{zendit_port}/v1" in banner
         assert f"127.0.0.1:{smtp_port}" in banner
+        assert f"http://127.0.0.1:{storage_port}" in banner
 
         balance = httpx.get(
             f"http://127.0.0.1:{stripe_port}/v1/balance", headers={"Authorization": "Bearer sk_test_x"}
@@ -54,6 +58,11 @@ def test_the_sandbox_command_serves_every_emulator_and_stops_on_sigterm(tmp_path
             headers={"Authorization": "Bearer sand_test_key"},
         )
         assert offers.status_code == 200 and len(offers.json()["list"]) == 5
+        bucket = httpx.get(
+            f"http://127.0.0.1:{storage_port}/storage/v1/bucket/esim-qrcodes",
+            headers={"Authorization": f"Bearer {DEFAULT_SERVICE_ROLE_KEY}"},
+        )
+        assert bucket.status_code == 200 and bucket.json()["public"] is False
 
         mail = EmailMessage()
         mail["From"], mail["To"], mail["Subject"] = "shop@example.com", "ada@example.com", "hello"

@@ -95,6 +95,19 @@ def test_production_refuses_to_start_with_sandbox_secrets_and_does_not_echo_them
     assert "sk_live_realkey123456" not in message
 
 
+def test_production_refuses_the_storage_emulators_service_role_key():
+    from esim_sandbox.storage_emulator.app import DEFAULT_SERVICE_ROLE_KEY
+
+    with pytest.raises(ValidationError) as info:
+        load_settings(
+            environment="production",
+            supabase_url="https://project.supabase.co",
+            supabase_service_role_key=DEFAULT_SERVICE_ROLE_KEY,
+        )
+    assert "supabase_service_role_key" in str(info.value)
+    assert DEFAULT_SERVICE_ROLE_KEY not in str(info.value)
+
+
 @pytest.mark.parametrize("amount", [1299.0, "1299", True, 0, -5])
 def test_event_money_must_be_a_positive_whole_number_of_minor_units(amount):
     payload = {

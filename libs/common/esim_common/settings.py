@@ -38,6 +38,9 @@ _SANDBOX_SECRETS = {
     "topup_test_key",
     "admin-sandbox-token",
     "zendit_webhook_sandbox",
+    # The Supabase Storage emulator's service-role key (esim_sandbox.storage_emulator, fixed on purpose).
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJzdXBhYmFzZSIsInJlZiI6InNhbmRib3giLCJyb2xlIjoic2Vy"
+    "dmljZV9yb2xlIiwiaWF0IjoxNzAwMDAwMDAwLCJleHAiOjIwMTUzNjAwMDB9.7OQzOLUqDi2im7NjdhRDs0tFHxwyITzAfZGjhsyeJ8Q",
 }
 
 

@@ -21,11 +21,14 @@ from pydantic import SecretStr
 
 from esim_common.settings import Settings
 from esim_common.topology import delete_from_url, esim_topology
+from esim_sandbox import storage_emulator
 from esim_sandbox.serve import LOOPBACK, free_port
 
 SERVICES = ("webhook", "funding", "provisioning", "notify", "reconcile")
 DEFAULT_PORTS = {"webhook": 8080, "funding": 8081, "provisioning": 8082, "notify": 8083, "reconcile": 8084}
-SANDBOX_PORTS = {"stripe": 12111, "zendit": 12112, "smtp": 1025}
+SANDBOX_PORTS = {"stripe": 12111, "zendit": 12112, "storage": 12113, "smtp": 1025}
+# Where provisioning keeps QR codes: a local directory (the default) or the Supabase Storage emulator.
+QR_STORAGES = ("local", "supabase")
 ZENDIT_WEBHOOK_PATH = "/api/webhooks/zendit"
 ISSUING_AUTHORIZATION_PATH = "/api/webhooks/stripe/issuing-authorization"
 # Services wait up to 30 s for Postgres/RabbitMQ themselves; a stack that is not healthy after this
@@ -86,8 +89,13 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, Process] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    # "supabase": the sandbox's Storage emulator with its service-role key; its bucket is public when
+    # extra_env sets SUPABASE_SIGNED_URL_SECONDS=0 (public URLs), private otherwise.
+    storage: str = "local"
 
     def __post_init__(self) -> None:
+        if self.storage not in QR_STORAGES:
+            raise ValueError(f"storage must be one of {QR_STORAGES}, not {self.storage!r}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         for name in (*SANDBOX_PORTS, *SERVICES):
             default = SANDBOX_PORTS.get(name) or DEFAULT_PORTS[name]
@@ -108,8 +116,16 @@ class Stack:
     def logs_dir(self) -> Path:
         return self.workdir / "logs"
 
+    @property
+    def public_storage_bucket(self) -> bool:
+        return self.extra_env.get("SUPABASE_SIGNED_URL_SECONDS", "").strip() == "0"
+
     def service_env(self, name: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "ZENDIT_", "SMTP_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("STRIPE_", "ZENDIT_", "SMTP_", "SUPABASE_"))
+        }
         env.update(
             {
                 "DATABASE_URL": self.database_url,
@@ -126,6 +142,12 @@ class Stack:
                 "QR_PUBLIC_BASE_URL": f"{self.url('provisioning')}/qrcodes",
                 "SHOP_BASE_URL": self.url("webhook"),
                 "PYTHONUNBUFFERED": "1",
+                # Set even when empty: empty beats a SUPABASE_URL in `.env`, which would otherwise
+                # send the sandbox's QR codes to a real project.
+                "SUPABASE_URL": self.url("storage") if self.storage == "supabase" else "",
+                "SUPABASE_SERVICE_ROLE_KEY": (
+                    storage_emulator.DEFAULT_SERVICE_ROLE_KEY if self.storage == "supabase" else ""
+                ),
             }
         )
         env.update(self.extra_env)
@@ -138,6 +160,8 @@ class Stack:
             "esim_sandbox",
             f"--stripe-port={self.ports['stripe']}",
             f"--zendit-port={self.ports['zendit']}",
+            f"--storage-port={self.ports['storage']}",
+            f"--storage-bucket={self.extra_env.get('SUPABASE_BUCKET') or storage_emulator.DEFAULT_BUCKET}",
             f"--smtp-port={self.ports['smtp']}",
             f"--mail-dir={self.mail_dir}",
             f"--stripe-webhook-url={self.url('webhook')}/api/webhooks/stripe",
@@ -151,6 +175,8 @@ class Stack:
         issuing_secret = next((secret.strip() for secret in issuing_secrets if secret.strip()), None)
         if issuing_secret is not None:
             command.append(f"--stripe-issuing-authorization-secret={issuing_secret}")
+        if self.public_storage_bucket:
+            command.append("--storage-public-bucket")
         return Process("sandbox", command, self.service_env("webhook"), self.logs_dir / "sandbox.log")
 
     def _service_process(self, name: str) -> Process:
@@ -163,6 +189,7 @@ class Stack:
         self.processes["sandbox"] = self._sandbox_process()
         self.processes["sandbox"].start()
         self._wait_for_http("sandbox", f"{self.url('stripe')}/_sandbox/health")
+        self._wait_for_http("sandbox", f"{self.url('storage')}/_sandbox/health")
         for name in SERVICES:
             self.processes[name] = self._service_process(name)
             self.processes[name].start()

@@ -1,10 +1,12 @@
-"""Where QR PNGs are kept: one small interface, a local-directory implementation today.
+"""Where QR PNGs are kept: one small interface, two implementations, chosen by `storage_kind`.
 
-    QrStorage.save(name, png) -> public URL     store (or replace) `<name>.png`, say where it is served
+    QrStorage.save(name, png) -> URL     store (or replace) `<name>.png`, say where it can be fetched
 
-Supabase Storage (bucket `SUPABASE_BUCKET`, when `SUPABASE_URL` and `SUPABASE_SERVICE_ROLE_KEY` are set)
-will be a second implementation of the same protocol, chosen in `main.py`; nothing else changes.
-Saving is idempotent: a redelivered message renders the same image and replaces the file with it.
+    LocalQrStorage      a directory, served by the provisioning app (`routes.py`); the default
+    SupabaseQrStorage   Supabase Storage through the `supabase` client (`supabase_storage.py`), when
+                        SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are both set
+
+Saving is idempotent: a redelivered message renders the same image and replaces the stored one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import os
 import re
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +41,33 @@ def valid_name(name: str) -> bool:
     return bool(NAME_PATTERN.fullmatch(name))
 
 
+class StorageKind(StrEnum):
+    LOCAL = "local"
+    SUPABASE = "supabase"
+
+
+def storage_kind(supabase_url: str | None, service_role_key: str | None) -> StorageKind:
+    """Supabase when both are set, the local directory when neither is.
+
+    One without the other is refused: storing locally while the operator meant Supabase would mail
+    customers links to a machine they cannot reach, and nobody would notice until they complained.
+    """
+    has_url, has_key = bool(supabase_url and supabase_url.strip()), bool(service_role_key)
+    if has_url and has_key:
+        return StorageKind.SUPABASE
+    if has_url or has_key:
+        given, missing = (
+            ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY")
+            if has_url
+            else ("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_URL")
+        )
+        raise ValueError(
+            f"{given} is set but {missing} is not: set both to store QR codes in Supabase Storage, "
+            "or neither to keep them in QR_STORAGE_DIR"
+        )
+    return StorageKind.LOCAL
+
+
 class LocalQrStorage:
     """PNGs in a local directory, served by the provisioning app at `public_base_url/<name>.png`."""
 
@@ -53,6 +83,9 @@ class LocalQrStorage:
 
     def url_of(self, name: str) -> str:
         return f"{self.public_base_url}/{name}{PNG_SUFFIX}"
+
+    async def aclose(self) -> None:
+        """Nothing to close: the same shape as SupabaseQrStorage, so `main.py` closes either."""
 
     async def save(self, name: str, png: bytes) -> str:
         path = self.path_of(name)
