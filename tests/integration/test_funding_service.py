@@ -517,6 +517,49 @@ async def test_in_prefunded_mode_a_short_order_waits_for_the_operator_then_is_fu
         assert [m["transaction_id"] for m in await funding.messages("provisioning.order-funded")] == [
             event.transaction_id
         ]
+        # The operator's email is notify's: one operator.alert for the shortage, through the outbox.
+        operator_alerts = await funding.messages("notify.operator-alert")
     assert cards_for(stripe_emulator, f"tu_{event.transaction_id}") == []
     alerts = [r for r in caplog.records if getattr(r, "alert", None) == "wallet_short"]
     assert len(alerts) == 1 and alerts[0].amount_to_add == COST.amount - 1_000
+    assert [
+        (m["alert"], m["alert_key"], m["transaction_id"], m["amount_to_add"], m["facts"])
+        for m in operator_alerts
+    ] == [
+        (
+            "wallet_short",
+            f"wallet_short:{event.transaction_id}",
+            event.transaction_id,
+            {"amount": COST.amount - 1_000, "currency": "USD"},
+            {"orders_waiting": "1", "wallet_available": "10.00 USD"},
+        )
+    ]
+
+
+async def test_a_wallet_short_alert_whose_publish_was_lost_is_published_by_the_orders_next_delivery(
+    service_settings, amqp_url, stripe_gateway, stripe_emulator, zendit_emulator
+):
+    """The alert was committed with the order's move to awaiting_funds, then the process died before
+    publishing it: the next delivery of that order publishes it, once."""
+    from esim_common import outbox
+    from funding.fund_order import shortage_alert
+
+    settings = service_settings.model_copy(update={"funding_mode": FundingMode.PREFUNDED})
+    set_wallet(zendit_emulator, 1_000)
+    async with running(settings, amqp_url) as funding:
+        event = await pay_for_order(funding.pool, stripe_gateway, stripe_emulator)
+        txn = event.transaction_id
+        async with funding.pool.acquire() as conn, conn.transaction():
+            await transition(conn, txn, S.FUNDING)
+            await transition(conn, txn, S.AWAITING_FUNDS, reason="wallet short")
+            await outbox.add(conn, shortage_alert(txn, Money(1_415, "USD"), {"orders_waiting": "1"}))
+
+        await funding.deliver(event)
+        await eventually(lambda: funding.handled("deferred") >= 1, within=10, what="deferred")
+        await funding.deliver(event)  # a duplicate: the alert is published already
+        await eventually(lambda: funding.handled("deferred") >= 2, within=10, what="duplicate deferred")
+        operator_alerts = await funding.messages("notify.operator-alert")
+
+    assert [(m["alert_key"], m["amount_to_add"]) for m in operator_alerts] == [
+        (f"wallet_short:{txn}", {"amount": 1_415, "currency": "USD"})
+    ]

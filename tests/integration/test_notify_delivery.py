@@ -114,6 +114,9 @@ async def provisioned_order(
             zendit_cost=Money(900, "USD"),
             recipient_email=email,
             recipient_name=name,
+            offer_data_mb=5_000,
+            offer_data_unlimited=False,
+            offer_duration_days=30,
         )
         await conn.execute(
             """UPDATE esim_purchases
@@ -209,6 +212,7 @@ async def test_a_provisioned_order_gets_one_email_whose_qr_code_scans_to_the_lpa
     assert decoded(png) == [LPA]
     assert f'src="cid:{cid}"' in html
     assert ACTIVATION_CODE in text and SMDP in text and "ESIM-GLOBAL-30D-5GB" in text
+    assert "Plan: 5 GB · 30 days (ESIM-GLOBAL-30D-5GB)" in text and "5 GB · 30 days" in html
     assert "https://esimsetup.apple.com/esim_qrcode_provisioning?carddata=LPA:1$" in text
     attached = [part for part in message.iter_attachments() if part.get_content_type() == "image/png"]
     assert [part.get_filename() for part in attached] == ["esim-qr-code.png"]
@@ -343,7 +347,7 @@ async def test_a_rejected_esim_email_puts_the_order_in_front_of_an_operator(serv
     assert [(event["step"], event["transaction_id"]) for event in failed] == [("delivery", txn)]
     alert = server.accepted[0]
     assert alert["To"] == service_settings.service_owner_email
-    assert txn in alert["Subject"] and "delivery" in alert.get_content()
+    assert txn in alert["Subject"] and "delivery" in alert.get_body(preferencelist=("plain",)).get_content()
     assert (
         await db.fetchval(
             "SELECT status FROM sent_emails WHERE transaction_id = $1 AND template = 'esim_delivery'", txn

@@ -136,7 +136,8 @@ async def test_a_failed_refund_tells_the_customer_we_are_on_it_and_emails_the_op
     assert "We are looking into it" in customer and "refunded" not in customer
     alert = by_recipient[service_settings.service_owner_email]
     assert txn in alert["Subject"]
-    assert "Failed step: refund" in alert.get_content() and "needs_attention" in alert.get_content()
+    alert_text = alert.get_body(preferencelist=("plain",)).get_content()
+    assert "Failed step: refund" in alert_text and "needs_attention" in alert_text
 
 
 async def test_a_failure_email_for_an_unknown_order_is_dead_lettered_not_dropped(

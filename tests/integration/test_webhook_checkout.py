@@ -180,6 +180,22 @@ async def test_manual_capture_mode_creates_a_manual_capture_session(make_edge: E
     assert (await edge.order(created["transactionId"])).capture_method == "manual"
 
 
+async def test_the_order_keeps_the_offers_data_and_validity_for_the_esim_email(edge: Edge, zendit_emulator):
+    """Migration 0006: data in whole MB without float error (2.01 GB is 2010 MB, though 2.01 * 1000 is
+    2009.9999999999998 in floats); an unlimited offer's dataGB 0 is no data amount at all."""
+    zendit_emulator.state.offers["ESIM-FR-10D-3GB"]["dataGB"] = 2.01
+    facts = {}
+    for offer_id in (US_OFFER, "ESIM-FR-10D-3GB", "ESIM-JP-7D-UL"):
+        order = await edge.order((await checkout_ok(edge, offer_id))["transactionId"])
+        facts[offer_id] = (order.offer_data_mb, order.offer_data_unlimited, order.offer_duration_days)
+
+    assert facts == {
+        US_OFFER: (1000, False, 7),
+        "ESIM-FR-10D-3GB": (2010, False, 10),
+        "ESIM-JP-7D-UL": (None, True, 7),
+    }
+
+
 async def test_an_unknown_offer_is_a_404_naming_the_offer(edge: Edge):
     response = await edge.checkout("ESIM-NOWHERE-1D-1MB")
     assert response.status_code == 404

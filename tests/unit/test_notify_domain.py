@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from esim_common.order_states import OrderStatus
 from notify import domain
 from notify.domain import DeliveryDecision, RefundOutcome
+from notify.rendering import phrase
 
 
 def test_only_a_provisioned_order_is_emailed_and_a_delivered_one_is_only_announced_again():
@@ -104,3 +106,94 @@ def test_a_display_name_loses_line_breaks_and_control_characters():
         domain.display_name("Ada\r\nBcc: evil@example.com\x00 Lovelace")
         == "AdaBcc: evil@example.com Lovelace"
     )
+
+
+# ------------------------------------------------------------------------------------ the plan line
+
+PLAN_WORDS = partial(phrase, "plan")
+
+
+@pytest.mark.parametrize(
+    ("data_mb", "unlimited", "days", "line"),
+    [
+        (1_000, False, 7, "1 GB · 7 days (OFFER-1)"),
+        (500, False, 7, "500 MB · 7 days (OFFER-1)"),
+        (1_500, False, 30, "1.5 GB · 30 days (OFFER-1)"),
+        (2_010, False, 1, "2.01 GB · 1 day (OFFER-1)"),
+        (20_000, False, 30, "20 GB · 30 days (OFFER-1)"),
+        (None, True, 30, "Unlimited data · 30 days (OFFER-1)"),
+        (0, True, None, "Unlimited data (OFFER-1)"),
+        (5_000, None, None, "5 GB (OFFER-1)"),
+        (None, None, 10, "10 days (OFFER-1)"),
+    ],
+)
+def test_the_plan_line_says_what_the_plan_gives(data_mb, unlimited, days, line):
+    assert (
+        domain.plan_line(
+            "OFFER-1", data_mb=data_mb, unlimited=unlimited, duration_days=days, words=PLAN_WORDS
+        )
+        == line
+    )
+
+
+@pytest.mark.parametrize(
+    ("data_mb", "unlimited", "days"), [(None, None, None), (0, False, 0), (None, False, None)]
+)
+def test_an_order_that_does_not_say_what_its_plan_gives_shows_only_the_plan_id(data_mb, unlimited, days):
+    """Orders from before migration 0006 have no offer facts."""
+    assert (
+        domain.plan_line(
+            "OFFER-1", data_mb=data_mb, unlimited=unlimited, duration_days=days, words=PLAN_WORDS
+        )
+        == "OFFER-1"
+    )
+
+
+def test_gigabytes_are_decimal_and_exact():
+    assert [domain.decimal_gb(mb) for mb in (1_000, 1_500, 1_250, 1_001, 100_000)] == [
+        "1",
+        "1.5",
+        "1.25",
+        "1.001",
+        "100",
+    ]
+
+
+# ------------------------------------------------------------------------------------ operator alerts
+
+
+def test_each_alert_kind_has_its_own_template():
+    assert domain.alert_template("wallet_short") == "operator_low_balance"
+    assert domain.alert_template("needs_attention") == "operator_needs_attention"
+    assert set(domain.ALERT_TEMPLATES.values()) < set(domain.TEMPLATES)
+
+
+def test_a_setting_in_seconds_reads_in_its_largest_whole_unit():
+    assert [domain.duration_text(s) for s in (21_600, 86_400, 5_400, 90, 10, 3_601)] == [
+        "6 h",
+        "1 d",
+        "90 min",
+        "90 s",
+        "10 s",
+        "3601 s",
+    ]
+
+
+def test_alert_facts_named_like_activation_or_card_data_are_never_shown():
+    facts = {
+        "zendit_transaction_id": "z-1",
+        "orders_waiting": "3",
+        "activation_code": "K2-SECRET",
+        "lpa": "LPA:1$x$y",
+        "smdpAddress": "smdp.example.com",
+        "card_number": "4242424242424242",
+        "cardLast4": "4242",
+        "qr_code_url": "https://signed.example/qr.png",
+        "api_key": "k",
+        "company": "kept: 'pan' inside a word is no card",
+    }
+    assert domain.operator_facts(facts) == [
+        ("company", "kept: 'pan' inside a word is no card"),
+        ("orders_waiting", "3"),
+        ("zendit_transaction_id", "z-1"),
+    ]

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from esim_common.events import OrderFailed
+from esim_common.events import OperatorAlert, OrderFailed
+from esim_common.money import Money
 from esim_common.order_repository import Order
 from esim_common.order_states import OrderStatus
 from esim_common.settings import load_settings
-from notify import emails, rendering
+from notify import domain, emails, rendering
 from notify.compose import InlineImage, build_message
 from notify.rendering import RenderedEmail
 
@@ -34,7 +35,7 @@ def order(status: OrderStatus = OrderStatus.PROVISIONED, **changes: object) -> O
     return Order.model_validate({**fields, **changes})
 
 
-@pytest.mark.parametrize("name", ["esim_delivery", "order_failed", "operator_alert"])
+@pytest.mark.parametrize("name", domain.TEMPLATES)
 def test_every_placeholder_of_a_template_is_one_its_email_fills(name):
     """A typo in a template would otherwise only show up as a KeyError in production."""
     used: set[str] = set()
@@ -118,9 +119,12 @@ def test_a_released_hold_is_told_as_not_charged_never_as_a_refund():
 def test_the_operator_alert_goes_to_the_service_owner_with_what_to_do():
     event = OrderFailed(transaction_id="txn-1", step="refund", reason="refund_failed: card_declined")
     message = emails.operator_alert_email(order(OrderStatus.NEEDS_ATTENTION), event, SETTINGS)
-    body = message.get_content()
+    body = message.get_body(preferencelist=("plain",)).get_content()
+    html = message.get_body(preferencelist=("html",)).get_content()
     assert message["To"] == SETTINGS.service_owner_email
     assert "Reason: refund_failed: card_declined" in body and "Refund the payment by hand" in body
+    assert "refund_failed: card_declined" in html and "Refund the payment by hand" in html
+    assert "CODE-1" not in message.as_string()  # never the activation code
 
 
 def test_a_message_without_html_is_plain_text():
@@ -129,3 +133,106 @@ def test_a_message_without_html_is_plain_text():
         qr=InlineImage(b"png", "cid"),
     )  # fmt: skip
     assert message.get_content_type() == "text/plain"
+
+
+def test_every_template_has_a_text_and_an_html_part():
+    for name in domain.TEMPLATES:
+        for suffix in (".subject.txt", ".txt", ".html"):
+            assert (rendering.TEMPLATES_DIR / f"{name}{suffix}").exists(), f"{name}{suffix}"
+
+
+async def test_the_esim_email_says_what_the_plan_gives_in_text_and_html(tmp_path):
+    settings = SETTINGS.model_copy(update={"qr_storage_dir": str(tmp_path)})
+    bought = order(offer_data_mb=1_500, offer_data_unlimited=False, offer_duration_days=7)
+    message = await emails.esim_delivery_email(bought, settings)
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    html = message.get_body(preferencelist=("html",)).get_content()
+    assert "Plan: 1.5 GB · 7 days (ESIM-GLOBAL-30D-5GB)" in text
+    assert "<strong>1.5 GB · 7 days (ESIM-GLOBAL-30D-5GB)</strong>" in html
+
+
+async def test_an_older_order_without_offer_facts_shows_only_the_plan_id(tmp_path):
+    settings = SETTINGS.model_copy(update={"qr_storage_dir": str(tmp_path)})
+    message = await emails.esim_delivery_email(order(), settings)
+    assert "Plan: ESIM-GLOBAL-30D-5GB\n" in message.get_body(preferencelist=("plain",)).get_content()
+
+
+def wallet_short(**changes: object) -> OperatorAlert:
+    fields = {
+        "transaction_id": "txn-1",
+        "alert": "wallet_short",
+        "alert_key": "wallet_short:txn-1",
+        "reason": "wallet_short",
+        "amount_to_add": Money(1_415, "USD"),
+        "facts": {"orders_waiting": "3", "wallet_available": "10.00 USD"},
+    }
+    return OperatorAlert.model_validate({**fields, **changes})
+
+
+def test_the_low_balance_alert_says_how_much_to_add_where_and_what_happens_otherwise():
+    settings = SETTINGS.model_copy(update={"awaiting_funds_max_age": 21_600})
+    message = emails.operator_alert_event_email(wallet_short(), None, settings)
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    html = message.get_body(preferencelist=("html",)).get_content()
+    assert message["To"] == SETTINGS.service_owner_email
+    assert message["Subject"] == "[eSIM operator alert] Zendit wallet short: add at least 14.15 USD"
+    assert "Add at least: 14.15 USD" in text and "Zendit console" in text
+    assert "Orders waiting: 3" in text and "10.00 USD" in text
+    assert "refunded, and its customer told, 6 h after its" in text and "AWAITING_FUNDS_MAX_AGE" in text
+    assert "<strong>14.15 USD</strong>" in html and "6 h after its" in html
+    assert (
+        message["Message-ID"]
+        == emails.operator_alert_event_email(wallet_short(), None, settings)["Message-ID"]
+    )
+
+
+def test_a_low_balance_alert_without_facts_says_what_is_not_known():
+    text = (
+        emails.operator_alert_event_email(wallet_short(facts={}, amount_to_add=None), None, SETTINGS)
+        .get_body(preferencelist=("plain",))
+        .get_content()
+    )
+    assert "Orders waiting: not known" in text and "Add at least: not known" in text
+
+
+def needs_attention(**changes: object) -> OperatorAlert:
+    fields = {
+        "transaction_id": "txn-1",
+        "alert": "needs_attention",
+        "alert_key": "needs_attention:txn-1",
+        "reason": "purchase_deadline_exceeded",
+        "facts": {
+            "zendit_status": "IN_PROGRESS",
+            "activation_code": "CODE-1",
+            "card_number": "4242424242424242",
+        },
+    }
+    return OperatorAlert.model_validate({**fields, **changes})
+
+
+def test_the_needs_attention_alert_names_the_order_and_says_it_is_not_refunded():
+    stuck = order(OrderStatus.NEEDS_ATTENTION, zendit_transaction_id="txn-1-1")
+    message = emails.operator_alert_event_email(needs_attention(), stuck, SETTINGS)
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    html = message.get_body(preferencelist=("html",)).get_content()
+    assert (
+        message["Subject"] == "[eSIM operator alert] order txn-1 needs attention (purchase_deadline_exceeded)"
+    )
+    assert "Zendit transaction id: txn-1-1" in text and "Status now: needs_attention" in text
+    assert "zendit_status: IN_PROGRESS" in text and "PURCHASE_DEADLINE_SECONDS" in text
+    assert "NOT refunded automatically" in text and "NOT refunded automatically" in html
+    assert "txn-1-1" in html
+    everything = message.as_string()
+    assert "CODE-1" not in everything and "4242424242424242" not in everything
+    assert "smdp.example.com" not in everything
+
+
+def test_a_needs_attention_alert_for_an_order_we_do_not_have_is_still_told():
+    alert = needs_attention(reason="something_new", facts={"zendit_transaction_id": "z-9"})
+    text = (
+        emails.operator_alert_event_email(alert, None, SETTINGS)
+        .get_body(preferencelist=("plain",))
+        .get_content()
+    )
+    assert "Status now: not known" in text and "Zendit transaction id: z-9" in text
+    assert "Details:\nnone" in text and "finish or refund it by hand" in text  # the default advice

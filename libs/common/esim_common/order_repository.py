@@ -77,8 +77,9 @@ class Order(BaseModel):
 
 INSERT_ORDER = """
     INSERT INTO esim_purchases (transaction_id, user_id, offer_id, price, currency, zendit_cost,
-                                zendit_cost_currency, recipient_email, recipient_name, capture_method)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                zendit_cost_currency, recipient_email, recipient_name, capture_method,
+                                offer_data_mb, offer_data_unlimited, offer_duration_days)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
     RETURNING *
 """
 SELECT_ORDER = "SELECT * FROM esim_purchases WHERE transaction_id = $1"
@@ -96,7 +97,11 @@ async def create_order(
     recipient_name: str,
     user_id: str | None = None,
     capture_method: str = "automatic",
+    offer_data_mb: int | None = None,
+    offer_data_unlimited: bool | None = None,
+    offer_duration_days: int | None = None,
 ) -> Order:
+    """The offer facts (migration 0006) describe the plan in the customer's email; None = not known."""
     row = await conn.fetchrow(
         INSERT_ORDER,
         transaction_id,
@@ -109,6 +114,9 @@ async def create_order(
         recipient_email,
         recipient_name,
         capture_method,
+        offer_data_mb,
+        offer_data_unlimited,
+        offer_duration_days,
     )
     return Order.model_validate(dict(row))
 

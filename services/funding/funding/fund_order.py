@@ -32,9 +32,10 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from esim_common import outbox
 from esim_common.crash_points import crash_here
 from esim_common.errors import CheckAgainLater, FailPermanently, RetryLater
-from esim_common.events import OrderFunded, OrderPaid
+from esim_common.events import OperatorAlert, OrderFunded, OrderPaid
 from esim_common.money import Money, MoneyError
 from esim_common.order_repository import Order, get_order
 from esim_common.order_states import OrderStatus
@@ -74,6 +75,24 @@ class Decision:
     wait_for: str | None = None  # issuing_card: the top-up on its way this order waits for
     short: Money | None = None  # prefunded: what the operator must add for every waiting order
     awaiting: int | None = None  # prefunded: orders in awaiting_funds after this decision
+
+
+def shortage_alert(
+    transaction_id: str, amount_to_add: Money | None = None, facts: dict[str, str] | None = None
+) -> OperatorAlert:
+    """The wallet_short alert of the shortage whose wait `transaction_id` began. Its event id depends on
+    the order only, so a redelivery finds the queued one (`outbox.publish_pending` publishes the queued
+    version: the amount and facts of a lookup copy made without them do not matter)."""
+    alert_key = f"wallet_short:{transaction_id}"
+    return OperatorAlert(
+        event_id=outbox.stable_event_id(alert_key),
+        transaction_id=transaction_id,
+        alert="wallet_short",
+        alert_key=alert_key,
+        reason="wallet_short",
+        amount_to_add=amount_to_add,
+        facts=facts or {},
+    )
 
 
 class FundOrder:
@@ -283,9 +302,11 @@ class FundOrder:
                     await transition(conn, transaction_id, S.AWAITING_FUNDS, reason="wallet short")
                 else:
                     began = False  # it was waiting already: the shortage did not begin now
-                if began:  # one alert per shortage; before the commit: a crash repeats it, never loses it
-                    self._alert_shortage(decision.amount_to_add)
-                return Decision(short=decision.amount_to_add, awaiting=await self._awaiting(conn, False))
+                awaiting = await repo.count_awaiting_funds(conn)
+                if began:  # one alert per shortage; its email through the outbox, in this transaction
+                    short = decision.amount_to_add
+                    await self._alert_shortage(conn, transaction_id, short, book.available, awaiting)
+                return Decision(short=decision.amount_to_add, awaiting=awaiting)
             return Decision(drive=await self._start_topup(conn, transaction_id, covering, decision.amount))
 
     def _decision(
@@ -350,8 +371,12 @@ class FundOrder:
             )
 
     async def _fund_prefunded(self, transaction_id: str, cost: Money) -> None:
+        # The alert this order queued when its wait began a shortage: published after that commit, and
+        # by any later delivery of the order if that publish was lost (a no-op once it is published).
+        await outbox.publish_pending(self._pool(), self._publisher, shortage_alert(transaction_id))
         await self._behind_a_waiting_order(transaction_id)
         decision = await self._decide(transaction_id, cost, can_top_up=False)
+        await outbox.publish_pending(self._pool(), self._publisher, shortage_alert(transaction_id))
         if decision.moved_on:
             return None
         if decision.awaiting is not None:
@@ -380,13 +405,19 @@ class FundOrder:
             self._refuse_if_waited_too_long(order)
             raise CheckAgainLater(self._recheck_seconds, "an order paid earlier is first in line")
 
-    def _alert_shortage(self, amount_to_add: Money) -> None:
+    async def _alert_shortage(
+        self, conn: asyncpg.Connection, txn: str, amount_to_add: Money, available: Money, waiting: int
+    ) -> None:
+        """Log line + counter now; the operator's email (notify) through the outbox, so that a rollback
+        takes it back and a crash after the commit cannot lose it."""
         operator_alert(
             "wallet_short",
             f"the Zendit wallet is short: add at least {amount_to_add} in the Zendit console",
             amount_to_add=amount_to_add.amount,
             currency=amount_to_add.currency,
         )
+        facts = {"orders_waiting": str(waiting), "wallet_available": available.format()}
+        await outbox.add(conn, shortage_alert(txn, amount_to_add, facts))
 
     async def _mark_funded(self, conn: asyncpg.Connection, transaction_id: str) -> None:
         """→ funded, with its order.funded in the outbox (same transaction)."""

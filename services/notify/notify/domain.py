@@ -3,6 +3,8 @@
 order.provisioned ─► esim_delivery (customer, once) ─► provisioned → delivered ─► order.delivered
 order.failed      ─► order_failed (customer, once; not for step=delivery: that address refused us)
                   └► operator_alert (SERVICE_OWNER_EMAIL, once) when step is refund, delivery or capture
+operator.alert    ─► operator_low_balance (wallet_short) or operator_needs_attention (SERVICE_OWNER_EMAIL,
+                     once per alert_key)
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parseaddr
 from enum import StrEnum
 from urllib.parse import quote
 
-from esim_common.events import FailedStep
+from esim_common.events import AlertKind, FailedStep
 from esim_common.lpa import LPA_PREFIX, lpa_string
 from esim_common.order_states import OrderStatus
 
@@ -23,6 +26,19 @@ from esim_common.order_states import OrderStatus
 TEMPLATE_ESIM_DELIVERY = "esim_delivery"
 TEMPLATE_ORDER_FAILED = "order_failed"
 TEMPLATE_OPERATOR_ALERT = "operator_alert"
+TEMPLATE_OPERATOR_LOW_BALANCE = "operator_low_balance"
+TEMPLATE_OPERATOR_NEEDS_ATTENTION = "operator_needs_attention"
+TEMPLATES = (
+    TEMPLATE_ESIM_DELIVERY,
+    TEMPLATE_ORDER_FAILED,
+    TEMPLATE_OPERATOR_ALERT,
+    TEMPLATE_OPERATOR_LOW_BALANCE,
+    TEMPLATE_OPERATOR_NEEDS_ATTENTION,
+)
+ALERT_TEMPLATES: Mapping[AlertKind, str] = {
+    "wallet_short": TEMPLATE_OPERATOR_LOW_BALANCE,
+    "needs_attention": TEMPLATE_OPERATOR_NEEDS_ATTENTION,
+}
 
 # Apple's universal link: opened on an iPhone (iOS 17.4+) it installs the eSIM without a camera.
 APPLE_SETUP_URL = "https://esimsetup.apple.com/esim_qrcode_provisioning"
@@ -140,3 +156,77 @@ def display_name(name: str) -> str:
     """The recipient's name for a header: control characters (line breaks included) removed."""
     cleaned = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
     return " ".join(cleaned.split())[:100]
+
+
+# ------------------------------------------------------------------------------------ the plan line
+
+# A `[plan]` sentence of phrases.toml by key, its placeholders filled (`partial(rendering.phrase, "plan")`).
+PlanWords = Callable[..., str]
+
+# Zendit counts data in decimal units: dataGB 1.5 is 1500 MB (migration 0006).
+MB_PER_GB = 1000
+
+
+def decimal_gb(data_mb: int) -> str:
+    """1000 → "1", 1500 → "1.5", 1250 → "1.25": whole megabytes as gigabytes, in integer arithmetic."""
+    whole, rest = divmod(data_mb, MB_PER_GB)
+    return f"{whole}.{rest:03d}".rstrip("0") if rest else str(whole)
+
+
+def plan_line(
+    offer_id: str,
+    *,
+    data_mb: int | None,
+    unlimited: bool | None,
+    duration_days: int | None,
+    words: PlanWords,
+) -> str:
+    """What the plan gives, e.g. "1.5 GB · 7 days (ESIM-US-7D-1GB)"; only the offer id when the order
+    does not say (orders from before migration 0006, or an offer that gave neither)."""
+    parts = []
+    if unlimited:
+        parts.append(words("unlimited"))
+    elif data_mb is not None and data_mb > 0:
+        if data_mb >= MB_PER_GB:
+            parts.append(words("data_gb", amount=decimal_gb(data_mb)))
+        else:
+            parts.append(words("data_mb", amount=str(data_mb)))
+    if duration_days is not None and duration_days > 0:
+        parts.append(words("one_day") if duration_days == 1 else words("days", count=str(duration_days)))
+    if not parts:
+        return offer_id
+    return words("allowance", allowance=words("separator").join(parts), offer_id=offer_id)
+
+
+# ------------------------------------------------------------------------------------ operator alerts
+
+
+def alert_template(alert: AlertKind) -> str:
+    return ALERT_TEMPLATES[alert]
+
+
+def duration_text(seconds: int) -> str:
+    """A setting in seconds as an operator reads it: 21600 → "6 h", 90 → "90 s", 5400 → "90 min"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+# Alert facts are ids, codes and amounts by contract; a fact named like activation or card data is
+# dropped anyway, because an operator's mailbox is no place for what installs an eSIM or pays.
+_FORBIDDEN_FACT_WORDS = frozenset(
+    {"activation", "lpa", "smdp", "qr", "card", "pan", "cvc", "cvv", "secret", "password", "token", "key"}
+)
+
+
+def _name_words(name: str) -> set[str]:
+    """ "cardLast4" → {"card", "last", "4"}; "api_key" → {"api", "key"}."""
+    return set(re.findall(r"[a-z]+|[0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()))
+
+
+def operator_facts(facts: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The facts an operator email may show, sorted by name."""
+    return sorted(
+        (name, value) for name, value in facts.items() if not _name_words(name) & _FORBIDDEN_FACT_WORDS
+    )

@@ -1,12 +1,14 @@
-"""The three emails notify sends, built from an order: the facts in, a MIME message out."""
+"""The emails notify sends, built from an order or an alert: the facts in, a MIME message out."""
 
 from __future__ import annotations
 
 from email.message import EmailMessage
+from functools import partial
 from pathlib import Path
 
 from esim_common.errors import FailPermanently
-from esim_common.events import OrderFailed
+from esim_common.events import OperatorAlert, OrderFailed
+from esim_common.logging import redact
 from esim_common.money import Money
 from esim_common.order_repository import Order
 from esim_common.settings import Settings
@@ -24,6 +26,17 @@ def _amount(order: Order) -> str:
     return Money(order.price, order.currency).format()
 
 
+def plan(order: Order) -> str:
+    """The plan line: "1.5 GB · 7 days (ESIM-...)", or the offer id alone when the order does not say."""
+    return domain.plan_line(
+        order.offer_id,
+        data_mb=order.offer_data_mb,
+        unlimited=order.offer_data_unlimited,
+        duration_days=order.offer_duration_days,
+        words=partial(phrase, "plan"),
+    )
+
+
 async def esim_delivery_email(order: Order, settings: Settings) -> EmailMessage:
     """The eSIM: QR code inline and attached, manual-entry data, install hints, Apple's link."""
     txn = order.transaction_id
@@ -38,6 +51,7 @@ async def esim_delivery_email(order: Order, settings: Settings) -> EmailMessage:
     values = {
         "name": order.recipient_name,
         "offer_id": order.offer_id,
+        "plan": plan(order),
         "transaction_id": txn,
         "iccid": order.iccid or phrase("missing", "iccid"),
         "smdp_address": activation.smdp_address,
@@ -100,3 +114,57 @@ def operator_alert_email(order: Order, event: OrderFailed, settings: Settings) -
         to_address=settings.service_owner_email,
         message_id=domain.message_id(order.transaction_id, template, settings.smtp_from),
     )
+
+
+def operator_alert_event_email(event: OperatorAlert, order: Order | None, settings: Settings) -> EmailMessage:
+    """The email for an `operator.alert` (SERVICE_OWNER_EMAIL); `order` is the one it names, if known.
+    Never activation or card data: only the alert's ids, codes and amounts and the order's ids are shown."""
+    template = domain.alert_template(event.alert)
+    facts = dict(domain.operator_facts(event.facts))
+    values = {
+        "transaction_id": event.transaction_id,
+        "alert_key": event.alert_key,
+        "reason": redact(event.reason),
+        "raised_at": event.occurred_at.strftime("%Y-%m-%d %H:%M:%S %Z").strip(),
+    }
+    if event.alert == "wallet_short":
+        values |= _low_balance_values(event, facts, settings)
+    else:
+        values |= _needs_attention_values(event, order, facts)
+    return build_message(
+        render(template, values),
+        sender=settings.smtp_from,
+        to_address=settings.service_owner_email,
+        message_id=domain.message_id(event.alert_key, template, settings.smtp_from),
+    )
+
+
+def _low_balance_values(event: OperatorAlert, facts: dict[str, str], settings: Settings) -> dict[str, str]:
+    return {
+        "amount_to_add": event.amount_to_add.format() if event.amount_to_add else _unknown(),
+        "orders_waiting": redact(facts.get("orders_waiting") or _unknown()),
+        "wallet_available": redact(facts.get("wallet_available") or _unknown()),
+        "recheck": domain.duration_text(settings.awaiting_funds_recheck_seconds),
+        "max_age": domain.duration_text(settings.awaiting_funds_max_age),
+    }
+
+
+def _needs_attention_values(
+    event: OperatorAlert, order: Order | None, facts: dict[str, str]
+) -> dict[str, str]:
+    zendit_id = facts.pop("zendit_transaction_id", None) or (order.zendit_transaction_id if order else None)
+    details = "\n".join(f"{name}: {redact(value)}" for name, value in facts.items())
+    advice_key = event.reason if has_phrase("needs_attention_advice", event.reason) else "default"
+    return {
+        "status": order.status.value if order else _unknown(),
+        "zendit_transaction_id": redact(_or_missing(zendit_id)),
+        "recipient_email": order.recipient_email if order else _unknown(),
+        "amount": _amount(order) if order else _unknown(),
+        "payment_intent_id": _or_missing(order.stripe_payment_intent_id if order else None),
+        "details": details or _or_missing(None),
+        "advice": phrase("needs_attention_advice", advice_key),
+    }
+
+
+def _unknown() -> str:
+    return phrase("missing", "unknown")

@@ -5,6 +5,8 @@ notify.order-provisioned  on_order_provisioned   provisioned → delivered, publ
                                                  publishes order.failed(step=delivery)
 notify.order-failed       on_order_failed        customer email; operator email for refund/delivery
                           on_failure_email_failed (failure path) logs an operator alert
+notify.operator-alert     on_operator_alert      operator email, once per alert_key
+                          on_alert_email_failed  (failure path) logs the alert: the last resort
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from email.message import EmailMessage
 from typing import Protocol
 
 from esim_common.consumer import consume
-from esim_common.events import OrderDelivered, OrderFailed, OrderProvisioned
+from esim_common.events import OperatorAlert, OrderDelivered, OrderFailed, OrderProvisioned
 from esim_common.order_repository import Order, get_order
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
 from esim_common.service import ServiceContext
 from notify import domain, emails
 from notify.mailer import EmailRejected, EmailTransientError
-from notify.metrics import emails_total, operator_alerts_total
+from notify.metrics import emails_total, operator_alert_emails_failed_total, operator_alerts_total
 from notify.sent_emails import send_once
 
 log = logging.getLogger("esim.notify")
@@ -94,6 +96,28 @@ class Notifier:
         )
         operator_alerts_total.labels(step=event.step).inc()
 
+    async def on_operator_alert(self, event: OperatorAlert) -> None:
+        """Email SERVICE_OWNER_EMAIL once per alert_key (its row in sent_emails: transaction_id = the key)."""
+        order = None
+        if event.alert == "needs_attention":  # the order's facts (status, Zendit id, payment) go in the email
+            order = await get_order(self._ctx.pool, event.transaction_id)
+        message = emails.operator_alert_event_email(event, order, self._ctx.settings)
+        await self._send_once(message, event.alert_key, domain.alert_template(event.alert))
+
+    async def on_alert_email_failed(self, event: OperatorAlert, reason: str) -> None:
+        """The operator could not be emailed: this log line and counter are the alert of last resort."""
+        log.error(
+            "OPERATOR ALERT: could not email an operator alert",
+            extra={
+                "alert": event.alert,
+                "alert_key": event.alert_key,
+                "event_reason": event.reason,
+                "amount_to_add": event.amount_to_add.format() if event.amount_to_add else None,
+                "reason": reason,
+            },
+        )
+        operator_alert_emails_failed_total.labels(alert=event.alert).inc()
+
     async def _order(self, transaction_id: str) -> Order:
         order = await get_order(self._ctx.pool, transaction_id)
         if order is None:
@@ -132,5 +156,13 @@ def register(ctx: ServiceContext, mailer: Mailer) -> Notifier:
         OrderFailed,
         notifier.on_order_failed,
         on_failure=notifier.on_failure_email_failed,
+    )
+    consume(
+        ctx.broker,
+        ctx.topology,
+        "notify.operator-alert",
+        OperatorAlert,
+        notifier.on_operator_alert,
+        on_failure=notifier.on_alert_email_failed,
     )
     return notifier

@@ -8,6 +8,7 @@ from esim_common.service import ServiceContext, service_app
 from esim_common.settings import Settings
 from notify import handlers
 from notify.mailer import SmtpMailer
+from notify.routes import preview_router
 
 SERVICE_NAME = "notify"
 DEFAULT_PORT = 8083
@@ -16,4 +17,4 @@ DEFAULT_PORT = 8083
 def create_app(settings: Settings) -> FastAPI:
     ctx = ServiceContext.build(SERVICE_NAME, settings)
     handlers.register(ctx, SmtpMailer.from_settings(settings))
-    return service_app(ctx, title=SERVICE_NAME)
+    return service_app(ctx, title=SERVICE_NAME, routers=(preview_router(settings),))

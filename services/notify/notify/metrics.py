@@ -15,3 +15,9 @@ operator_alerts_total = Counter(
     "Operator alerts raised by notify, by the step that needs a person.",
     ("step",),
 )
+operator_alert_emails_failed_total = Counter(
+    "esim_operator_alert_emails_failed_total",
+    "operator.alert events whose email could not be sent (retries exhausted or rejected): only the log "
+    "line alerted anyone. By alert kind (needs_attention, wallet_short).",
+    ("alert",),
+)

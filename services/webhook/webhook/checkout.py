@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Annotated
 
 import asyncpg
@@ -107,6 +109,30 @@ def new_transaction_id() -> str:
     return f"{TRANSACTION_ID_PREFIX}{secrets.token_hex(12)}"
 
 
+# esim_purchases.offer_data_mb and offer_duration_days are Postgres `integer` columns.
+_MAX_INTEGER_COLUMN = 2**31 - 1
+
+
+def offer_facts(offer: Offer) -> dict[str, int | bool | None]:
+    """The plan as the eSIM email describes it (migration 0006), as `create_order` keywords.
+
+    Data in whole megabytes: Zendit's `dataGB` is a JSON number (0.5, 1.5, 2.01), and 2.01 * 1000 is
+    2009.9999999999998 in floats, so it is scaled as the decimal it was written as. 0 (unlimited offers
+    send it) or anything unusable is stored as unknown (NULL), not as "0 MB"."""
+
+    def whole(value: float | Decimal) -> int | None:
+        if not math.isfinite(value):
+            return None
+        number = round(value)
+        return number if 0 < number <= _MAX_INTEGER_COLUMN else None
+
+    return {
+        "offer_data_mb": whole(Decimal(str(offer.data_gb)) * 1000),
+        "offer_data_unlimited": offer.data_unlimited,
+        "offer_duration_days": whole(offer.duration_days),
+    }
+
+
 def product_name(offer: Offer) -> str:
     details = offer.short_notes or (f"{offer.data_gb:g} GB, {offer.duration_days} days")
     return f"eSIM {offer.offer_id} ({details})"
@@ -171,6 +197,7 @@ async def create_checkout(
                 recipient_name=request.full_name,
                 user_id=request.user_id,
                 capture_method=settings.capture_mode.value,
+                **offer_facts(offer),
             )
         created = await _open_session(ports, txn, offer_quote, request.recipient_email, finish)
         log.info("checkout session created", extra={"offer_id": offer.offer_id, "price": str(price)})
