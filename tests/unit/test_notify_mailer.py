@@ -1,12 +1,24 @@
-"""SMTP failures get their fate at one boundary: 5xx is permanent, everything else is retried."""
+"""SMTP failures get their fate at one boundary: 5xx, a certificate that fails verification and a
+server without what we need are permanent; everything else is retried. Unsafe SMTP settings are refused
+when the mailer is built, before notify consumes anything."""
 
 from __future__ import annotations
+
+import ssl
 
 import aiosmtplib
 import pytest
 
 from esim_common.errors import PermanentError, TransientError
-from notify.mailer import EmailRejected, _classify
+from esim_common.settings import Settings
+from notify.mailer import (
+    CERTIFICATE_REASON,
+    EmailRejected,
+    EmailTransientError,
+    SmtpConfigError,
+    SmtpMailer,
+    _classify,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,3 +54,143 @@ def test_a_5xx_rejection_is_permanent_with_its_code_as_the_reason(exc, reason):
     classified = _classify(exc)
     assert isinstance(classified, EmailRejected) and isinstance(classified, PermanentError)
     assert classified.reason == reason
+
+
+# --------------------------------------------------------------------------- TLS, AUTH and secrets
+
+
+def certificate_error(message: str = "certificate verify failed") -> ssl.SSLCertVerificationError:
+    error = ssl.SSLCertVerificationError(1, message)
+    error.verify_message = "unable to get local issuer certificate"
+    return error
+
+
+def wrapped(cause: BaseException, exc: BaseException) -> BaseException:
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        certificate_error(),  # STARTTLS: aiosmtplib lets the ssl error through as it is
+        # implicit TLS: aiosmtplib wraps it, as it does a refused connection
+        wrapped(
+            certificate_error(), aiosmtplib.SMTPConnectError("Error connecting: certificate verify failed")
+        ),
+    ],
+)
+def test_a_certificate_that_fails_verification_is_permanent(exc):
+    classified = _classify(exc)
+    assert isinstance(classified, EmailRejected)
+    assert classified.reason == CERTIFICATE_REASON
+    assert "unable to get local issuer certificate" in str(classified)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+        wrapped(ConnectionResetError(104, "reset"), aiosmtplib.SMTPConnectError("Error connecting: reset")),
+        aiosmtplib.SMTPServerDisconnected("Connection reset while upgrading transport"),
+        aiosmtplib.SMTPTimeoutError("Timed out while upgrading transport"),
+    ],
+)
+def test_a_tls_handshake_that_breaks_off_is_transient(exc):
+    assert isinstance(_classify(exc), EmailTransientError)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiosmtplib.SMTPException("SMTP STARTTLS extension not supported by server."),
+        aiosmtplib.SMTPException("The SMTP AUTH extension is not supported by this server."),
+        aiosmtplib.SMTPException("No suitable authentication method found."),
+    ],
+)
+def test_a_server_without_starttls_or_auth_is_permanent(exc):
+    assert isinstance(_classify(exc), EmailRejected)
+
+
+def test_a_temporary_auth_failure_is_transient():
+    assert isinstance(
+        _classify(aiosmtplib.SMTPAuthenticationError(454, "4.7.0 try later")), EmailTransientError
+    )
+
+
+def test_the_password_is_scrubbed_from_what_the_server_said():
+    password = "hunter2-canary-password"
+    exc = aiosmtplib.SMTPAuthenticationError(535, f"bad credentials for {password}")
+
+    classified = _classify(exc, secrets=(password,))
+
+    assert isinstance(classified, EmailRejected) and classified.code == 535
+    assert password not in str(classified) and password not in repr(classified)
+
+
+def mailer(**options) -> SmtpMailer:
+    settings = {
+        "host": "smtp.example.com",
+        "port": 587,
+        "username": None,
+        "password": None,
+        "starttls": False,
+        "timeout_seconds": 5.0,
+    }
+    return SmtpMailer(**(settings | options))
+
+
+def test_credentials_are_refused_over_a_plaintext_connection_to_another_host():
+    with pytest.raises(SmtpConfigError, match="SMTP_STARTTLS") as refused:
+        mailer(username="shop", password="s3cret-canary")
+
+    assert "s3cret-canary" not in str(refused.value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.53", "::1", "[::1]", "localhost"])
+def test_credentials_over_plaintext_are_allowed_to_a_loopback_relay(host):
+    mailer(host=host, username="shop", password="s3cret-canary")
+
+
+@pytest.mark.parametrize("host", ["smtp.example.com", "10.0.0.5", "localhost.example.com"])
+@pytest.mark.parametrize("mode", [{"starttls": True}, {"use_tls": True}])
+def test_credentials_over_tls_are_allowed_to_any_host(host, mode):
+    mailer(host=host, username="shop", password="s3cret-canary", **mode)
+
+
+def test_settings_with_credentials_in_clear_build_no_mailer():
+    settings = Settings(smtp_host="smtp.example.com", smtp_username="shop", smtp_password="s3cret-canary")
+
+    with pytest.raises(SmtpConfigError):
+        SmtpMailer.from_settings(settings)
+
+
+def test_implicit_tls_and_starttls_together_are_refused():
+    with pytest.raises(SmtpConfigError):
+        mailer(use_tls=True, starttls=True)
+
+
+def test_a_ca_file_without_a_tls_mode_is_refused():
+    with pytest.raises(SmtpConfigError, match="SMTP_CA_FILE"):
+        mailer(ca_file="/etc/ssl/certs/ca-certificates.crt")
+
+
+def test_an_unreadable_ca_file_is_refused_at_startup(tmp_path):
+    with pytest.raises(SmtpConfigError, match="SMTP_CA_FILE"):
+        mailer(starttls=True, ca_file=str(tmp_path / "missing.pem"))
+
+
+def test_the_tls_context_verifies_certificates_and_host_names():
+    context = mailer(starttls=True)._tls_context
+
+    assert context is not None
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    assert mailer()._tls_context is None  # plain: no TLS at all
+
+
+def test_the_password_is_not_in_the_mailers_repr_or_attributes():
+    smtp = mailer(username="shop", password="s3cret-canary", starttls=True)
+
+    assert "s3cret-canary" not in repr(smtp)
+    assert "s3cret-canary" not in repr(vars(smtp))

@@ -1,22 +1,39 @@
 """Sending email over SMTP (aiosmtplib): the one boundary where SMTP failures get their fate.
 
 EmailError
- ├─ EmailTransientError (TransientError)  connection refused or lost, timeouts, 4xx replies:
- │                                        the retry tiers send it again
- └─ EmailRejected (PermanentError)        a 5xx reply (no such mailbox, relay denied, bad
-                                          credentials) or a missing server feature: retrying
-                                          the same message cannot help; the failure path runs
+ ├─ EmailTransientError (TransientError)  connection refused or lost, timeouts, a TLS handshake that
+ │                                        broke off, 4xx replies: the retry tiers send it again
+ └─ EmailRejected (PermanentError)        a 5xx reply (no such mailbox, relay denied, 535 bad
+                                          credentials), a server certificate that fails verification,
+                                          or a server without what we need (STARTTLS, AUTH): retrying
+                                          the same message cannot help; the failure path runs and an
+                                          operator is alerted
+
+Connection security is one of three modes: implicit TLS (`SMTP_TLS`, port 465), STARTTLS
+(`SMTP_STARTTLS`, port 587; the upgrade is required, never skipped), or neither (the sandbox capture on
+loopback). Certificates are always verified, against SMTP_CA_FILE when set and the system store
+otherwise. Credentials are never sent over an unencrypted connection except to a loopback host:
+`SmtpMailer` refuses to be built that way, so notify refuses to start rather than leak the password or
+fail every order one by one. The password is kept out of repr, logs and exception texts.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import ssl
 from email.message import EmailMessage
 
 import aiosmtplib
+from pydantic import SecretStr
 
 from esim_common.errors import PermanentError, TransientError
+from esim_common.logging import redact
 from esim_common.metrics import observe_provider_call
 from esim_common.settings import Settings
+
+# The order's failure reason when the server's certificate does not verify (untrusted CA, expired,
+# wrong host name): only an operator can fix that (SMTP_CA_FILE, SMTP_HOST, or the provider's cert).
+CERTIFICATE_REASON = "smtp_certificate_invalid"
 
 
 class EmailError(Exception):
@@ -28,29 +45,95 @@ class EmailTransientError(EmailError, TransientError):
 
 
 class EmailRejected(EmailError, PermanentError):
-    def __init__(self, message: str, *, code: int | None = None) -> None:
+    def __init__(self, message: str, *, code: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self._reason = reason
 
     @property
     def reason(self) -> str:  # type: ignore[override]
+        if self._reason:
+            return self._reason
         return f"email_rejected_{self.code}" if self.code else "email_rejected"
 
 
-def _classify(exc: Exception) -> EmailError:
+class SmtpConfigError(ValueError):
+    """The SMTP settings are unsafe or unusable; raised when the mailer is built (notify's startup)."""
+
+
+def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind `exc`, if any. aiosmtplib raises it bare during
+    STARTTLS but wraps it in SMTPConnectError for implicit TLS, so the cause chain is searched."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:  # a chain can loop back on itself
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _classify(exc: BaseException, *, secrets: tuple[str, ...] = ()) -> EmailError:
+    """The fate of one aiosmtplib/socket error; `secrets` are scrubbed from the text we keep."""
+
+    def text(message: str) -> str:
+        return redact(message, secrets)
+
+    certificate = _certificate_failure(exc)
+    if certificate is not None:
+        detail = certificate.verify_message or str(certificate)
+        return EmailRejected(
+            text(f"SMTP server certificate failed verification: {detail}"), reason=CERTIFICATE_REASON
+        )
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [refused.code for refused in exc.recipients]
         permanent = [code for code in codes if code >= 500]
         if permanent:
             return EmailRejected(f"recipient refused ({permanent[0]})", code=permanent[0])
         return EmailTransientError(f"recipient deferred ({', '.join(map(str, codes))})")
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and exc.code >= 500:
+        return EmailRejected(
+            text(f"SMTP login refused ({exc.code}: {exc.message}); check SMTP_USERNAME and SMTP_PASSWORD"),
+            code=exc.code,
+        )
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 500:
-        return EmailRejected(f"SMTP {exc.code}: {exc.message}", code=exc.code)
+        return EmailRejected(text(f"SMTP {exc.code}: {exc.message}"), code=exc.code)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return EmailTransientError(f"SMTP {exc.code}: {exc.message}")
-    if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        return EmailRejected(f"SMTP server does not support what we need: {exc}")
-    return EmailTransientError(f"SMTP unavailable: {type(exc).__name__}: {exc}")
+        return EmailTransientError(text(f"SMTP {exc.code}: {exc.message}"))
+    if isinstance(
+        exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPTimeoutError
+    ):
+        return EmailTransientError(text(f"SMTP unavailable: {type(exc).__name__}: {exc}"))
+    if isinstance(exc, aiosmtplib.SMTPException):
+        # SMTPNotSupported and aiosmtplib's bare SMTPException: the server lacks what we require
+        # (STARTTLS not offered, AUTH not offered, no usable AUTH mechanism). The same server will
+        # answer the same way next time.
+        return EmailRejected(text(f"SMTP server does not support what we need: {exc}"))
+    # Sockets, timeouts and TLS handshakes that broke off (ssl.SSLError other than verification).
+    return EmailTransientError(text(f"SMTP unavailable: {type(exc).__name__}: {exc}"))
+
+
+def is_loopback(host: str) -> bool:
+    """Only a literal loopback address or `localhost`: a name that merely resolves to one today is
+    not trusted with plaintext credentials (DNS can change under us)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client context that verifies the server's certificate and host name: against `ca_file` alone
+    when given (a private relay's CA), the system store otherwise."""
+    try:
+        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SmtpConfigError(
+            f"SMTP_CA_FILE={ca_file!r} is not a readable PEM file of CA certificates: {exc}"
+        ) from exc
 
 
 class SmtpMailer:
@@ -63,13 +146,34 @@ class SmtpMailer:
         password: str | None,
         starttls: bool,
         timeout_seconds: float,
+        use_tls: bool = False,
+        ca_file: str | None = None,
     ) -> None:
+        if use_tls and starttls:
+            raise SmtpConfigError(
+                "SMTP_TLS (implicit TLS, port 465) and SMTP_STARTTLS (port 587) exclude each other"
+            )
+        encrypted = use_tls or starttls
+        if ca_file and not encrypted:
+            raise SmtpConfigError(
+                "SMTP_CA_FILE is set but neither SMTP_TLS nor SMTP_STARTTLS is: the connection would not "
+                "be encrypted at all. Set the TLS mode your SMTP server speaks."
+            )
+        if (username or password) and not encrypted and not is_loopback(host):
+            raise SmtpConfigError(
+                f"SMTP_USERNAME/SMTP_PASSWORD are set but the connection to {host} is not encrypted: the "
+                "password would cross the network in clear. Set SMTP_STARTTLS=true (port 587) or "
+                "SMTP_TLS=true (port 465); only a loopback SMTP_HOST may take credentials without TLS."
+            )
         self._host = host
         self._port = port
         self._username = username or None
-        self._password = password or None
+        self._password = SecretStr(password) if password else None
+        self._use_tls = use_tls
         self._starttls = starttls
         self._timeout_seconds = timeout_seconds
+        # Built once: loading the CA store per message would cost a file read and parse each time.
+        self._tls_context = tls_context(ca_file) if encrypted else None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpMailer:
@@ -79,14 +183,21 @@ class SmtpMailer:
             username=settings.smtp_username,
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
             starttls=settings.smtp_starttls,
+            use_tls=settings.smtp_tls,
+            ca_file=settings.smtp_ca_file,
             timeout_seconds=settings.smtp_timeout_seconds,
         )
 
+    @property
+    def security(self) -> str:
+        return "tls" if self._use_tls else "starttls" if self._starttls else "plain"
+
     def __repr__(self) -> str:
-        return f"SmtpMailer(host={self._host!r}, port={self._port!r})"
+        return f"SmtpMailer(host={self._host!r}, port={self._port!r}, security={self.security!r})"
 
     async def send(self, message: EmailMessage) -> None:
         """Returns once the server accepted the message; raises EmailError otherwise."""
+        password = self._password.get_secret_value() if self._password else None
         with observe_provider_call("smtp", "send"):
             try:
                 await aiosmtplib.send(
@@ -94,11 +205,13 @@ class SmtpMailer:
                     hostname=self._host,
                     port=self._port,
                     username=self._username,
-                    password=self._password,
-                    # False, not None: None upgrades whenever the server offers STARTTLS, which
-                    # then fails against a server without a certificate we trust.
+                    password=password,
+                    use_tls=self._use_tls,
+                    # A bool, never None: None upgrades only when the server offers STARTTLS, so a
+                    # man in the middle who strips the offer would get the password in clear.
                     start_tls=self._starttls,
+                    tls_context=self._tls_context,
                     timeout=self._timeout_seconds,
                 )
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                raise _classify(exc) from exc
+                raise _classify(exc, secrets=(password,) if password else ()) from exc

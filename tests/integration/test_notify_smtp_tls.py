@@ -1,0 +1,279 @@
+"""notify's SMTP client against a real SMTP server over real sockets: implicit TLS, STARTTLS, AUTH,
+certificates that do not verify, and the password kept out of every text.
+
+The server is the sandbox capture (aiosmtpd) with a certificate from a private CA made by trustme;
+SMTP_CA_FILE is that CA's PEM. No broker or database: these are the mailer's own promises. What the
+service then does with each fate is in test_notify_smtp_fates.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from email.message import EmailMessage
+
+import pytest
+
+from esim_common.settings import load_settings
+from esim_sandbox.smtp_capture import TlsMode
+from notify.mailer import CERTIFICATE_REASON, EmailRejected, EmailTransientError, SmtpConfigError, SmtpMailer
+from notify.main import create_app
+from tests.fixtures.smtp_capture import SmtpCertificates, StartSmtpCapture
+
+USERNAME = "shop@example.com"
+
+
+def an_email() -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = "shop@example.com"
+    message["To"] = "ada@example.com"
+    message["Subject"] = "Your eSIM is ready"
+    message.set_content("Scan the QR code.")
+    return message
+
+
+def mailer(port: int, **options) -> SmtpMailer:
+    settings = {
+        "host": "127.0.0.1",
+        "port": port,
+        "username": None,
+        "password": None,
+        "starttls": False,
+        "timeout_seconds": 5.0,
+    }
+    return SmtpMailer(**(settings | options))
+
+
+def canary_password() -> str:
+    return f"canary-{uuid.uuid4().hex}"
+
+
+def leaked(secret: str, texts: list[str]) -> list[str]:
+    """The texts that contain `secret` as it is or base64-encoded (how AUTH carries it)."""
+    forms = (secret, base64.b64encode(secret.encode()).decode())
+    return [text for text in texts if any(form in text for form in forms)]
+
+
+def log_texts(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Every captured record in full: message, arguments, `extra` fields and traceback."""
+    formatter = logging.Formatter()
+    texts = []
+    for record in caplog.records:
+        texts.append(repr(vars(record)) + record.getMessage())
+        if record.exc_info:
+            texts.append(formatter.formatException(record.exc_info))
+    return texts
+
+
+def exception_texts(exc: BaseException) -> list[str]:
+    """`exc` and everything chained behind it, as str and repr."""
+    texts = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        texts += [str(seen), repr(seen)]
+        seen = seen.__cause__ or seen.__context__
+    return texts
+
+
+@asynccontextmanager
+async def dropping_server() -> AsyncIterator[int]:
+    """A TCP server that accepts and closes at once: a TLS handshake that breaks off."""
+
+    async def drop(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# --------------------------------------------------------------------------- encryption
+
+
+async def test_implicit_tls_delivers_over_an_encrypted_session(
+    start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
+):
+    capture = start_smtp_capture(tls=TlsMode.IMPLICIT, tls_context=smtp_certificates.server_context)
+
+    await mailer(capture.port, use_tls=True, ca_file=str(smtp_certificates.ca_file)).send(an_email())
+
+    assert [m["Subject"] for m in capture.messages] == ["Your eSIM is ready"]
+    assert capture.deliveries[0].tls
+
+
+async def test_the_tls_context_is_built_once_not_per_message(
+    start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates, monkeypatch
+):
+    """Loading a CA store parses a file of certificates: once at startup, not for every email."""
+    capture = start_smtp_capture(tls=TlsMode.IMPLICIT, tls_context=smtp_certificates.server_context)
+    built = []
+    create_default_context = ssl.create_default_context
+    monkeypatch.setattr(
+        ssl, "create_default_context", lambda *a, **kw: built.append(1) or create_default_context(*a, **kw)
+    )
+    smtp = mailer(capture.port, use_tls=True, ca_file=str(smtp_certificates.ca_file))
+
+    for _ in range(3):
+        await smtp.send(an_email())
+
+    assert len(capture.messages) == 3
+    assert len(built) == 1
+
+
+async def test_starttls_delivers_over_an_encrypted_session(
+    start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
+):
+    capture = start_smtp_capture(tls=TlsMode.STARTTLS, tls_context=smtp_certificates.server_context)
+
+    await mailer(capture.port, starttls=True, ca_file=str(smtp_certificates.ca_file)).send(an_email())
+
+    assert len(capture.messages) == 1
+    assert capture.deliveries[0].tls
+
+
+async def test_starttls_is_negotiated_even_where_the_server_would_accept_plaintext(
+    start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
+):
+    """The server offers STARTTLS but takes mail without it: only the session record tells whether the
+    mailer really upgraded, so a mailer that silently sent in clear fails here."""
+    capture = start_smtp_capture(
+        tls=TlsMode.STARTTLS, tls_context=smtp_certificates.server_context, require_starttls=False
+    )
+
+    await mailer(capture.port, starttls=True, ca_file=str(smtp_certificates.ca_file)).send(an_email())
+
+    [delivery] = capture.deliveries
+    assert delivery.tls_version is not None and delivery.tls_version.startswith("TLSv1.")
+
+
+@pytest.mark.parametrize("mode", [TlsMode.IMPLICIT, TlsMode.STARTTLS])
+async def test_a_certificate_from_an_untrusted_ca_is_a_permanent_rejection(
+    mode: TlsMode, start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
+):
+    """No SMTP_CA_FILE: the system store does not know the private CA. Retrying cannot fix a
+    certificate, so the message must not go round the retry tiers: an operator has to act."""
+    capture = start_smtp_capture(tls=mode, tls_context=smtp_certificates.server_context)
+    options = {"use_tls": True} if mode is TlsMode.IMPLICIT else {"starttls": True}
+
+    with pytest.raises(EmailRejected) as rejected:
+        await mailer(capture.port, **options).send(an_email())
+
+    assert rejected.value.reason == CERTIFICATE_REASON
+    assert "certificate" in str(rejected.value)
+    assert capture.messages == []
+
+
+async def test_a_certificate_for_another_host_name_is_a_permanent_rejection(
+    start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
+):
+    """The CA is trusted, but the certificate names another host than the one we dial."""
+    elsewhere = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    smtp_certificates.ca.issue_cert("smtp.example.com").configure_cert(elsewhere)
+    capture = start_smtp_capture(tls=TlsMode.IMPLICIT, tls_context=elsewhere)
+
+    with pytest.raises(EmailRejected) as rejected:
+        await mailer(capture.port, use_tls=True, ca_file=str(smtp_certificates.ca_file)).send(an_email())
+
+    assert rejected.value.reason == CERTIFICATE_REASON
+    assert capture.messages == []
+
+
+async def test_a_tls_handshake_that_breaks_off_is_retried():
+    async with dropping_server() as port:
+        with pytest.raises(EmailTransientError):
+            await mailer(port, use_tls=True).send(an_email())
+
+
+async def test_starttls_required_but_not_offered_is_a_permanent_rejection(
+    smtp_capture, smtp_certificates: SmtpCertificates
+):
+    """A plain server (or someone stripping the offer): never fall back to sending in clear."""
+    with pytest.raises(EmailRejected):
+        await mailer(smtp_capture.port, starttls=True, ca_file=str(smtp_certificates.ca_file)).send(
+            an_email()
+        )
+
+    assert smtp_capture.messages == []
+
+
+# --------------------------------------------------------------------------- AUTH
+
+
+def test_notify_refuses_to_start_with_credentials_for_a_remote_server_in_clear():
+    settings = load_settings(smtp_host="smtp.example.com", smtp_username=USERNAME, smtp_password="s3cret-pw")
+
+    with pytest.raises(SmtpConfigError, match="SMTP_STARTTLS"):
+        create_app(settings)
+
+
+async def test_the_right_password_logs_in_over_tls_and_delivers(
+    start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
+):
+    password = canary_password()
+    capture = start_smtp_capture(
+        tls=TlsMode.STARTTLS, tls_context=smtp_certificates.server_context, credentials=(USERNAME, password)
+    )
+    smtp = mailer(
+        capture.port,
+        starttls=True,
+        ca_file=str(smtp_certificates.ca_file),
+        username=USERNAME,
+        password=password,
+    )
+
+    await smtp.send(an_email())
+
+    assert [(a.username, a.accepted, a.tls) for a in capture.logins] == [(USERNAME, True, True)]
+    assert capture.deliveries[0].login == USERNAME
+    assert len(capture.messages) == 1
+
+
+async def test_a_wrong_password_is_a_permanent_535_and_the_password_is_in_no_text(
+    start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    wrong = canary_password()
+    capture = start_smtp_capture(
+        tls=TlsMode.IMPLICIT,
+        tls_context=smtp_certificates.server_context,
+        credentials=(USERNAME, canary_password()),
+    )
+    smtp = mailer(
+        capture.port, use_tls=True, ca_file=str(smtp_certificates.ca_file), username=USERNAME, password=wrong
+    )
+
+    with pytest.raises(EmailRejected) as rejected:
+        await smtp.send(an_email())
+
+    assert rejected.value.code == 535
+    assert rejected.value.reason == "email_rejected_535"
+    assert capture.logins and not any(attempt.accepted for attempt in capture.logins)
+    assert capture.messages == []
+    texts = [*exception_texts(rejected.value), repr(smtp), *log_texts(caplog)]
+    assert leaked(wrong, texts) == []
+
+
+async def test_auth_the_server_only_offers_over_tls_is_not_attempted_in_clear(
+    start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
+):
+    """Loopback may take credentials without TLS; a server that refuses AUTH in clear is a
+    configuration to fix (turn TLS on), not something to retry."""
+    capture = start_smtp_capture(
+        tls=TlsMode.STARTTLS,
+        tls_context=smtp_certificates.server_context,
+        require_starttls=False,
+        credentials=(USERNAME, "right-password"),
+    )
+
+    with pytest.raises(EmailRejected):
+        await mailer(capture.port, username=USERNAME, password="right-password").send(an_email())
+
+    assert capture.logins == []
