@@ -7,7 +7,7 @@ ifeq ($(UV),)
 UV := python3 -m uv
 endif
 
-.PHONY: help setup services migrate run sandbox test test-unit check bench clean
+.PHONY: help setup services migrate run sandbox test test-unit check bench bench-pipeline clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ check: setup  ## lint and type-check
 
 bench: setup services  ## run the benchmarks and record their results under bench/results (BENCH_ARGS=...)
 	$(UV) run --frozen python -m bench.webhook_load $(BENCH_ARGS)
+
+bench-pipeline: setup services  ## the whole-pipeline benchmark (all services + emulators) (BENCH_ARGS=...)
+	$(UV) run --frozen python -m bench.pipeline_load $(BENCH_ARGS)
 
 clean:  ## remove the environment and local artefacts
 	rm -rf .venv var .pytest_cache .ruff_cache .mypy_cache

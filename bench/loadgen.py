@@ -59,6 +59,10 @@ class Plan:
     max_connections: int = 512
     initial_connections: int = 32
     timeout: float = 10.0
+    # Instead of building event `first_index + i` from the run id: send these bodies, in this order.
+    # A JSON file of [[order index, body text], ...] (the pipeline benchmark sends the events the Stripe
+    # emulator recorded for real Checkout payments).
+    bodies_path: str | None = None
 
     @property
     def total_requests(self) -> int:
@@ -78,6 +82,9 @@ class Result:
     error_samples: list[str] = field(default_factory=list)
     schedule_lag_p99: float = 0.0  # how late the generator itself launched requests
     schedule_lag_max: float = 0.0
+    # time.time() at the schedule's origin: request k's scheduled wall-clock time is start_wall + row[2]
+    # (other processes' timestamps, e.g. a mail's arrival, can then be compared with it).
+    start_wall: float = 0.0
 
 
 class _Connection:
@@ -189,6 +196,9 @@ async def run(plan: Plan) -> Result:
     total = plan.total_requests
 
     # Which requests are duplicates, and of what; then every unique body, before the clock starts.
+    given = _load_bodies(plan.bodies_path) if plan.bodies_path else None
+    if given is not None:
+        total = min(total, len(given))
     created = int(time.time())
     schedule: list[tuple[int, bool]] = []  # (order offset, duplicate)
     unique = 0
@@ -198,10 +208,15 @@ async def run(plan: Plan) -> Result:
         else:
             schedule.append((unique, False))
             unique += 1
-    bodies = [
-        event_body(plan.run_id, plan.first_index + offset, plan.event_type, created)
-        for offset in range(unique)
-    ]
+    if given is not None:
+        order_of = [index for index, _ in given[:unique]]
+        bodies = [body for _, body in given[:unique]]
+    else:
+        order_of = [plan.first_index + offset for offset in range(unique)]
+        bodies = [
+            event_body(plan.run_id, plan.first_index + offset, plan.event_type, created)
+            for offset in range(unique)
+        ]
     head_template = (
         f"POST {plan.path} HTTP/1.1\r\nHost: {plan.host}:{plan.port}\r\n"
         "Content-Type: application/json; charset=utf-8\r\n"
@@ -257,11 +272,12 @@ async def run(plan: Plan) -> Result:
             if conn is not None:
                 pool.discard(conn)
             in_flight -= 1
-        rows.append([plan.first_index + offset, int(duplicate), scheduled - start, latency, status, send_lag])
+        rows.append([order_of[offset], int(duplicate), scheduled - start, latency, status, send_lag])
 
     tasks: set[asyncio.Task[None]] = set()
     cpu0 = time.process_time()
     start = loop.time() + 0.05
+    result.start_wall = time.time() + (start - loop.time())
 
     async def announce_window() -> None:
         """Tell the orchestrator (stdout) when the measured window starts and ends, so it can read
@@ -297,6 +313,11 @@ async def run(plan: Plan) -> Result:
         result.schedule_lag_max = launch_lags[-1]
     rows.sort(key=lambda row: row[2])
     return result
+
+
+def _load_bodies(path: str) -> list[tuple[int, bytes]]:
+    with open(path) as f:
+        return [(int(index), body.encode()) for index, body in json.load(f)]
 
 
 def _sample(result: Result, message: str) -> None:

@@ -76,6 +76,21 @@ def cpu_by_command(names: tuple[str, ...]) -> dict[int, float]:
     return cpu_seconds(pids)
 
 
+def postgres_cpu(database: str) -> dict[int, float]:
+    """CPU seconds of the Postgres processes that work for `database`: its backends (their title names
+    the database) and the server's own processes (WAL writer, checkpointer, ...), but not the backends
+    of other databases — other work on a shared server stays out of the figure."""
+    pids = []
+    for pid in _all_pids():
+        if (read_proc_file(f"/proc/{pid}/comm") or "").strip() != "postgres":
+            continue
+        title = (read_proc_file(f"/proc/{pid}/cmdline") or "").replace("\0", " ")
+        is_backend = "(" in title or " [local]" in title  # `user database host(port) state`
+        if not is_backend or (database and f" {database} " in title):
+            pids.append(pid)
+    return cpu_seconds(pids)
+
+
 def cpu_used(before: dict[int, float], after: dict[int, float], *, new_processes: bool = True) -> float:
     """CPU seconds used between two readings by the processes alive at the second. A process that
     started in between counts whole (unless `new_processes` is False: a `rabbitmqctl` is a beam.smp too,

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import secrets
 import shlex
 import signal
@@ -62,6 +63,7 @@ from bench.procstats import (
     read_proc_file,
     rss_bytes,
 )
+from bench.stats import percentile
 from esim_common.migrate import migrate
 from esim_common.order_repository import INSERT_ORDER
 from esim_common.topology import declare_from_url, delete_from_url, esim_topology
@@ -254,14 +256,6 @@ class Step:
         return answered / duration
 
 
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 @dataclass
 class Stats:
     requests: int
@@ -412,8 +406,10 @@ async def create_orders(dsn: str, run_id: str, count: int) -> None:
             )
             for i in range(count)
         ]
-        # The repository's own INSERT (what checkout runs), pipelined.
-        await conn.executemany(INSERT_ORDER, rows)
+        # The repository's own INSERT (what checkout runs), pipelined. Parameters after capture_method
+        # are optional facts about the offer (None: not known), so pad to however many it takes.
+        placeholders = len(set(re.findall(r"\$(\d+)", INSERT_ORDER)))
+        await conn.executemany(INSERT_ORDER, [row + (None,) * (placeholders - len(row)) for row in rows])
         await conn.execute(
             "UPDATE esim_purchases"
             "   SET stripe_checkout_session_id = 'cs_test_bench' || substr(transaction_id, 5)"
