@@ -31,15 +31,12 @@ import contextlib
 import json
 import math
 import os
-import secrets
-import shlex
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -54,6 +51,8 @@ import aio_pika
 import asyncpg
 import httpx
 
+from bench import harness, procstats
+from bench.harness import ROOT, Sampler, count_lines, run_loadgen
 from bench.loadgen import MEASURE_END, MEASURE_START, STATUS_IO_ERROR, STATUS_TIMEOUT, Plan
 from bench.pipeline_measure import (
     STEP_NAMES,
@@ -74,23 +73,12 @@ from bench.pipeline_orders import (
     create_paid_orders,
     held_event_bodies,
 )
-from bench.procstats import (
-    cpu_by_command,
-    cpu_seconds,
-    cpu_used,
-    descendants,
-    hwm_bytes,
-    machine_busy_seconds,
-    postgres_cpu,
-    rss_bytes,
-)
+from bench.procstats import CpuSnapshot, cpu_used, postgres_cpu
 from bench.stats import Distribution, mb, ms
-from bench.webhook_load import git_commit, machine_description, with_database
 from esim_common.migrate import migrate
-from esim_common.topology import delete_from_url, esim_topology
+from esim_common.topology import esim_topology
 from esim_sandbox.stack import SERVICES, Stack
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "bench" / "results" / "pipeline.md"
 RUNS_DIR = ROOT / "var" / "bench"
 PROFILE_HOOK_DIR = Path(__file__).resolve().parent / "profiling"
@@ -141,25 +129,15 @@ STAMPS = ("paid_at", "funded_at", "purchased_at", "qr_stored_at", "emailed_at")
 # ------------------------------------------------------------------------------------ processes
 
 
-class ProcessWatch:
+class ProcessWatch(Sampler):
     """Peak RSS (sampled) and CPU seconds of named process trees, read from /proc."""
 
     def __init__(self, roots: dict[str, int]) -> None:
         self.roots = roots
         self.peak_rss: dict[str, int] = dict.fromkeys(roots, 0)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._sample())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def trees(self) -> dict[str, list[int]]:
-        return {name: descendants(pid) for name, pid in self.roots.items()}
+        return {name: procstats.descendants(pid) for name, pid in self.roots.items()}
 
     async def _sample(self) -> None:
         trees = await asyncio.to_thread(self.trees)
@@ -169,38 +147,21 @@ class ProcessWatch:
                 trees = await asyncio.to_thread(self.trees)
                 rescan = time.monotonic() + 2.0
             for name, pids in trees.items():
-                rss = sum(rss_bytes(pid) for pid in pids)
+                rss = procstats.tree_rss(pids)
                 if rss > self.peak_rss[name]:
                     self.peak_rss[name] = rss
             await asyncio.sleep(SAMPLE_INTERVAL_SECONDS)
 
     def cpu(self) -> dict[str, float]:
-        return {name: sum(cpu_seconds(pids).values()) for name, pids in self.trees().items()}
+        return {name: sum(procstats.cpu_seconds(pids).values()) for name, pids in self.trees().items()}
 
     def kernel_peak(self) -> dict[str, int]:
-        return {name: sum(hwm_bytes(pid) for pid in pids) for name, pids in self.trees().items()}
+        return {name: procstats.tree_hwm(pids) for name, pids in self.trees().items()}
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    at: float
-    processes: dict[str, float]
-    postgres: dict[int, float]
-    rabbitmq: dict[int, float]
-    machine_busy: float
-    machine_total: float
-
-    @classmethod
-    def take(cls, watch: ProcessWatch, database: str) -> Snapshot:
-        busy, total = machine_busy_seconds()
-        return cls(
-            at=time.monotonic(),
-            processes=watch.cpu(),
-            postgres=postgres_cpu(database),
-            rabbitmq=cpu_by_command(("beam.smp",)),
-            machine_busy=busy,
-            machine_total=total,
-        )
+def snapshot(watch: ProcessWatch, database: str) -> CpuSnapshot:
+    """CPU so far of the watched processes by name, and of the Postgres processes of `database`."""
+    return CpuSnapshot.take(watch.cpu, lambda: postgres_cpu(database))
 
 
 @dataclass
@@ -214,7 +175,7 @@ class CpuWindow:
     machine_busy: float  # share of all cores
 
     @classmethod
-    def between(cls, a: Snapshot, b: Snapshot) -> CpuWindow:
+    def between(cls, a: CpuSnapshot, b: CpuSnapshot) -> CpuWindow:
         wall = max(b.at - a.at, 1e-9)
         total = b.machine_total - a.machine_total
         return cls(
@@ -231,7 +192,7 @@ class CpuWindow:
 # --------------------------------------------------------------------------------- the broker
 
 
-class QueueWatch:
+class QueueWatch(Sampler):
     """Backlog of every work queue, live (a passive declare answers with the ready messages), and at
     the end how many messages each queue received (RabbitMQ management API, when reachable)."""
 
@@ -246,16 +207,6 @@ class QueueWatch:
         self.peak: dict[str, int] = {}
         self.total: dict[str, int] = {}  # sum over samples, for the mean backlog
         self.samples = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._sample())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _sample(self) -> None:
         connection = await aio_pika.connect(self.amqp_url)
@@ -425,39 +376,12 @@ def _mgmt_api(amqp_url: str, override: str | None) -> tuple[str | None, tuple[st
 
 async def _settle(watch: ProcessWatch, names: list[str]) -> None:
     """Until the stack is idle again (set-up work, a previous step's tail), at most a while."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        before = watch.cpu()
-        await asyncio.sleep(0.5)
-        after = watch.cpu()
-        if sum(after[n] - before.get(n, 0.0) for n in names) / 0.5 < SETTLED_CPU_SHARE:
-            return
-
-
-async def _run_loadgen(
-    plan: Plan, workdir: Path, name: str, on_marker: Callable[[str], None]
-) -> dict[str, Any]:
-    plan_path = workdir / f"plan-{name}.json"
-    result_path = workdir / f"result-{name}.json"
-    plan_path.write_text(json.dumps(plan.__dict__))
-    generator = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.loadgen",
-        str(plan_path),
-        str(result_path),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
+    await harness.wait_until_idle(
+        watch.cpu,
+        lambda before, after: sum(after[n] - before.get(n, 0.0) for n in names),
+        share=SETTLED_CPU_SHARE,
+        at_most=SETTLE_TIMEOUT_SECONDS,
     )
-    assert generator.stdout is not None
-    async for line in generator.stdout:
-        marker = line.decode().strip()
-        if marker in (MEASURE_START, MEASURE_END):
-            on_marker(marker)
-    if await generator.wait() != 0:
-        raise RuntimeError(f"the load generator failed (exit {generator.returncode})")
-    result: dict[str, Any] = json.loads(result_path.read_text())
-    return result
 
 
 def _read_mails(mail_dir: Path) -> list[tuple[str, str, float]]:
@@ -550,50 +474,21 @@ async def _stripe_faults_left(client: httpx.AsyncClient, stripe: str) -> int:
     return sum(int(f["remaining"]) for f in response.json()["data"])
 
 
-class Run:
+class Run(harness.Resources):
     """Everything one benchmark run made, so that all of it can be removed at the end."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
         self.args = args
-        self.run_id = secrets.token_hex(4)
-        self.base_dsn = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
-        self.amqp_url = os.environ.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-        self.databases: list[str] = []
-        self.prefixes: list[str] = []
         self.stacks: list[Stack] = []
         self.dir = RUNS_DIR / f"pipeline-{self.run_id}"
         self.extra_env = dict(item.split("=", 1) for item in args.service_env)
-
-    def database(self, suffix: str) -> str:
-        name = f"esim_bench_{self.run_id}_{suffix}"
-        self.databases.append(name)
-        return with_database(self.base_dsn, name)
-
-    def prefix(self, suffix: str) -> str:
-        prefix = f"bench-{self.run_id}-{suffix}."
-        self.prefixes.append(prefix)
-        return prefix
 
     async def cleanup(self) -> None:
         for stack in self.stacks:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(stack.stop)
-        for prefix in self.prefixes:
-            try:
-                await asyncio.wait_for(
-                    delete_from_url(self.amqp_url, esim_topology(prefix=prefix)), timeout=30
-                )
-            except Exception as exc:  # say what is left on the shared broker
-                print(f"could not delete the queues under prefix {prefix!r}: {exc!r}", file=sys.stderr)
-        try:
-            admin = await asyncpg.connect(with_database(self.base_dsn, "postgres"))
-            try:
-                for name in self.databases:
-                    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await admin.close()
-        except Exception as exc:
-            print(f"could not drop the databases {self.databases}: {exc!r}", file=sys.stderr)
+        await self.remove()
         if not self.args.keep_files:
             for stack in self.stacks:  # thousands of mails and QR codes; the logs stay
                 shutil.rmtree(stack.mail_dir, ignore_errors=True)
@@ -604,7 +499,7 @@ async def run_reference(run: Run, kind: str) -> dict[str, Any]:
     args = run.args
     if kind == "pg":
         dsn = run.database("ref")
-        admin = await asyncpg.connect(with_database(run.base_dsn, "postgres"))
+        admin = await asyncpg.connect(harness.with_database(run.base_dsn, "postgres"))
         try:
             await admin.execute(f'CREATE DATABASE "{run.databases[-1]}"')
         finally:
@@ -624,9 +519,9 @@ async def run_reference(run: Run, kind: str) -> dict[str, Any]:
         stdout=asyncio.subprocess.PIPE,
     )
     database = run.databases[-1] if kind == "pg" else ""
-    before = Snapshot.take(ProcessWatch({}), database)
+    before = snapshot(ProcessWatch({}), database)
     out, _ = await process.communicate()
-    after = Snapshot.take(ProcessWatch({}), database)
+    after = snapshot(ProcessWatch({}), database)
     if process.returncode != 0:
         raise RuntimeError(f"bench.reference {kind} failed (exit {process.returncode})")
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
@@ -696,9 +591,9 @@ async def run_scenario(run: Run, scenario: Scenario) -> Outcome:
             await tap.start()
             queues.start()
             await _settle(watch, list(watch.roots))
-            idle_from = Snapshot.take(watch, database)
+            idle_from = snapshot(watch, database)
             await asyncio.sleep(IDLE_SECONDS)
-            outcome.idle = CpuWindow.between(idle_from, Snapshot.take(watch, database))
+            outcome.idle = CpuWindow.between(idle_from, snapshot(watch, database))
             if args.profile:  # profiles from here on: the load, not the start-up and set-up
                 for name in SERVICES:
                     with contextlib.suppress(ProcessLookupError):
@@ -736,14 +631,14 @@ async def run_scenario(run: Run, scenario: Scenario) -> Outcome:
                         bodies_path=str(path),
                     )
 
-                snapshots: dict[str, Snapshot] = {}
+                snapshots: dict[str, CpuSnapshot] = {}
                 commits_before = await _xact_commits(dsn)
                 results: list[dict[str, Any]] = []
                 if scenario.burst:
                     # One order alone first: its time is what the providers' latencies cost one order here.
                     mails_before = 0
                     left_before = await _stripe_faults_left(client, stripe) if armed else 0
-                    calibration = await _run_loadgen(
+                    calibration = await run_loadgen(
                         plan(
                             "calibration", paid[:1], BURST_RATE, 0.0, scenario.events_per_order / BURST_RATE
                         ),
@@ -765,8 +660,8 @@ async def run_scenario(run: Run, scenario: Scenario) -> Outcome:
                     burst_orders = paid[1:]
                     left_before = await _stripe_faults_left(client, stripe) if armed else 0
                     print(f"[burst] {len(burst_orders)} orders at once ...", flush=True)
-                    snapshots[MEASURE_START] = Snapshot.take(watch, database)
-                    result = await _run_loadgen(
+                    snapshots[MEASURE_START] = snapshot(watch, database)
+                    result = await run_loadgen(
                         plan(
                             "burst",
                             burst_orders,
@@ -780,7 +675,7 @@ async def run_scenario(run: Run, scenario: Scenario) -> Outcome:
                     )
                     results.append(result)
                     await _drain(dsn, stack.mail_dir, mails_before + len(burst_orders), args.drain_timeout)
-                    snapshots[MEASURE_END] = Snapshot.take(watch, database)
+                    snapshots[MEASURE_END] = snapshot(watch, database)
                     outcome.cpu_all = CpuWindow.between(snapshots[MEASURE_START], snapshots[MEASURE_END])
                     outcome.orders_all = len(burst_orders)
                     if armed:
@@ -792,8 +687,8 @@ async def run_scenario(run: Run, scenario: Scenario) -> Outcome:
                         f"{scenario.duration:g} s ...",
                         flush=True,
                     )
-                    load_start = Snapshot.take(watch, database)
-                    result = await _run_loadgen(
+                    load_start = snapshot(watch, database)
+                    result = await run_loadgen(
                         plan(
                             "sustained",
                             paid,
@@ -803,12 +698,12 @@ async def run_scenario(run: Run, scenario: Scenario) -> Outcome:
                         ),
                         tmpdir,
                         "sustained",
-                        lambda marker: snapshots.__setitem__(marker, Snapshot.take(watch, database)),
+                        lambda marker: snapshots.__setitem__(marker, snapshot(watch, database)),
                     )
                     results.append(result)
                     print("[sustained] sent; waiting for the last orders ...", flush=True)
                     await _drain(dsn, stack.mail_dir, len(paid), args.drain_timeout)
-                    outcome.cpu_all = CpuWindow.between(load_start, Snapshot.take(watch, database))
+                    outcome.cpu_all = CpuWindow.between(load_start, snapshot(watch, database))
                     outcome.orders_all = len(paid)
                     measured_indexes = None
                 # Late duplicates (a redelivery, a second publish) would come now.
@@ -835,7 +730,7 @@ async def run_scenario(run: Run, scenario: Scenario) -> Outcome:
         outcome.peak_rss = dict(watch.peak_rss)
         await _collect(outcome, dsn, stack, paid, results, measured_indexes, state, tap)
         for name, process in stack.processes.items():
-            outcome.error_lines[name] = _count_lines(process.log_path, '"level": "ERROR"')
+            outcome.error_lines[name] = count_lines(process.log_path, '"level": "ERROR"')
         if scenario.burst:
             outcome.bound = ProviderBound.for_wallet(
                 scenario.wallet,
@@ -848,13 +743,6 @@ async def run_scenario(run: Run, scenario: Scenario) -> Outcome:
         await tap.stop()
         await watch.stop()
         await asyncio.to_thread(stack.stop)
-
-
-def _count_lines(path: Path, needle: str) -> int:
-    if not path.exists():
-        return 0
-    with path.open(errors="replace") as f:
-        return sum(1 for line in f if needle in line)
 
 
 async def _collect(
@@ -952,17 +840,12 @@ def _verdict(ok: bool) -> str:
 
 
 @dataclass
-class Report:
-    args: argparse.Namespace
-    command: str
-    started: datetime
-    versions: dict[str, str]
+class Report(harness.RunReport):
     reference: dict[str, dict[str, Any]]
     outcomes: dict[str, Outcome]
 
     def render(self) -> str:
         a = self.args
-        info = machine_description()
         out = [
             "# Whole-pipeline benchmark: latest run",
             "",
@@ -970,14 +853,10 @@ class Report:
             "[bench/README.md](../README.md#whole-pipeline-benchmark-benchpipeline_loadpy)). "
             "Each run replaces this file; `git log -p bench/results/pipeline.md` keeps the earlier ones.",
             "",
-            f"- **date**: {self.started:%Y-%m-%d %H:%M} UTC",
-            f"- **git commit**: {git_commit()}",
-            f"- **command**: `{self.command}`",
-            f"- **machine**: {info['machine']}; {info['os']}; Python {info['python']}; "
-            f"{self.versions.get('postgres', '?')}; RabbitMQ {self.versions.get('rabbitmq', '?')}; "
-            "everything (PostgreSQL, RabbitMQ, the emulators, the five services, the generator) on "
-            "these cores",
-            f"- **load average at the end**: {info['load']}",
+            *self.header_lines(
+                "; everything (PostgreSQL, RabbitMQ, the emulators, the five services, the generator) on "
+                "these cores"
+            ),
             "- **orders**: real checkouts (`POST /api/create-checkout-session`, offers "
             f"{', '.join(OFFERS)} in turn) paid in the Stripe emulator before the clock starts, their "
             "events held; the benchmark "
@@ -1329,9 +1208,7 @@ class Report:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.pipeline_load", description=__doc__.splitlines()[0] if __doc__ else None
-    )
+    parser = harness.argument_parser("bench.pipeline_load", __doc__)
     parser.add_argument("--scenarios", default="sustained,burst", help="sustained, burst or both (default)")
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="sustained: orders per second (50)")
     parser.add_argument("--duration", type=float, default=TARGET_DURATION, help="sustained: measured s (60)")
@@ -1372,8 +1249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile", type=Path, metavar="DIR", help="run the services under cProfile, .prof files to DIR"
     )
     parser.add_argument("--keep-files", action="store_true", help="keep the captured mails and QR codes")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to (over)write")
-    parser.add_argument("--no-record", action="store_true", help="print the results only (trial runs)")
+    harness.add_output_options(parser, DEFAULT_RESULTS)
     args = parser.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if not set(args.scenario_list) <= {"sustained", "burst"} or not args.scenario_list:
@@ -1384,25 +1260,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace, command: str) -> Report:
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     started = datetime.now(UTC)
     bench = Run(args)
     print(
         f"bench {bench.run_id}: databases esim_bench_{bench.run_id}_*, prefixes bench-{bench.run_id}-*",
         flush=True,
     )
-    versions: dict[str, str] = {}
     reference: dict[str, dict[str, Any]] = {}
     outcomes: dict[str, Outcome] = {}
-    try:
-        conn = await asyncpg.connect(bench.base_dsn)
-        versions["postgres"] = "PostgreSQL " + str(await conn.fetchval("SHOW server_version")).split()[0]
-        await conn.close()
-        amqp = await aio_pika.connect(bench.amqp_url)
-        versions["rabbitmq"] = str(amqp.transport.connection.server_properties.get("version", "?"))  # type: ignore[union-attr]
-        await amqp.close()
+    async with harness.cleaned_up(bench.cleanup):
+        versions = await harness.server_versions(bench.base_dsn, bench.amqp_url)
         if not args.skip_reference:
             for kind in ("amqp", "pg"):
                 print(f"reference: {kind} ...", flush=True)
@@ -1431,28 +1298,10 @@ async def run(args: argparse.Namespace, command: str) -> Report:
                 flush=True,
             )
         return Report(args, command, started, versions, reference, outcomes)
-    finally:
-        # A second Ctrl-C must not cut the clean-up short and leave processes, queues or databases.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        await bench.cleanup()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = "uv run --frozen python -m bench.pipeline_load " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
-    report = asyncio.run(run(args, command.strip()))
-    text = report.render()
-    print()
-    print(text)
-    if not args.no_record:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(text)
-        shown = args.results.relative_to(ROOT) if args.results.is_relative_to(ROOT) else args.results
-        print(f"written to {shown}")
-    return 0
+    return harness.main("bench.pipeline_load", argv, parse_args, run)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -56,6 +60,16 @@ def hwm_bytes(pid: int) -> int:
     return 0
 
 
+def tree_rss(pids: Iterable[int]) -> int:
+    """Summed RSS of a process tree (pages shared by forked workers count once per process)."""
+    return sum(rss_bytes(pid) for pid in pids)
+
+
+def tree_hwm(pids: Iterable[int]) -> int:
+    """Summed VmHWM of a process tree (each process's own peak, possibly at different moments)."""
+    return sum(hwm_bytes(pid) for pid in pids)
+
+
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
     """CPU seconds (user + system) used so far by each of `pids` that still exists."""
     found = {}
@@ -104,3 +118,30 @@ def machine_busy_seconds() -> tuple[float, float]:
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     total = sum(values[:8])
     return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds used so far by the processes a benchmark watches, Postgres, RabbitMQ and the whole
+    machine, at one moment (`at`: monotonic seconds)."""
+
+    at: float
+    processes: dict[Any, float]  # by pid, or by process name
+    postgres: dict[int, float]
+    rabbitmq: dict[int, float]
+    machine_busy: float
+    machine_total: float
+
+    @classmethod
+    def take(
+        cls, processes: Callable[[], dict[Any, float]], postgres: Callable[[], dict[int, float]]
+    ) -> CpuSnapshot:
+        busy, total = machine_busy_seconds()
+        return cls(
+            at=time.monotonic(),
+            processes=processes(),
+            postgres=postgres(),
+            rabbitmq=cpu_by_command(("beam.smp",)),
+            machine_busy=busy,
+            machine_total=total,
+        )

@@ -26,13 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
-import platform
 import re
-import secrets
-import shlex
 import signal
 import subprocess
 import sys
@@ -42,7 +38,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 if __package__ in (None, ""):  # `python bench/webhook_load.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,25 +46,16 @@ import aio_pika
 import asyncpg
 import httpx
 
-from bench import events
+from bench import events, harness, procstats
+from bench.harness import ROOT, count_lines
 from bench.loadgen import MEASURE_END, MEASURE_START, STATUS_IO_ERROR, STATUS_TIMEOUT, Plan
-from bench.procstats import (
-    cpu_by_command,
-    cpu_seconds,
-    cpu_used,
-    descendants,
-    hwm_bytes,
-    machine_busy_seconds,
-    read_proc_file,
-    rss_bytes,
-)
+from bench.procstats import CpuSnapshot, cpu_by_command, cpu_seconds, cpu_used
 from bench.stats import percentile
 from esim_common.migrate import migrate
 from esim_common.order_repository import INSERT_ORDER
-from esim_common.topology import declare_from_url, delete_from_url, esim_topology
+from esim_common.topology import declare_from_url, esim_topology
 from esim_sandbox.serve import LOOPBACK, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "bench" / "results" / "webhooks.md"
 LOGS_DIR = ROOT / "var" / "bench"
 WEBHOOK_PATH = "/api/webhooks/stripe"
@@ -129,7 +115,7 @@ class Server:
         return self.popen.pid
 
     def tree(self) -> list[int]:
-        return descendants(self.pid)
+        return procstats.descendants(self.pid)
 
     async def _sample(self) -> None:
         """Peak of the summed RSS of the process tree (shared pages of forked workers count twice)."""
@@ -139,7 +125,7 @@ class Server:
             if time.monotonic() >= rescan_at:  # the tree rarely changes; /proc scans cost CPU
                 pids = await asyncio.to_thread(self.tree)
                 rescan_at = time.monotonic() + TREE_RESCAN_SECONDS
-            rss = sum(rss_bytes(pid) for pid in pids)
+            rss = procstats.tree_rss(pids)
             self.peak_rss = max(self.peak_rss, rss)
             self.window_peak_rss = max(self.window_peak_rss, rss)
             await asyncio.sleep(SAMPLE_INTERVAL_SECONDS)
@@ -161,11 +147,11 @@ class Server:
                 await asyncio.sleep(0.2)
 
     def start_window(self) -> None:
-        self.window_peak_rss = sum(rss_bytes(pid) for pid in self.tree())
+        self.window_peak_rss = procstats.tree_rss(self.tree())
 
     def kernel_peak_rss(self) -> int:
         """Sum of VmHWM over the live tree (each process's own peak, possibly at different moments)."""
-        return sum(hwm_bytes(pid) for pid in self.tree())
+        return procstats.tree_hwm(self.tree())
 
     async def stop(self) -> None:
         if self.popen is None:
@@ -179,10 +165,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 await asyncio.to_thread(self.popen.wait)
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+        await harness.cancel(self._sampler)
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path.exists():
@@ -190,34 +173,7 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def count_log_lines(self, needle: str) -> int:
-        if not self.log_path.exists():
-            return 0
-        with self.log_path.open(errors="replace") as f:
-            return sum(1 for line in f if needle in line)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """CPU seconds consumed so far by the server, Postgres, RabbitMQ and the whole machine."""
-
-    at: float
-    server: dict[int, float]
-    postgres: dict[int, float]
-    rabbitmq: dict[int, float]
-    machine_busy: float
-    machine_total: float
-
-    @classmethod
-    def take(cls, server_pids: list[int]) -> Snapshot:
-        busy, total = machine_busy_seconds()
-        return cls(
-            at=time.monotonic(),
-            server=cpu_seconds(server_pids),
-            postgres=cpu_by_command(("postgres",)),
-            rabbitmq=cpu_by_command(("beam.smp",)),
-            machine_busy=busy,
-            machine_total=total,
-        )
+        return count_lines(self.log_path, needle)
 
 
 # ------------------------------------------------------------------------------------------ a step
@@ -323,39 +279,30 @@ async def drive(
         max_connections=args.connections,
         timeout=args.timeout,
     )
-    name = f"{server.port}-{first_index}"
-    plan_path = workdir / f"plan-{name}.json"
-    result_path = workdir / f"result-{name}.json"
-    plan_path.write_text(json.dumps(plan.__dict__))
     step = Step(target=server.name, rate=rate, first_index=first_index)
     pids = server.tree()
     server.start_window()
-    generator = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.loadgen",
-        str(plan_path),
-        str(result_path),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert generator.stdout is not None
     # CPU counters at the start and the end of the measured window, which the generator announces.
-    snapshots: dict[str, Snapshot] = {}
-    async for line in generator.stdout:
-        marker = line.decode().strip()
-        if marker in (MEASURE_START, MEASURE_END):
-            snapshots[marker] = Snapshot.take(pids)
-    if await generator.wait() != 0 or len(snapshots) != 2:
-        raise RuntimeError(f"the load generator failed (exit {generator.returncode})")
+    snapshots: dict[str, CpuSnapshot] = {}
+
+    def snapshot() -> CpuSnapshot:  # the server's processes, and every Postgres backend
+        return CpuSnapshot.take(lambda: cpu_seconds(pids), lambda: cpu_by_command(("postgres",)))
+
+    result = await harness.run_loadgen(
+        plan,
+        workdir,
+        f"{server.port}-{first_index}",
+        lambda marker: snapshots.__setitem__(marker, snapshot()),
+    )
+    if len(snapshots) != 2:
+        raise RuntimeError("the load generator did not announce its measured window")
     before, after = snapshots[MEASURE_START], snapshots[MEASURE_END]
-    result = json.loads(result_path.read_text())
     step.rows = result.pop("requests")
     step.unique_orders = result["unique_orders"]
     step.generator = {**result, "timeout": args.timeout}
     step.wall = after.at - before.at
     step.peak_rss = server.window_peak_rss
-    step.server_cpu = cpu_used(before.server, after.server) / step.wall
+    step.server_cpu = cpu_used(before.processes, after.processes) / step.wall
     step.postgres_cpu = cpu_used(before.postgres, after.postgres) / step.wall
     step.rabbitmq_cpu = cpu_used(before.rabbitmq, after.rabbitmq, new_processes=False) / step.wall
     total = after.machine_total - before.machine_total
@@ -366,13 +313,15 @@ async def drive(
 async def settle(targets: list[Target]) -> None:
     """Wait until no server is still working off the previous step (an overloaded service keeps
     processing requests whose client gave up), so that one step's backlog does not load the next."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        pids = [pid for t in targets for pid in t.server.tree()]
-        before = cpu_seconds(pids)
-        await asyncio.sleep(SETTLE_SAMPLE_SECONDS)
-        if cpu_used(before, cpu_seconds(pids)) / SETTLE_SAMPLE_SECONDS < SETTLED_CPU_SHARE:
-            return
+    pids = [pid for t in targets for pid in t.server.tree()]
+    if await harness.wait_until_idle(
+        lambda: cpu_seconds(pids),
+        cpu_used,
+        share=SETTLED_CPU_SHARE,
+        at_most=SETTLE_TIMEOUT_SECONDS,
+        sample=SETTLE_SAMPLE_SECONDS,
+    ):
+        return
     print(
         f"warning: the servers were still busy after {SETTLE_TIMEOUT_SECONDS:.0f} s; "
         "the next figures (and a late duplicate) may be affected",
@@ -381,10 +330,6 @@ async def settle(targets: list[Target]) -> None:
 
 
 # ----------------------------------------------------------------------------- set-up and checking
-
-
-def with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
 async def create_orders(dsn: str, run_id: str, count: int) -> None:
@@ -539,37 +484,6 @@ def passes(step: Step, s: Stats) -> list[str]:
     return misses
 
 
-def machine_description() -> dict[str, str]:
-    model = "unknown CPU"
-    for line in (read_proc_file("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem_kb = 0
-    for line in (read_proc_file("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            mem_kb = int(line.split()[1])
-    return {
-        "machine": f"{model}, {os.cpu_count()} cores, {mem_kb / 1024 / 1024:.0f} GiB RAM",
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "load": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
-    }
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit} (with uncommitted changes)" if dirty else commit
-
-
 @dataclass
 class Target:
     """Something the benchmark drives: the reference, the webhook service, or a baseline service."""
@@ -587,11 +501,7 @@ class Target:
 
 
 @dataclass
-class Report:
-    args: argparse.Namespace
-    command: str
-    started: datetime
-    versions: dict[str, str]
+class Report(harness.RunReport):
     service: Target
     reference: Target | None
     baseline: Target | None
@@ -620,7 +530,6 @@ class Report:
 
     def render(self) -> str:
         a = self.args
-        info = machine_description()
         settings = (
             ", with " + ", ".join(f"`{k}={v}`" for k, v in sorted(self.service_env.items()))
             if self.service_env
@@ -632,13 +541,10 @@ class Report:
             "Written by `bench/webhook_load.py` (method and how to run: [bench/README.md](../README.md)).",
             "Each run replaces this file; `git log -p bench/results/webhooks.md` keeps the earlier ones.",
             "",
-            f"- **date**: {self.started:%Y-%m-%d %H:%M} UTC",
-            f"- **git commit**: {git_commit()}",
-            f"- **command**: `{self.command}`",
-            f"- **machine**: {info['machine']}; {info['os']}; Python {info['python']}; "
-            f"{self.versions.get('postgres', '?')}; RabbitMQ {self.versions.get('rabbitmq', '?')} "
-            "(both local, sharing the cores with the service and the generator)",
-            f"- **load average at the end**: {info['load']} (other work on the machine makes figures noisy)",
+            *self.header_lines(
+                " (both local, sharing the cores with the service and the generator)",
+                " (other work on the machine makes figures noisy)",
+            ),
             f"- **traffic**: signed `{a.event_type}` events, {a.duplicates:.0%} duplicates (same event "
             f"re-sent, re-signed), open loop at a fixed rate, {a.warmup:g} s warm-up + {a.duration:g} s "
             f"measured per rate, up to {a.connections} keep-alive connections, {a.timeout:g} s timeout",
@@ -754,9 +660,7 @@ class Report:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.webhook_load", description=__doc__.splitlines()[0] if __doc__ else None
-    )
+    parser = harness.argument_parser("bench.webhook_load", __doc__)
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="webhooks per second (default 1000)")
     parser.add_argument(
         "--rates", help="comma-separated rates for a sweep, e.g. 250,500,750,1000 (overrides --rate)"
@@ -789,8 +693,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also drive a second webhook service whose packages come from DIR first (e.g. a copy of "
         "services/webhook from another commit), to compare two versions in one run",
     )
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to (over)write")
-    parser.add_argument("--no-record", action="store_true", help="print the results only (trial runs)")
+    harness.add_output_options(parser, DEFAULT_RESULTS)
     args = parser.parse_args(argv)
     args.rate_list = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
     if any(rate <= 0 for rate in args.rate_list) or args.duration <= 0 or args.warmup < 0:
@@ -827,11 +730,10 @@ def service_command(args: argparse.Namespace) -> list[str]:
 
 async def run(args: argparse.Namespace, command: str) -> Report:
     started = datetime.now(UTC)
-    run_id = secrets.token_hex(4)
-    base_dsn = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
-    amqp_url = os.environ.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-    dsn = with_database(base_dsn, f"esim_bench_{run_id}")
-    prefix = f"bench-{run_id}."
+    made = harness.Resources()
+    run_id, amqp_url = made.run_id, made.amqp_url
+    dsn = made.database()
+    prefix = made.prefix()
     topology = esim_topology(prefix=prefix)
     extra = dict(item.split("=", 1) for item in args.service_env)
     service_settings = {"DATABASE_URL": dsn, "AMQP_URL": amqp_url, "TOPOLOGY_PREFIX": prefix}
@@ -869,17 +771,17 @@ async def run(args: argparse.Namespace, command: str) -> Report:
     orders_needed = len(services) * sum(
         math.ceil(rate * (args.warmup + args.duration)) + 1 for rate in args.rate_list
     )
-    versions: dict[str, str] = {}
     print(f"bench {run_id}: database esim_bench_{run_id}, topology prefix {prefix!r}", flush=True)
-    try:
+
+    async def cleanup() -> None:
+        for target in targets:
+            await target.server.stop()
+        await made.remove()
+
+    async with harness.cleaned_up(cleanup):
         await migrate(dsn, create_database=True)
         await declare_from_url(amqp_url, topology)
-        conn = await asyncpg.connect(dsn)
-        versions["postgres"] = "PostgreSQL " + str(await conn.fetchval("SHOW server_version")).split()[0]
-        await conn.close()
-        amqp = await aio_pika.connect(amqp_url)
-        versions["rabbitmq"] = str(amqp.transport.connection.server_properties.get("version", "?"))  # type: ignore[union-attr]
-        await amqp.close()
+        versions = await harness.server_versions(dsn, amqp_url)
         print(f"creating {orders_needed} orders in pending_payment ...", flush=True)
         await create_orders(dsn, run_id, orders_needed)
         for target in targets:
@@ -919,39 +821,10 @@ async def run(args: argparse.Namespace, command: str) -> Report:
             target.kernel_peak_rss = target.server.kernel_peak_rss()
             target.error_lines = target.server.count_log_lines('"level": "ERROR"')
         return Report(args, command, started, versions, service, reference, baseline, extra)
-    finally:
-        for target in targets:
-            await target.server.stop()
-        try:
-            await asyncio.wait_for(delete_from_url(amqp_url, topology), timeout=30)
-        except Exception as exc:  # say what is left behind on the shared broker, and how to remove it
-            print(f"could not delete the queues under prefix {topology.prefix!r}: {exc!r}", file=sys.stderr)
-        database = f"esim_bench_{run_id}"
-        try:
-            admin = await asyncpg.connect(with_database(base_dsn, "postgres"))
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            finally:
-                await admin.close()
-        except Exception as exc:
-            print(f"could not drop the database {database}: {exc!r}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = "uv run --frozen python -m bench.webhook_load " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
-    report = asyncio.run(run(args, command.strip()))
-    text = report.render()
-    print()
-    print(text)
-    if not args.no_record:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(text)
-        shown = args.results.relative_to(ROOT) if args.results.is_relative_to(ROOT) else args.results
-        print(f"written to {shown}")
-    return 0
+    return harness.main("bench.webhook_load", argv, parse_args, run)
 
 
 if __name__ == "__main__":

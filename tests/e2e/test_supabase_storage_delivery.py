@@ -1,6 +1,11 @@
 """End to end with QR codes in Supabase Storage: the five services and the sandbox as processes, the
 provisioning service configured with SUPABASE_URL and the sandbox's service-role key, the bucket
-private, `qr_code_url` a signed URL. The stored object and the emailed QR code both read as the LPA.
+private, `qr_code_url` a signed URL.
+
+The PNG attached to the email is not the stored object: notify renders its own QR code from the LPA
+it builds from the order's SM-DP+ address and activation code. So the test proves that the two images,
+made apart from each other, decode to the same LPA (the one Zendit's purchase confirmation gives), not
+that the email carries the stored bytes.
 """
 
 from __future__ import annotations

@@ -519,6 +519,7 @@ async def test_in_prefunded_mode_a_short_order_waits_for_the_operator_then_is_fu
         ]
         # The operator's email is notify's: one operator.alert for the shortage, through the outbox.
         operator_alerts = await funding.messages("notify.operator-alert")
+        episode = await wait_episode(funding.pool, event.transaction_id)
     assert cards_for(stripe_emulator, f"tu_{event.transaction_id}") == []
     alerts = [r for r in caplog.records if getattr(r, "alert", None) == "wallet_short"]
     assert len(alerts) == 1 and alerts[0].amount_to_add == COST.amount - 1_000
@@ -528,7 +529,7 @@ async def test_in_prefunded_mode_a_short_order_waits_for_the_operator_then_is_fu
     ] == [
         (
             "wallet_short",
-            f"wallet_short:{event.transaction_id}",
+            f"wallet_short:{event.transaction_id}:{episode}",
             event.transaction_id,
             {"amount": COST.amount - 1_000, "currency": "USD"},
             {"orders_waiting": "1", "wallet_available": "10.00 USD"},
@@ -542,7 +543,7 @@ async def test_a_wallet_short_alert_whose_publish_was_lost_is_published_by_the_o
     """The alert was committed with the order's move to awaiting_funds, then the process died before
     publishing it: the next delivery of that order publishes it, once."""
     from esim_common import outbox
-    from funding.fund_order import shortage_alert
+    from funding.fund_order import LATEST_WAIT, shortage_alert
 
     settings = service_settings.model_copy(update={"funding_mode": FundingMode.PREFUNDED})
     set_wallet(zendit_emulator, 1_000)
@@ -552,7 +553,8 @@ async def test_a_wallet_short_alert_whose_publish_was_lost_is_published_by_the_o
         async with funding.pool.acquire() as conn, conn.transaction():
             await transition(conn, txn, S.FUNDING)
             await transition(conn, txn, S.AWAITING_FUNDS, reason="wallet short")
-            await outbox.add(conn, shortage_alert(txn, Money(1_415, "USD"), {"orders_waiting": "1"}))
+            episode = await conn.fetchval(LATEST_WAIT, txn)
+            await outbox.add(conn, shortage_alert(txn, episode, Money(1_415, "USD"), {"orders_waiting": "1"}))
 
         await funding.deliver(event)
         await eventually(lambda: funding.handled("deferred") >= 1, within=10, what="deferred")
@@ -561,5 +563,62 @@ async def test_a_wallet_short_alert_whose_publish_was_lost_is_published_by_the_o
         operator_alerts = await funding.messages("notify.operator-alert")
 
     assert [(m["alert_key"], m["amount_to_add"]) for m in operator_alerts] == [
-        (f"wallet_short:{txn}", {"amount": 1_415, "currency": "USD"})
+        (f"wallet_short:{txn}:{episode}", {"amount": 1_415, "currency": "USD"})
     ]
+
+
+async def wait_episode(pool, txn: str) -> int:
+    """The id of the order's latest move to awaiting_funds (the wallet_short alert's episode marker)."""
+    from funding.fund_order import LATEST_WAIT
+
+    return await pool.fetchval(LATEST_WAIT, txn)
+
+
+async def test_the_same_order_short_again_after_being_funded_and_sent_back_raises_a_second_alert(
+    service_settings, amqp_url, stripe_gateway, stripe_emulator, zendit_emulator
+):
+    """Funded, then sent back to funding (Zendit said INSUFFICIENT_FUNDS), then short again: a new
+    shortage, so the operator must hear about it again."""
+    settings = service_settings.model_copy(update={"funding_mode": FundingMode.PREFUNDED})
+    set_wallet(zendit_emulator, 1_000)
+    async with running(settings, amqp_url) as funding:
+        event = await pay_for_order(funding.pool, stripe_gateway, stripe_emulator)
+        txn = event.transaction_id
+        await funding.deliver(event)
+        await funding.wait_status(txn, S.AWAITING_FUNDS)
+        first_wait = await wait_episode(funding.pool, txn)
+        set_wallet(zendit_emulator, 1_000 + 2_000)
+        await funding.wait_status(txn, S.FUNDED, within=30)
+        # Provisioning's INSUFFICIENT_FUNDS path: purchasing, then back to funding with order.paid again.
+        async with funding.pool.acquire() as conn, conn.transaction():
+            await transition(conn, txn, S.PURCHASING)
+            await transition(conn, txn, S.FUNDING, reason="zendit INSUFFICIENT_FUNDS")
+        set_wallet(zendit_emulator, 1_000)
+        await funding.deliver(event)
+        await eventually(
+            lambda: _moved_to_awaiting_funds_twice(funding.pool, txn), within=20, what="second wait"
+        )
+        await eventually(lambda: _alerts_published(funding, 2), within=20, what="second alert")
+        second_wait = await wait_episode(funding.pool, txn)
+        operator_alerts = await funding.messages("notify.operator-alert")
+
+    assert second_wait != first_wait
+    assert [m["alert_key"] for m in operator_alerts] == [
+        f"wallet_short:{txn}:{first_wait}",
+        f"wallet_short:{txn}:{second_wait}",
+    ]
+
+
+async def _moved_to_awaiting_funds_twice(pool, txn: str) -> bool:
+    count = await pool.fetchval(
+        "SELECT count(*) FROM order_transitions WHERE transaction_id = $1 AND to_status = 'awaiting_funds'",
+        txn,
+    )
+    return count >= 2
+
+
+async def _alerts_published(funding, n: int) -> bool:
+    published = await funding.pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE routing_key = 'operator.alert' AND published_at IS NOT NULL"
+    )
+    return published >= n

@@ -217,6 +217,9 @@ async def test_a_provisioned_order_gets_one_email_whose_qr_code_scans_to_the_lpa
     attached = [part for part in message.iter_attachments() if part.get_content_type() == "image/png"]
     assert [part.get_filename() for part in attached] == ["esim-qr-code.png"]
     assert decoded(attached[0].get_content()) == [LPA]
+    # Exactly the PNG provisioning stored (local storage), not one rendered again.
+    stored = (Path(service_settings.qr_storage_dir) / f"{txn}.png").read_bytes()
+    assert png == stored and attached[0].get_content() == stored
     assert await order_status(db, txn) is OrderStatus.DELIVERED
     order = await get_order(db, txn)
     assert order.emailed_at is not None
@@ -318,13 +321,13 @@ async def test_while_smtp_is_down_the_email_is_retried_and_sent_once_it_is_back(
             await wait_until(lambda: _is(db, txn, OrderStatus.DELIVERED))
             queue = ctx.topology.queue("notify.order-provisioned")
             dead = await queue_depth(ctx, queue.dlq)
-            retried = REGISTRY.get_sample_value(
-                "esim_messages_processed_total", {"queue": queue.name, "outcome": "retried"}
+            waited = REGISTRY.get_sample_value(
+                "esim_messages_processed_total", {"queue": queue.name, "outcome": "deferred"}
             )
 
     assert len(capture.messages) == 1
     assert dead == 0
-    assert retried >= 1  # it went through a retry tier, not a tight loop or the DLQ
+    assert waited >= 1  # it waited in a delay tier, not a tight loop or the DLQ
 
 
 async def test_a_rejected_esim_email_puts_the_order_in_front_of_an_operator(service_settings, db):

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import aio_pika
 import asyncpg
 import pytest
+from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
 
 from esim_common.events import FailedStep, OrderFailed
@@ -19,7 +20,10 @@ from esim_common.order_repository import create_order
 from esim_common.service import ServiceContext
 from esim_common.settings import Settings
 from esim_common.topology import delete
+from esim_sandbox.serve import free_port
 from notify.main import create_app
+from tests.fixtures.polling import eventually
+from tests.integration.test_notify_delivery import SelectiveSmtp
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -155,3 +159,32 @@ async def test_a_failure_email_for_an_unknown_order_is_dead_lettered_not_dropped
                 await asyncio.sleep(0.05)
 
     assert smtp_capture.messages == []
+
+
+async def test_the_operator_is_emailed_even_when_the_customers_address_refuses_the_failure_email(
+    service_settings, db
+):
+    server = SelectiveSmtp(rejected={"grace@example.com"})
+    controller = Controller(server, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        settings = service_settings.model_copy(update={"smtp_port": controller.port})
+        txn = await failed_order(db, "needs_attention")
+        async with running_notify(settings) as ctx:
+            await ctx.publisher.publish(
+                OrderFailed(transaction_id=txn, step="refund", reason="refund_failed")
+            )
+            await eventually(lambda: len(server.accepted) >= 1, within=WAIT_SECONDS, what="operator email")
+            queue = ctx.topology.queue("notify.order-failed").name
+            labels = {"queue": queue, "outcome": "failed_permanently"}
+            await eventually(
+                lambda: (REGISTRY.get_sample_value("esim_messages_processed_total", labels) or 0) >= 1,
+                within=WAIT_SECONDS,
+                what="the customer's refusal took the failure path",
+            )
+    finally:
+        controller.stop()
+
+    assert [message["To"] for message in server.accepted] == [settings.service_owner_email]
+    statuses = dict(await db.fetch("SELECT template, status FROM sent_emails WHERE transaction_id = $1", txn))
+    assert statuses == {"order_failed": "failed", "operator_alert": "sent"}

@@ -7,6 +7,7 @@ database and an SMTP server on loopback.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -106,6 +107,18 @@ def wallet_short(txn: str) -> OperatorAlert:
     )
 
 
+async def dead_letters(ctx: ServiceContext) -> list[tuple[dict, dict]]:
+    """Take every message in the operator-alert DLQ: (body, headers)."""
+    taken = []
+    connection = await aio_pika.connect(ctx.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(ctx.topology.queue(QUEUE).dlq)
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            taken.append((json.loads(message.body), dict(message.headers)))
+    return taken
+
+
 def plain(message) -> str:
     return message.get_body(preferencelist=("plain",)).get_content()
 
@@ -124,13 +137,32 @@ async def test_a_needs_attention_alert_delivered_twice_sends_the_operator_one_em
     assert txn in message["Subject"] and "purchase_deadline_exceeded" in message["Subject"]
     assert f"Zendit transaction id: {txn}-1" in text and "NOT refunded automatically" in text
     assert message.get_body(preferencelist=("html",)) is not None
-    assert ACTIVATION_CODE not in message.as_string()
+    decoded = [part.get_content() for part in message.walk() if part.get_content_maintype() == "text"]
+    assert decoded and not [part for part in decoded if ACTIVATION_CODE in part]
     row = await db.fetchrow("SELECT * FROM sent_emails WHERE transaction_id = $1", f"needs_attention:{txn}")
     assert (row["template"], row["status"], row["recipient"]) == (
         "operator_needs_attention",
         "sent",
         service_settings.service_owner_email,
     )
+
+
+async def test_two_alerts_with_different_keys_for_one_order_are_two_emails(
+    service_settings, db, smtp_capture
+):
+    txn = await stuck_order(db)
+    later = needs_attention(txn).model_copy(update={"alert_key": f"needs_attention:{txn}:2"})
+    async with running_notify(service_settings) as ctx:
+        await publish(ctx, needs_attention(txn))
+        await publish(ctx, later)
+
+    assert len(smtp_capture.messages) == 2
+    assert {m["Message-ID"] for m in smtp_capture.messages} != {smtp_capture.messages[0]["Message-ID"]}
+    keys = await db.fetch(
+        "SELECT transaction_id FROM sent_emails WHERE transaction_id LIKE $1 ORDER BY transaction_id",
+        f"needs_attention:{txn}%",
+    )
+    assert [row["transaction_id"] for row in keys] == [f"needs_attention:{txn}", f"needs_attention:{txn}:2"]
 
 
 async def test_a_wallet_short_alert_tells_how_much_to_add_once_per_shortage(service_settings, smtp_capture):
@@ -151,7 +183,7 @@ class RefusingSmtp:
         return "550 5.1.1 mailbox unavailable"
 
 
-async def test_when_the_operator_cannot_be_emailed_the_alert_is_logged_and_counted(
+async def test_when_the_operator_cannot_be_emailed_the_alert_is_logged_counted_and_dead_lettered(
     service_settings, db, caplog
 ):
     controller = Controller(RefusingSmtp(), hostname="127.0.0.1", port=free_port())
@@ -163,10 +195,15 @@ async def test_when_the_operator_cannot_be_emailed_the_alert_is_logged_and_count
         txn = f"txn-{uuid.uuid4().hex[:16]}"
         with caplog.at_level(logging.ERROR, logger="esim.notify"):
             async with running_notify(settings) as ctx:
-                await publish(ctx, wallet_short(txn), outcome="failed_permanently")
+                await publish(ctx, wallet_short(txn), outcome="dead_lettered")
+                dead = await dead_letters(ctx)
     finally:
         controller.stop()
 
+    # In the DLQ, the message shows in the DLQ depth and can be replayed once the address works.
+    assert [(body["alert_key"], headers["x-esim-origin-queue"]) for body, headers in dead] == [
+        (f"wallet_short:{txn}", ctx.topology.queue(QUEUE).name)
+    ]
     lines = [r for r in caplog.records if r.getMessage().startswith("OPERATOR ALERT: could not email")]
     assert [(r.alert, r.alert_key, r.amount_to_add) for r in lines] == [
         ("wallet_short", f"wallet_short:{txn}", "14.15 USD")
@@ -176,3 +213,59 @@ async def test_when_the_operator_cannot_be_emailed_the_alert_is_logged_and_count
         "SELECT status FROM sent_emails WHERE transaction_id = $1", f"wallet_short:{txn}"
     )
     assert status == "failed"
+
+
+async def delivered_order(pool: asyncpg.Pool) -> str:
+    """An order emailed to its customer, with its Zendit id and activation data."""
+    txn = f"txn-{uuid.uuid4().hex[:16]}"
+    async with pool.acquire() as conn:
+        await create_order(
+            conn,
+            transaction_id=txn,
+            offer_id="ESIM-GLOBAL-30D-5GB",
+            price=Money(3900, "USD"),
+            zendit_cost=Money(2415, "USD"),
+            recipient_email="ada@example.com",
+            recipient_name="Ada Lovelace",
+        )
+        await conn.execute(
+            """UPDATE esim_purchases SET status = 'delivered', paid_at = now(), emailed_at = now(),
+                      zendit_transaction_id = $1, zendit_status = 'DONE',
+                      smdp_address = 'smdp.example.com', activation_code = $2
+                WHERE transaction_id = $1""",
+            txn,
+            ACTIVATION_CODE,
+        )
+    return txn
+
+
+def qr_mismatch(txn: str) -> OperatorAlert:
+    return OperatorAlert(
+        transaction_id=txn,
+        alert="qr_mismatch",
+        alert_key=f"qr_mismatch:{txn}",
+        reason="qr_mismatch_zendit",
+        facts={"zendit_transaction_id": txn, "zendit_status": "DONE"},
+    )
+
+
+async def test_a_qr_mismatch_alert_says_the_order_was_delivered_and_is_sent_once(
+    service_settings, db, smtp_capture
+):
+    txn = await delivered_order(db)
+    async with running_notify(service_settings) as ctx:
+        await publish(ctx, qr_mismatch(txn), times=2)
+
+    [message] = smtp_capture.messages
+    text = plain(message)
+    assert message["To"] == service_settings.service_owner_email
+    assert txn in message["Subject"] and "delivered" in message["Subject"]
+    assert "Status now: delivered" in text and "built from the activation data" in text
+    assert "Zendit console" in text and "No action is needed for the customer" in text
+    # Not the needs_attention email: that one would say things that are false for a delivered order.
+    assert "no automation will finish it" not in text and "may still deliver" not in text
+    assert message.get_body(preferencelist=("html",)) is not None
+    decoded = [part.get_content() for part in message.walk() if part.get_content_maintype() == "text"]
+    assert decoded and not [part for part in decoded if ACTIVATION_CODE in part]
+    row = await db.fetchrow("SELECT * FROM sent_emails WHERE transaction_id = $1", f"qr_mismatch:{txn}")
+    assert (row["template"], row["status"]) == ("operator_qr_mismatch", "sent")

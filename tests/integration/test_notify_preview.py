@@ -33,10 +33,11 @@ EXPECTED = {
     "operator_alert": ["Failed step: refund", "39.00 USD"],
     "operator_low_balance": [f"Add at least: {SAMPLE_AMOUNT_TO_ADD.format()}", "6 h after its"],
     "operator_needs_attention": ["NOT refunded automatically", "Amount paid: 39.00 USD"],
+    "operator_qr_mismatch": ["Status now: delivered", "No action is needed for the customer"],
 }
 UNKNOWN_MESSAGE = (
     "unknown template 'nope'; valid templates: esim_delivery, order_failed, operator_alert, "
-    "operator_low_balance, operator_needs_attention"
+    "operator_low_balance, operator_needs_attention, operator_qr_mismatch"
 )
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from esim_common.settings import load_settings
 from esim_sandbox.smtp_capture import TlsMode
-from notify.mailer import CERTIFICATE_REASON, EmailRejected, EmailTransientError, SmtpConfigError, SmtpMailer
+from notify.mailer import CERTIFICATE_REASON, EmailTransientError, SmtpConfigError, SmtpMailer, SmtpRelayError
 from notify.main import create_app
 from tests.fixtures.smtp_capture import SmtpCertificates, StartSmtpCapture
 
@@ -155,15 +155,15 @@ async def test_starttls_is_negotiated_even_where_the_server_would_accept_plainte
 
 
 @pytest.mark.parametrize("mode", [TlsMode.IMPLICIT, TlsMode.STARTTLS])
-async def test_a_certificate_from_an_untrusted_ca_is_a_permanent_rejection(
+async def test_a_certificate_from_an_untrusted_ca_is_a_relay_error(
     mode: TlsMode, start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
 ):
-    """No SMTP_CA_FILE: the system store does not know the private CA. Retrying cannot fix a
-    certificate, so the message must not go round the retry tiers: an operator has to act."""
+    """No SMTP_CA_FILE: the system store does not know the private CA. Only an operator can fix
+    that, for every email at once: a relay error (notify waits and raises one relay alert)."""
     capture = start_smtp_capture(tls=mode, tls_context=smtp_certificates.server_context)
     options = {"use_tls": True} if mode is TlsMode.IMPLICIT else {"starttls": True}
 
-    with pytest.raises(EmailRejected) as rejected:
+    with pytest.raises(SmtpRelayError) as rejected:
         await mailer(capture.port, **options).send(an_email())
 
     assert rejected.value.reason == CERTIFICATE_REASON
@@ -171,7 +171,7 @@ async def test_a_certificate_from_an_untrusted_ca_is_a_permanent_rejection(
     assert capture.messages == []
 
 
-async def test_a_certificate_for_another_host_name_is_a_permanent_rejection(
+async def test_a_certificate_for_another_host_name_is_a_relay_error(
     start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
 ):
     """The CA is trusted, but the certificate names another host than the one we dial."""
@@ -179,7 +179,7 @@ async def test_a_certificate_for_another_host_name_is_a_permanent_rejection(
     smtp_certificates.ca.issue_cert("smtp.example.com").configure_cert(elsewhere)
     capture = start_smtp_capture(tls=TlsMode.IMPLICIT, tls_context=elsewhere)
 
-    with pytest.raises(EmailRejected) as rejected:
+    with pytest.raises(SmtpRelayError) as rejected:
         await mailer(capture.port, use_tls=True, ca_file=str(smtp_certificates.ca_file)).send(an_email())
 
     assert rejected.value.reason == CERTIFICATE_REASON
@@ -192,11 +192,11 @@ async def test_a_tls_handshake_that_breaks_off_is_retried():
             await mailer(port, use_tls=True).send(an_email())
 
 
-async def test_starttls_required_but_not_offered_is_a_permanent_rejection(
+async def test_starttls_required_but_not_offered_is_a_relay_error(
     smtp_capture, smtp_certificates: SmtpCertificates
 ):
     """A plain server (or someone stripping the offer): never fall back to sending in clear."""
-    with pytest.raises(EmailRejected):
+    with pytest.raises(SmtpRelayError):
         await mailer(smtp_capture.port, starttls=True, ca_file=str(smtp_certificates.ca_file)).send(
             an_email()
         )
@@ -236,7 +236,7 @@ async def test_the_right_password_logs_in_over_tls_and_delivers(
     assert len(capture.messages) == 1
 
 
-async def test_a_wrong_password_is_a_permanent_535_and_the_password_is_in_no_text(
+async def test_a_wrong_password_is_a_535_relay_error_and_the_password_is_in_no_text(
     start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates, caplog
 ):
     caplog.set_level(logging.DEBUG)
@@ -250,11 +250,11 @@ async def test_a_wrong_password_is_a_permanent_535_and_the_password_is_in_no_tex
         capture.port, use_tls=True, ca_file=str(smtp_certificates.ca_file), username=USERNAME, password=wrong
     )
 
-    with pytest.raises(EmailRejected) as rejected:
+    with pytest.raises(SmtpRelayError) as rejected:
         await smtp.send(an_email())
 
     assert rejected.value.code == 535
-    assert rejected.value.reason == "email_rejected_535"
+    assert rejected.value.reason == "smtp_login_refused_535"
     assert capture.logins and not any(attempt.accepted for attempt in capture.logins)
     assert capture.messages == []
     texts = [*exception_texts(rejected.value), repr(smtp), *log_texts(caplog)]
@@ -265,7 +265,7 @@ async def test_auth_the_server_only_offers_over_tls_is_not_attempted_in_clear(
     start_smtp_capture: StartSmtpCapture, smtp_certificates: SmtpCertificates
 ):
     """Loopback may take credentials without TLS; a server that refuses AUTH in clear is a
-    configuration to fix (turn TLS on), not something to retry."""
+    configuration to fix (turn TLS on): a relay error, not this recipient's fault."""
     capture = start_smtp_capture(
         tls=TlsMode.STARTTLS,
         tls_context=smtp_certificates.server_context,
@@ -273,7 +273,7 @@ async def test_auth_the_server_only_offers_over_tls_is_not_attempted_in_clear(
         credentials=(USERNAME, "right-password"),
     )
 
-    with pytest.raises(EmailRejected):
+    with pytest.raises(SmtpRelayError):
         await mailer(capture.port, username=USERNAME, password="right-password").send(an_email())
 
     assert capture.logins == []

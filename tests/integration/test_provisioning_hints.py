@@ -302,7 +302,12 @@ async def test_hints_and_polls_racing_on_one_done_purchase_deliver_it_once(
     )
 
     assert [m["transaction_id"] for m in announced] == [txn]
-    assert sum(storage.saves for storage in storages) == 1
+    # The QR code is stored before the row lock is taken, so racers that saw the DONE at the same
+    # moment may each store it (the same verified image, under the same name); one settles the order.
+    assert sum(storage.saves for storage in storages) >= 1
+    assert decode((Path(workers[0].settings.qr_storage_dir) / f"{txn}.png").read_bytes()) == [
+        expected_lpa(zendit_emulator, txn)
+    ]
     assert into_provisioned == 1
     assert purchase_outcomes("done") - done_before == 1
     assert hints("completed") - completed_before <= 1

@@ -25,8 +25,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from esim_common import outbox
+from esim_common.events import Event
+from esim_common.logging import JsonFormatter
 from esim_common.order_states import OrderStatus
-from provisioning import qr
+from esim_common.orders import transition
+from esim_common.publisher import EventPublisher, PublishFailed
+from esim_sandbox.zendit_emulator import state as zendit_state
+from esim_sandbox.zendit_emulator.activation import new_confirmation
+from provisioning import domain, qr
 from tests.fixtures.polling import eventually
 from tests.integration import test_provisioning_service as svc
 from tests.integration.test_provisioning_service import (
@@ -193,6 +199,89 @@ async def test_a_purchase_stalled_past_the_deadline_alerts_an_operator_once_and_
     assert await service.drain("notify.order-failed") == []
 
 
+async def test_an_order_re_driven_by_an_operator_that_gets_stuck_again_alerts_the_operator_again(
+    start_provisioning, funded_order, db, zendit_emulator, stripe_emulator
+):
+    service = await start_provisioning(purchase_deadline_seconds=2)
+    txn = await funded_order()
+    zendit_emulator.control("POST", "purchase_stalls", {"count": 2})  # both attempts stay IN_PROGRESS
+
+    async with watching(service) as tap:
+        await service.publish_funded(txn)
+        await wait_for_status(db, txn, OrderStatus.NEEDS_ATTENTION, OrderStatus.REFUNDED, within=15)
+        await tap.alerts(1)
+        # The operator re-drives it (the legal way back: needs_attention → funding → funded, funding's
+        # part done by hand here) and it gets stuck again on its next attempt.
+        async with db.acquire() as conn:
+            await transition(conn, txn, OrderStatus.FUNDING, reason="re-driven by an operator")
+            await transition(conn, txn, OrderStatus.FUNDED)
+        await service.publish_funded(txn)
+        alerts = await tap.alerts(2, within=15)
+        order = await wait_for_status(db, txn, OrderStatus.NEEDS_ATTENTION, OrderStatus.REFUNDED)
+
+    assert order.status == OrderStatus.NEEDS_ATTENTION and order.purchase_attempts == 2
+    assert zendit_purchases(zendit_emulator, txn) == [txn, f"{txn}-r2"]
+    # One alert per attempt: notify emails once per key, so the second one must have its own.
+    assert [(a["alert_key"], a["facts"]["zendit_transaction_id"]) for a in alerts] == [
+        (f"needs_attention:{txn}", txn),
+        (f"needs_attention:{txn}-r2", f"{txn}-r2"),
+    ]
+    assert [m["alert_key"] for m in await service.drain("notify.operator-alert")] == [
+        a["alert_key"] for a in alerts
+    ]
+    assert refunds_of(stripe_emulator, order) == []
+
+
+class FailingAlerts:
+    """The service's publisher, refusing its first `failures` operator.alert publishes like a broker
+    that does not confirm them."""
+
+    def __init__(self, inner: EventPublisher, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def publish(self, event: Event) -> None:
+        if event.routing_key == ALERT and self.failures > 0:
+            self.failures -= 1
+            raise PublishFailed("publish to 'operator.alert' failed: not confirmed (test)")
+        await self.inner.publish(event)
+
+
+async def test_an_alert_whose_publish_fails_until_the_retries_run_out_is_published_by_the_failure_path(
+    start_provisioning, funded_order, db, zendit_emulator, stripe_emulator
+):
+    service = await start_provisioning(purchase_deadline_seconds=1)
+    # The first try and every retry tier fail; the failure path's try is the first to get through.
+    failing = FailingAlerts(service.ctx.publisher, failures=1 + len(service.ctx.topology.retry_delays))
+    service.ctx.publisher = failing  # type: ignore[assignment]
+    txn = await funded_order()
+    zendit_emulator.control("POST", "purchase_stalls", {"count": 1})
+    dead_lettered_before = processed(service, "dead_lettered")
+
+    async with watching(service) as tap:
+        await service.publish_funded(txn)
+        await eventually(
+            lambda: processed(service, "dead_lettered") - dead_lettered_before == 1,
+            within=40,
+            what="the retries used up",
+        )
+        alerts = await tap.messages(ALERT)
+
+    order = await order_of(db, txn)
+    assert order.status == OrderStatus.NEEDS_ATTENTION
+    assert order.failure_reason == "purchase_deadline_exceeded" and failing.failures == 0
+    assert [a["alert_key"] for a in alerts] == [f"needs_attention:{txn}"]
+    event_id = outbox.stable_event_id(f"needs_attention:{txn}")
+    assert await db.fetchval("SELECT published_at IS NOT NULL FROM outbox WHERE event_id = $1", event_id)
+    assert [m["alert_key"] for m in await service.drain("notify.operator-alert")] == [
+        f"needs_attention:{txn}"
+    ]
+    # The message is kept in the DLQ (its retries ran out); nothing was refunded.
+    dead_letters = await service.drain_raw(service.ctx.topology.queue(POLL_QUEUE).dlq)
+    assert [m["transaction_id"] for m in dead_letters] == [txn]
+    assert refunds_of(stripe_emulator, order) == []
+
+
 # ------------------------------------------------------------------------------------------- QR fallback
 async def test_when_our_qr_code_does_not_read_back_zendits_is_delivered_because_it_reads_as_the_lpa(
     start_provisioning, funded_order, db, zendit_emulator, our_rendering_is_broken
@@ -215,20 +304,24 @@ async def test_when_our_qr_code_does_not_read_back_zendits_is_delivered_because_
     assert [m["transaction_id"] for m in announced] == [txn]
 
 
-async def test_a_zendit_outage_while_its_qr_code_is_needed_is_retried_and_still_delivers(
+async def test_a_zendit_outage_while_its_qr_code_is_needed_is_waited_out_and_still_delivers(
     start_provisioning, funded_order, db, zendit_emulator, our_rendering_is_broken
 ):
     service = await start_provisioning()
     txn = await funded_order()
-    zendit_emulator.control("POST", "faults", {"endpoint": "get_qrcode", "status": 503, "count": 1})
-    retried_before = processed(service, "retried")
+    # More 503s than the consumer's retry tiers would tolerate.
+    outage = len(service.ctx.topology.retry_delays) + 2
+    zendit_emulator.control("POST", "faults", {"endpoint": "get_qrcode", "status": 503, "count": outage})
+    retried_before, deferred_before = processed(service, "retried"), processed(service, "deferred")
 
     await service.publish_funded(txn)
-    order = await wait_for_status(db, txn, OrderStatus.PROVISIONED, OrderStatus.NEEDS_ATTENTION, within=10)
+    order = await wait_for_status(db, txn, OrderStatus.PROVISIONED, OrderStatus.NEEDS_ATTENTION, within=20)
 
     assert order.status == OrderStatus.PROVISIONED
-    assert zendit_emulator.control("GET", "state")["faults"] == []  # the 503 was met
-    assert processed(service, "retried") - retried_before == 1  # through the usual 1 s retry tier
+    assert zendit_emulator.control("GET", "state")["faults"] == []  # every 503 was met
+    # Looked at again with the poll's backoff (deferred), no retry tier used up.
+    assert processed(service, "retried") == retried_before
+    assert processed(service, "deferred") - deferred_before >= outage
     assert decode(stored_qr(service, txn).read_bytes()) == [expected_lpa(zendit_emulator, txn)]
 
 
@@ -289,6 +382,30 @@ async def test_without_a_qr_decoder_nothing_unverified_is_sent_and_the_order_goe
     assert refunds_of(stripe_emulator, order) == [] and not stored_qr(service, txn).exists()
 
 
+async def test_a_done_purchase_without_activation_data_goes_to_an_operator_and_is_never_refunded(
+    start_provisioning, funded_order, db, zendit_emulator, stripe_emulator, monkeypatch
+):
+    # Zendit confirms the purchase DONE but without an activation code: no QR code can be made.
+    monkeypatch.setattr(
+        zendit_state, "new_confirmation", lambda iccid=None: {**new_confirmation(iccid), "activationCode": ""}
+    )
+    service = await start_provisioning()
+    txn = await funded_order()
+
+    async with watching(service) as tap:
+        await service.publish_funded(txn)
+        order = await wait_for_status(db, txn, OrderStatus.NEEDS_ATTENTION, OrderStatus.REFUNDED, within=10)
+        [alert] = await tap.alerts(1)
+        failed = await tap.messages("order.failed") + await tap.messages("order.refunded")
+
+    assert order.failure_reason == "confirmation_incomplete" and order.zendit_status == "DONE"
+    assert (alert["alert_key"], alert["reason"]) == (f"needs_attention:{txn}", "confirmation_incomplete")
+    assert alert["facts"]["zendit_status"] == "DONE"
+    assert refunds_of(stripe_emulator, order) == [] and failed == []
+    assert not stored_qr(service, txn).exists()
+    assert await service.drain_raw(service.ctx.topology.queue(POLL_QUEUE).dlq) == []
+
+
 # ------------------------------------------------------------------------------------------- cross-check
 async def test_without_the_cross_check_zendits_qr_code_is_not_even_fetched(
     start_provisioning, funded_order, db
@@ -307,6 +424,9 @@ async def test_without_the_cross_check_zendits_qr_code_is_not_even_fetched(
 async def test_the_cross_check_finds_zendits_qr_code_reading_otherwise_and_alerts_but_delivers_ours(
     start_provisioning, funded_order, db, zendit_emulator, caplog
 ):
+    """Ours is delivered whatever Zendit's image says, a mismatch is alerted once, and no activation
+    code or LPA string reaches a log line (as the service writes it: JSON, every extra field, at
+    DEBUG) or anything published."""
     service = await start_provisioning(zendit_qr_cross_check=True)
     agreeing, disagreeing, unavailable = await funded_order(), await funded_order(), await funded_order()
     zendit_emulator.control("POST", f"purchases/{disagreeing}/qrcode", {"image": "wrong"})
@@ -315,9 +435,9 @@ async def test_the_cross_check_finds_zendits_qr_code_reading_otherwise_and_alert
         return sample("esim_zendit_qr_checks_total", check="cross_check", outcome=outcome)
 
     before = {outcome: checks(outcome) for outcome in ("match", "mismatch", "unavailable")}
-    alerts_before = sample("esim_provisioning_operator_alerts_total", reason="zendit_qr_mismatch")
+    alerts_before = sample("esim_provisioning_operator_alerts_total", reason="qr_mismatch_zendit")
 
-    with caplog.at_level(logging.ERROR, logger="esim.provisioning"):
+    with caplog.at_level(logging.DEBUG):
         async with watching(service) as tap:
             orders, events = {}, {}
             for handled, txn in enumerate((agreeing, disagreeing, unavailable), start=1):
@@ -335,6 +455,7 @@ async def test_the_cross_check_finds_zendits_qr_code_reading_otherwise_and_alert
             await service.publish_funded(disagreeing, event_id=events[disagreeing].event_id)
             await eventually(lambda: processed(service, "ok") == 4, within=5, what="the redelivery")
             alerts = await tap.messages(ALERT)
+            published = list(tap.seen)
 
     assert [o.status for o in orders.values()] == [OrderStatus.PROVISIONED] * 3  # ours went out every time
     for txn in orders:
@@ -347,16 +468,49 @@ async def test_the_cross_check_finds_zendits_qr_code_reading_otherwise_and_alert
     assert zendit_emulator.control("GET", "state")["faults"] == []
     assert (alert["transaction_id"], alert["alert"], alert["alert_key"], alert["reason"]) == (
         disagreeing,
-        "needs_attention",
-        f"zendit_qr_mismatch:{disagreeing}",
-        "zendit_qr_mismatch",
+        "qr_mismatch",  # its own kind: notify's email says the order was delivered
+        f"qr_mismatch:{disagreeing}",
+        "qr_mismatch_zendit",
     )
     assert alert["facts"]["zendit_status"] == "DONE" and alerts == [alert]
-    assert sample("esim_provisioning_operator_alerts_total", reason="zendit_qr_mismatch") - alerts_before == 1
-    mismatch_logs = [r for r in caplog.records if getattr(r, "alert", None) == "zendit_qr_mismatch"]
+    assert sample("esim_provisioning_operator_alerts_total", reason="qr_mismatch_zendit") - alerts_before == 1
+    mismatch_logs = [r for r in caplog.records if getattr(r, "alert", None) == "qr_mismatch_zendit"]
     assert [r.zendit_transaction_id for r in mismatch_logs] == [disagreeing]
-    # No activation code in any log line or alert, the mismatching one included.
-    codes = [o.activation_code for o in orders.values()]
-    assert all(code and code not in record.getMessage() for code in codes for record in caplog.records)
-    assert all(code not in json.dumps(alert) for code in codes)
+    # No activation code or LPA string in any log line, at any level, as the service's JSON formatter
+    # writes it (extra fields included), nor in anything published (the alert included).
+    formatter = JsonFormatter(service="provisioning")
+    lines = [formatter.format(record) for record in caplog.records]
+    secrets = [o.activation_code for o in orders.values()] + [
+        expected_lpa(zendit_emulator, t) for t in orders
+    ]
+    assert all(secrets) and any(r.levelno == logging.DEBUG for r in caplog.records)
+    assert [secret for secret in secrets for line in lines if secret in line] == []
+    assert {m["routing_key"] for m in published} >= {ALERT, "order.provisioned"}
+    assert [secret for secret in secrets for m in published if secret in json.dumps(m)] == []
     assert len(await wait_for_messages(service, "notify.order-provisioned", 3)) == 3
+
+
+async def test_a_slow_zendit_qr_image_holds_up_the_delivery_only_for_the_cross_checks_own_timeout(
+    start_provisioning, funded_order, db, zendit_emulator
+):
+    service = await start_provisioning(zendit_qr_cross_check=True, zendit_timeout_seconds=30.0)
+    txn = await funded_order()
+    # Zendit takes longer than the cross-check may wait (but well within the client's own timeout).
+    slow = domain.CROSS_CHECK_TIMEOUT_SECONDS + 3
+    zendit_emulator.control(
+        "POST", "faults", {"endpoint": "get_qrcode", "status": None, "sleepSeconds": slow}
+    )
+    before = {
+        o: sample("esim_zendit_qr_checks_total", check="cross_check", outcome=o)
+        for o in ("match", "unavailable")
+    }
+
+    await service.publish_funded(txn)
+    order = await wait_for_status(db, txn, OrderStatus.PROVISIONED, OrderStatus.NEEDS_ATTENTION)
+
+    after = {o: sample("esim_zendit_qr_checks_total", check="cross_check", outcome=o) for o in before}
+    assert order.status == OrderStatus.PROVISIONED
+    assert zendit_emulator.control("GET", "state")["faults"] == []  # the slow answer was asked for
+    # Given up on after the cross-check's timeout (counted unavailable), not waited for (a match).
+    assert {o: after[o] - before[o] for o in before} == {"match": 0, "unavailable": 1}
+    assert decode(stored_qr(service, txn).read_bytes()) == [expected_lpa(zendit_emulator, txn)]

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import zxingcpp
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
+from esim_common.errors import FailPermanently
 from esim_common.events import OrderFunded
 from esim_common.money import Money
 from esim_common.order_repository import Order, create_order, get_order, record
@@ -38,6 +39,7 @@ from esim_common.service import ServiceContext
 from esim_common.settings import Settings
 from esim_common.topology import delete, esim_topology
 from provisioning.main import create_app
+from provisioning.storage import QrStorage, QrStorageError
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -473,21 +475,169 @@ async def test_a_purchase_still_open_at_the_deadline_needs_an_operator_and_is_no
     assert await service.drain("notify.order-failed") == []
 
 
-async def test_a_qr_code_that_cannot_be_stored_after_zendit_delivered_is_never_refunded(
+def processed(service: Provisioning, outcome: str) -> float:
+    """order.funded deliveries the service settled with `outcome` (ok, deferred, retried, ...)."""
+    labels = {"queue": service.queue("provisioning.order-funded"), "outcome": outcome}
+    return REGISTRY.get_sample_value("esim_messages_processed_total", labels) or 0.0
+
+
+@dataclass
+class FailingStorage:
+    """The service's QR storage, down (QrStorageError, transient) for its first `failures` saves."""
+
+    inner: QrStorage
+    failures: int
+    saves: int = 0
+
+    async def save(self, name: str, png: bytes) -> str:
+        self.saves += 1
+        if self.saves <= self.failures:
+            raise QrStorageError("the storage service answered 503 (test)")
+        return await self.inner.save(name, png)
+
+
+async def test_a_storage_outage_longer_than_the_retry_tiers_is_waited_out_and_delivered_once(
+    start_provisioning, funded_order, db, zendit_emulator
+):
+    service = await start_provisioning(purchase_deadline_seconds=120)  # not reached
+    provisioner = service.app.state.provisioner
+    # More failed saves than the consumer's three retry tiers would tolerate.
+    storage = FailingStorage(provisioner.storage, failures=len(service.ctx.topology.retry_delays) + 3)
+    provisioner.storage = storage
+    txn = await funded_order()
+    retried_before, deferred_before = processed(service, "retried"), processed(service, "deferred")
+
+    await service.publish_funded(txn)
+    order = await wait_for_status(
+        db, txn, OrderStatus.PROVISIONED, OrderStatus.NEEDS_ATTENTION, OrderStatus.REFUNDED
+    )
+    announced = await wait_for_messages(service, "notify.order-provisioned", 1)
+
+    assert order.status == OrderStatus.PROVISIONED and order.zendit_status == "DONE"
+    assert storage.saves == storage.failures + 1
+    # Looked at again with the poll's backoff (deferred, attempts unchanged): no retry tier used up.
+    assert processed(service, "retried") == retried_before
+    assert processed(service, "deferred") - deferred_before >= storage.failures
+    assert [m["transaction_id"] for m in announced] == [txn]
+    assert zendit_purchases(zendit_emulator, txn) == [txn]
+    assert decode((Path(service.settings.qr_storage_dir) / f"{txn}.png").read_bytes()) == [
+        expected_lpa(zendit_emulator, txn)
+    ]
+
+
+@dataclass
+class LockProbingStorage:
+    """The service's QR storage, noting for each save whether the order's row was locked meanwhile
+    (an upload under the row lock would hold the row and a pooled connection while it waits)."""
+
+    inner: QrStorage
+    pool: asyncpg.Pool
+    row_locked: list[bool] = field(default_factory=list)
+
+    async def save(self, name: str, png: bytes) -> str:
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                await conn.execute(
+                    "SELECT 1 FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE NOWAIT", name
+                )
+                self.row_locked.append(False)
+            except asyncpg.LockNotAvailableError:
+                self.row_locked.append(True)
+        return await self.inner.save(name, png)
+
+
+async def test_the_qr_code_is_stored_before_the_orders_row_is_locked(start_provisioning, funded_order, db):
+    service = await start_provisioning()
+    provisioner = service.app.state.provisioner
+    storage = LockProbingStorage(provisioner.storage, db)
+    provisioner.storage = storage
+    txn = await funded_order()
+
+    await service.publish_funded(txn)
+    order = await wait_for_status(db, txn, OrderStatus.PROVISIONED, OrderStatus.NEEDS_ATTENTION)
+
+    assert order.status == OrderStatus.PROVISIONED
+    assert storage.row_locked == [False]
+
+
+async def test_a_qr_code_that_cannot_be_stored_by_the_deadline_goes_to_an_operator_and_is_never_refunded(
     start_provisioning, funded_order, db, zendit_emulator, stripe_emulator, tmp_path
 ):
     blocked = tmp_path / "a-file-not-a-directory"
     blocked.write_text("storage is broken")
-    service = await start_provisioning(qr_storage_dir=str(blocked))
+    service = await start_provisioning(qr_storage_dir=str(blocked), purchase_deadline_seconds=4)
+    txn = await funded_order()
+    retried_before = processed(service, "retried")
+
+    await service.publish_funded(txn)
+    # Waited out with the poll's backoff until the deadline, then handed to an operator.
+    order = await wait_for_status(db, txn, OrderStatus.NEEDS_ATTENTION, OrderStatus.REFUNDED, within=20)
+    [alert] = await wait_for_messages(service, "notify.operator-alert", 1)
+
+    assert order.status == OrderStatus.NEEDS_ATTENTION
+    assert order.failure_reason == "qr_storage_deadline_exceeded"
+    assert order.zendit_status == "DONE"  # recorded when the DONE was seen: the operator is told so
+    assert (alert["reason"], alert["facts"]["zendit_status"]) == ("qr_storage_deadline_exceeded", "DONE")
+    assert refunds_of(stripe_emulator, order) == []
+    assert processed(service, "retried") == retried_before
+    # Handed over, not failed: nothing dead-lettered, and nobody told the order failed (it did not).
+    assert await service.drain_raw(service.ctx.topology.queue("provisioning.order-funded").dlq) == []
+    assert await service.drain("notify.order-failed") == []
+
+
+# ------------------------------------------------------------------------------------------- refunds
+async def test_a_purchase_zendit_refuses_and_does_not_have_is_purchase_failed_and_refunded_once(
+    start_provisioning, funded_order, db, zendit_emulator, stripe_emulator
+):
+    service = await start_provisioning()
+    txn = await funded_order()
+    # The POST is refused before anything is created; the GET that follows finds nothing.
+    zendit_emulator.control("POST", "faults", {"endpoint": "create_purchase", "status": 400})
+
+    await service.publish_funded(txn)
+    order = await wait_for_status(db, txn, OrderStatus.REFUNDED, OrderStatus.NEEDS_ATTENTION)
+    failed = await wait_for_messages(service, "notify.order-failed", 1)
+
+    assert order.status == OrderStatus.REFUNDED and order.failure_reason.startswith("zendit_")
+    timeline = [
+        r["to_status"]
+        for r in await db.fetch(
+            "SELECT to_status FROM order_transitions WHERE transaction_id = $1 ORDER BY id", txn
+        )
+    ]
+    # Moved to purchase_failed under the row lock: that, not the reason, is what allows the refund.
+    assert timeline[-4:] == ["purchasing", "purchase_failed", "refund_pending", "refunded"]
+    assert len(refunds_of(stripe_emulator, order)) == 1
+    assert [m["step"] for m in failed] == ["purchase"]
+    assert zendit_purchases(zendit_emulator, txn) == []
+
+
+@dataclass
+class RefusingStorage:
+    """A storage whose refusal happens to carry a reason that reads like Zendit's."""
+
+    saves: int = 0
+
+    async def save(self, name: str, png: bytes) -> str:
+        self.saves += 1
+        raise FailPermanently("zendit_lookalike", "the storage refused the PNG (test)")
+
+
+async def test_a_permanent_failure_whose_reason_reads_zendit_while_purchasing_is_never_refunded(
+    start_provisioning, funded_order, db, zendit_emulator, stripe_emulator
+):
+    service = await start_provisioning()
+    storage = RefusingStorage()
+    service.app.state.provisioner.storage = storage
     txn = await funded_order()
 
     await service.publish_funded(txn)
-    # Three retry tiers (1 + 3 + 10 s) are used up, then the failure path runs.
-    order = await wait_for_status(db, txn, OrderStatus.NEEDS_ATTENTION, OrderStatus.REFUNDED, within=30)
+    order = await wait_for_status(db, txn, OrderStatus.NEEDS_ATTENTION, OrderStatus.REFUNDED)
 
-    assert order.status == OrderStatus.NEEDS_ATTENTION and order.failure_reason == "retries_exhausted"
+    # Zendit delivered (DONE); only storing failed. The order is still purchasing when the failure
+    # path runs, so an operator decides: the `zendit_` reason does not make it refundable.
+    assert storage.saves == 1
+    assert order.status == OrderStatus.NEEDS_ATTENTION and order.failure_reason == "zendit_lookalike"
+    assert order.zendit_status == "DONE"
     assert refunds_of(stripe_emulator, order) == []
-    # The message is kept for a person, and nobody was told the order failed (it did not, for them).
-    dead_letters = await service.drain_raw(service.ctx.topology.queue("provisioning.order-funded").dlq)
-    assert [m["transaction_id"] for m in dead_letters] == [txn]
     assert await service.drain("notify.order-failed") == []

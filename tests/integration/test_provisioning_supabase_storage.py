@@ -1,11 +1,16 @@
 """The provisioning service storing QR codes in Supabase Storage: the real RabbitMQ and Postgres, the
 Zendit and Stripe emulators, the Supabase Storage emulator, the service in-process (harness of
-test_provisioning_service.py) with SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY set.
+test_provisioning_service.py, which runs the app's real lifespan) with SUPABASE_URL and
+SUPABASE_SERVICE_ROLE_KEY set. Start-up verifies the storage: a configuration Storage refuses stops
+the service before it consumes anything; an outage does not.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -13,8 +18,10 @@ import pytest
 from pydantic import SecretStr
 
 from esim_common.order_states import OrderStatus
+from esim_sandbox.serve import free_port
 from esim_sandbox.storage_emulator import tokens
 from provisioning import qr
+from provisioning.storage import QrStorageRefused
 from tests.fixtures.storage_emulator import StorageEmulator
 from tests.integration import test_provisioning_service as svc
 from tests.integration.test_provisioning_service import (
@@ -84,11 +91,82 @@ async def test_a_storage_outage_is_retried_and_the_order_is_provisioned_once(
     assert qr.decode_png(httpx.get(order.qr_code_url).content) == [expected_lpa(zendit_emulator, txn)]
 
 
+def logged_text(caplog) -> str:
+    return "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------ start-up
+async def test_the_service_refuses_to_start_with_a_key_the_project_refuses_naming_the_setting_not_the_key(
+    start_provisioning, storage_emulator, caplog
+):
+    wrong_key = tokens.api_key("service_role", "the-secret-of-some-other-project")
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(QrStorageRefused) as refused:
+        await start_provisioning(**supabase_settings(storage_emulator, wrong_key))
+
+    assert refused.value.reason == "qr_storage_unauthorized"
+    assert "SUPABASE_SERVICE_ROLE_KEY" in str(refused.value) and wrong_key not in str(refused.value)
+    assert "SUPABASE_SERVICE_ROLE_KEY" in logged_text(caplog) and wrong_key not in logged_text(caplog)
+    assert [op["operation"] for op in storage_emulator.state.log] == ["bucket"]  # looked, stored nothing
+
+
+def test_the_service_process_exits_at_start_up_saying_which_setting_to_fix(storage_emulator, tmp_path):
+    wrong_key = tokens.api_key("service_role", "the-secret-of-some-other-project")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SUPABASE_")}
+    env.update(
+        SUPABASE_URL=storage_emulator.url,
+        SUPABASE_SERVICE_ROLE_KEY=wrong_key,
+        HTTP_PORT=str(free_port()),
+        QR_STORAGE_DIR=str(tmp_path / "qrcodes"),
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-m", "provisioning"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "Application startup failed" in output
+    assert "SUPABASE_SERVICE_ROLE_KEY" in output and wrong_key not in output
+    assert [op["operation"] for op in storage_emulator.state.log] == ["bucket"]
+
+
+async def test_the_service_refuses_to_start_without_its_bucket(start_provisioning, storage_emulator):
+    with pytest.raises(QrStorageRefused) as refused:
+        await start_provisioning(**supabase_settings(storage_emulator), supabase_bucket="esim-qr-typo")
+
+    assert refused.value.reason == "qr_storage_bucket_missing" and "SUPABASE_BUCKET" in str(refused.value)
+
+
+async def test_the_service_starts_while_storage_is_down_and_provisions_once_it_is_back(
+    start_provisioning, funded_order, db, zendit_emulator, storage_emulator, caplog
+):
+    storage_emulator.control("POST", "faults", {"operation": "bucket", "status": 503})
+
+    with caplog.at_level(logging.WARNING):
+        service = await start_provisioning(**supabase_settings(storage_emulator))
+    txn = await funded_order()
+    await service.publish_funded(txn)
+    order = await wait_for_status(db, txn, OrderStatus.PROVISIONED, OrderStatus.NEEDS_ATTENTION)
+
+    assert [op["status"] for op in storage_emulator.operations("bucket")] == [503]
+    assert "could not be checked at start-up" in logged_text(caplog)
+    assert order.status == OrderStatus.PROVISIONED
+    assert qr.decode_png(httpx.get(order.qr_code_url).content) == [expected_lpa(zendit_emulator, txn)]
+
+
+# ------------------------------------------------------------------------------------------ refused later
 async def test_a_key_supabase_refuses_holds_the_order_for_an_operator_and_never_refunds(
     start_provisioning, funded_order, db, zendit_emulator, stripe_emulator, storage_emulator, caplog
 ):
-    wrong_key = tokens.api_key("service_role", "the-secret-of-some-other-project")
-    service = await start_provisioning(**supabase_settings(storage_emulator, wrong_key))
+    service = await start_provisioning(**supabase_settings(storage_emulator))
+    key = storage_emulator.service_role_key
+    # After start-up, the project's JWT secret is rotated: the key the service holds is refused now.
+    storage_emulator.state.jwt_secret = "the-projects-new-jwt-secret"
     txn = await funded_order()
 
     with caplog.at_level(logging.DEBUG):
@@ -105,6 +183,5 @@ async def test_a_key_supabase_refuses_holds_the_order_for_an_operator_and_never_
     assert [op["status"] for op in storage_emulator.operations("upload")] == [400]
     assert storage_emulator.stored(f"{txn}.png") is None
     assert await service.drain("notify.order-failed") == []
-    logged = "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
-    assert "SUPABASE_SERVICE_ROLE_KEY" in logged  # the operator is told what to fix ...
-    assert wrong_key not in logged  # ... and never shown the key
+    assert "SUPABASE_SERVICE_ROLE_KEY" in logged_text(caplog)  # the operator is told what to fix ...
+    assert key not in logged_text(caplog)  # ... and never shown the key

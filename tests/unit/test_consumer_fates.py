@@ -46,7 +46,9 @@ class RecordingRouter:
         self.moves.append("dlq")
 
 
-async def deliver(error: BaseException, *, attempt: int = 1) -> tuple[str, list[str], list[str]]:
+async def deliver(
+    error: BaseException, *, attempt: int = 1, dead_letter_after_failure: bool = False
+) -> tuple[str, list[str], list[str]]:
     router = RecordingRouter()
     hook_calls: list[str] = []
 
@@ -62,6 +64,7 @@ async def deliver(error: BaseException, *, attempt: int = 1) -> tuple[str, list[
         handler=handler,
         router=router,
         on_failure=on_failure,
+        dead_letter_after_failure=dead_letter_after_failure,
     )
     return outcome, router.moves, hook_calls
 
@@ -98,6 +101,12 @@ async def test_a_transient_error_after_the_last_tier_compensates_and_dead_letter
 @pytest.mark.parametrize(("error", "reason"), PERMANENT, ids=lambda e: type(e).__name__)
 async def test_a_permanent_provider_error_takes_the_failure_path_with_its_reason(error, reason):
     assert await deliver(error) == ("failed_permanently", [], [reason])
+
+
+async def test_a_permanent_failure_can_also_be_dead_lettered_after_its_failure_hook_ran():
+    """For a failure hook that can only log (an operator alert that could not be emailed)."""
+    outcome = await deliver(FailPermanently("email_rejected_550"), dead_letter_after_failure=True)
+    assert outcome == ("dead_lettered", ["dlq"], ["email_rejected_550"])
 
 
 async def test_an_ambiguous_topup_outcome_is_dead_lettered_for_a_person_without_compensating():

@@ -197,3 +197,25 @@ def test_alert_facts_named_like_activation_or_card_data_are_never_shown():
         ("orders_waiting", "3"),
         ("zendit_transaction_id", "z-1"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("waited", "delay"),
+    [(0, 1.0), (9.9, 1.0), (10, 3.0), (59, 3.0), (60, 10.0), (3599, 10.0), (3600, None), (86400, None)],
+)
+def test_an_email_the_relay_did_not_take_waits_with_a_backoff_until_the_give_up_age(waited, delay):
+    assert domain.email_retry_delay(waited, 3600) == delay
+
+
+@pytest.mark.parametrize(
+    ("reason", "recorded"),
+    [
+        ("email_rejected_550", "email_failed: email_rejected_550"),
+        ("smtp_unavailable", "email_failed: smtp_unavailable"),
+        ("smtp_certificate_invalid", "email_failed: smtp_certificate_invalid"),
+        ("retries_exhausted", "email_failed: retries_exhausted"),
+        ("activation_data_missing", "activation_data_missing"),
+    ],
+)
+def test_a_delivery_failure_says_email_failed_only_when_the_email_failed(reason, recorded):
+    assert domain.delivery_failure_reason(reason) == recorded

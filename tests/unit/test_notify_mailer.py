@@ -1,6 +1,7 @@
-"""SMTP failures get their fate at one boundary: 5xx, a certificate that fails verification and a
-server without what we need are permanent; everything else is retried. Unsafe SMTP settings are refused
-when the mailer is built, before notify consumes anything."""
+"""SMTP failures get their fate at one boundary: a refused recipient (5xx to RCPT, 550/552/553/554 to
+DATA) is permanent; a relay refusing everyone (login, certificate, STARTTLS/AUTH missing, 5xx to EHLO or
+MAIL FROM) is a relay error that waits for an operator; everything else is retried. Unsafe SMTP
+settings are refused when the mailer is built, before notify consumes anything."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from notify.mailer import (
     EmailTransientError,
     SmtpConfigError,
     SmtpMailer,
+    SmtpRelayError,
     _classify,
 )
 
@@ -46,13 +48,39 @@ def test_connection_problems_timeouts_and_4xx_replies_are_transient(exc):
             "email_rejected_550",
         ),
         (aiosmtplib.SMTPDataError(554, "spam"), "email_rejected_554"),
-        (aiosmtplib.SMTPAuthenticationError(535, "bad credentials"), "email_rejected_535"),
-        (aiosmtplib.SMTPNotSupported("STARTTLS"), "email_rejected"),
+        (aiosmtplib.SMTPDataError(550, "no such user"), "email_rejected_550"),
+        (aiosmtplib.SMTPDataError(552, "mailbox full"), "email_rejected_552"),
+        (aiosmtplib.SMTPDataError(553, "name not allowed"), "email_rejected_553"),
     ],
 )
-def test_a_5xx_rejection_is_permanent_with_its_code_as_the_reason(exc, reason):
+def test_a_refused_recipient_is_permanent_with_its_code_as_the_reason(exc, reason):
     classified = _classify(exc)
     assert isinstance(classified, EmailRejected) and isinstance(classified, PermanentError)
+    assert classified.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (aiosmtplib.SMTPAuthenticationError(535, "bad credentials"), "smtp_login_refused_535"),
+        (
+            aiosmtplib.SMTPSenderRefused(530, "authentication required", "shop@example.com"),
+            "smtp_login_refused_530",
+        ),
+        (
+            aiosmtplib.SMTPSenderRefused(553, "sender not allowed", "shop@example.com"),
+            "smtp_relay_refused_553",
+        ),
+        (aiosmtplib.SMTPHeloError(501, "bad EHLO"), "smtp_relay_refused_501"),
+        (aiosmtplib.SMTPConnectResponseError(554, "no service"), "smtp_relay_refused_554"),
+        (aiosmtplib.SMTPDataError(503, "bad sequence"), "smtp_relay_refused_503"),
+        (aiosmtplib.SMTPNotSupported("STARTTLS"), "smtp_relay_unsupported"),
+    ],
+)
+def test_a_relay_refusing_everyone_is_a_relay_error_that_waits(exc, reason):
+    classified = _classify(exc)
+    assert isinstance(classified, SmtpRelayError) and isinstance(classified, TransientError)
+    assert not isinstance(classified, PermanentError)
     assert classified.reason == reason
 
 
@@ -80,9 +108,9 @@ def wrapped(cause: BaseException, exc: BaseException) -> BaseException:
         ),
     ],
 )
-def test_a_certificate_that_fails_verification_is_permanent(exc):
+def test_a_certificate_that_fails_verification_is_a_relay_error(exc):
     classified = _classify(exc)
-    assert isinstance(classified, EmailRejected)
+    assert isinstance(classified, SmtpRelayError)
     assert classified.reason == CERTIFICATE_REASON
     assert "unable to get local issuer certificate" in str(classified)
 
@@ -109,8 +137,8 @@ def test_a_tls_handshake_that_breaks_off_is_transient(exc):
         aiosmtplib.SMTPException("No suitable authentication method found."),
     ],
 )
-def test_a_server_without_starttls_or_auth_is_permanent(exc):
-    assert isinstance(_classify(exc), EmailRejected)
+def test_a_server_without_starttls_or_auth_is_a_relay_error(exc):
+    assert isinstance(_classify(exc), SmtpRelayError)
 
 
 def test_a_temporary_auth_failure_is_transient():
@@ -125,7 +153,7 @@ def test_the_password_is_scrubbed_from_what_the_server_said():
 
     classified = _classify(exc, secrets=(password,))
 
-    assert isinstance(classified, EmailRejected) and classified.code == 535
+    assert isinstance(classified, SmtpRelayError) and classified.code == 535
     assert password not in str(classified) and password not in repr(classified)
 
 
@@ -139,6 +167,12 @@ def mailer(**options) -> SmtpMailer:
         "timeout_seconds": 5.0,
     }
     return SmtpMailer(**(settings | options))
+
+
+def test_a_password_without_a_user_name_is_refused_at_startup():
+    with pytest.raises(SmtpConfigError, match="SMTP_USERNAME") as refused:
+        mailer(password="s3cret-canary", starttls=True)
+    assert "s3cret-canary" not in str(refused.value)
 
 
 def test_credentials_are_refused_over_a_plaintext_connection_to_another_host():

@@ -1,19 +1,26 @@
 """Which QR code a customer gets, pure: ours when it reads back, Zendit's only when it reads as exactly
 the same LPA string, otherwise nobody's (an operator). Also the client call that fetches Zendit's image,
-the emulator's control that makes that image wrong, and the needs_attention alert's contents."""
+the emulator's control that makes that image wrong, and the operator alerts' contents."""
 
 from __future__ import annotations
 
 import base64
 
 import httpx
+import PIL.Image
 import pytest
 
 from esim_common import outbox
+from esim_common.errors import FailPermanently
 from esim_common.lpa import lpa_string
 from esim_common.order_repository import Order
 from esim_common.order_states import OrderStatus
-from esim_common.providers.zendit import ZenditClient, ZenditNotFound, ZenditTransientError
+from esim_common.providers.zendit import (
+    Purchase,
+    ZenditClient,
+    ZenditNotFound,
+    ZenditTransientError,
+)
 from esim_sandbox.zendit_emulator.activation import new_confirmation, qr_png
 from provisioning import qr, repository
 from provisioning.domain import (
@@ -23,6 +30,7 @@ from provisioning.domain import (
     qr_check,
     qr_to_deliver,
 )
+from provisioning.phases import Provisioner
 
 LPA = lpa_string("smdp.sandbox.zendit.test", "0A1B2C3D4E5F60718293A4B5C6D7E8F9")
 OTHER = lpa_string("smdp.sandbox.zendit.test", "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF")
@@ -48,6 +56,52 @@ def test_an_image_that_is_not_an_image_holds_no_code_rather_than_an_error():
     assert qr.codes_in(b"\x89PNG\r\n\x1a\n but then nothing") == []
     assert qr.codes_in(b"") == []
     assert qr.codes_in(qr.render_png(LPA)) == [LPA]
+
+
+def test_an_image_too_big_to_open_safely_holds_no_code_rather_than_an_error(monkeypatch):
+    # PIL refuses to open an image of more than 2 * MAX_IMAGE_PIXELS with DecompressionBombError,
+    # which is no OSError: shrink the limit so that an ordinary QR image counts as such a bomb.
+    png = qr.render_png(LPA)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(PIL.Image.DecompressionBombError):
+        qr.decode_png(png)
+
+    assert qr.codes_in(png) == []
+
+
+def test_without_a_decoder_nothing_is_verified_and_nothing_passes_silently(monkeypatch):
+    monkeypatch.setattr(qr, "zxingcpp", None)  # an environment built without zxing-cpp
+    png = qr.render_png(LPA)
+
+    with pytest.raises(qr.QrDecoderMissing):
+        qr.verify_png(png, LPA)
+    with pytest.raises(qr.QrDecoderMissing):
+        qr.lpa_qr_png(LPA)
+    with pytest.raises(qr.QrDecoderMissing):  # not "no code in it": the decoder is ours to fix
+        qr.codes_in(png)
+
+
+@pytest.mark.parametrize(
+    "confirmation",
+    [
+        None,
+        {"iccid": "8944", "smdpAddress": "smdp.sandbox.zendit.test", "activationCode": ""},
+        {"iccid": "8944", "smdpAddress": "", "activationCode": "0A1B2C3D4E5F"},
+        {"iccid": "8944", "smdpAddress": "smdp.sandbox.zendit.test", "activationCode": "0A1B$2C3D"},
+    ],
+    ids=["none", "no-code", "no-smdp", "dollar-in-code"],
+)
+def test_a_done_purchase_without_usable_activation_data_goes_to_an_operator(confirmation):
+    purchase = Purchase.model_validate(
+        {"transactionId": "txn_abc", "status": "DONE", "confirmation": confirmation}
+    )
+
+    with pytest.raises(FailPermanently) as raised:
+        Provisioner._lpa_of(purchase)
+
+    # Not refundable (the order is still purchasing) and never echoing what Zendit sent.
+    assert raised.value.reason == "confirmation_incomplete"
+    assert "0A1B" not in str(raised.value)
 
 
 # ------------------------------------------------------------------------------ whose image is sent
@@ -81,7 +135,7 @@ def test_the_cross_check_calls_an_operator_only_when_zendits_image_reads_as_anot
 
 
 # ------------------------------------------------------------------------------ the needs_attention alert
-def test_the_needs_attention_alert_is_one_per_order_with_ids_and_statuses_only():
+def test_the_needs_attention_alert_is_one_per_purchase_attempt_with_ids_and_statuses_only():
     order = Order.model_construct(  # only the fields the alert reads, and a secret it must not
         transaction_id="txn_abc",
         status=OrderStatus.PURCHASING,
@@ -96,10 +150,17 @@ def test_the_needs_attention_alert_is_one_per_order_with_ids_and_statuses_only()
 
     alert = repository.needs_attention_alert(order, "purchase_deadline_exceeded")
     again = repository.needs_attention_alert(order, "a later reason")
+    first_attempt = repository.needs_attention_alert(
+        order.model_copy(update={"zendit_transaction_id": "txn_abc", "purchase_attempts": 1}), "x"
+    )
 
     assert alert.routing_key == "operator.alert" and alert.alert == "needs_attention"
-    assert alert.alert_key == "needs_attention:txn_abc"
-    assert alert.event_id == again.event_id == outbox.stable_event_id("needs_attention:txn_abc")
+    # Keyed by the attempt's Zendit id: an order re-driven by an operator that gets stuck again is
+    # a new alert (notify emails once per key), a redelivery for the same attempt is not.
+    assert alert.alert_key == "needs_attention:txn_abc-r2"
+    assert alert.event_id == again.event_id == outbox.stable_event_id("needs_attention:txn_abc-r2")
+    assert first_attempt.alert_key == "needs_attention:txn_abc"
+    assert first_attempt.event_id != alert.event_id
     assert alert.reason == "purchase_deadline_exceeded"
     assert alert.facts == {
         "zendit_transaction_id": "txn_abc-r2",
@@ -169,7 +230,7 @@ def test_the_emulator_serves_the_real_a_wrong_or_a_blank_image_of_a_purchase():
     assert qr.codes_in(qr_png(confirmation, "blank")) == []
 
 
-def test_a_cross_check_mismatch_has_its_own_alert_key_so_it_never_hides_a_needs_attention_alert():
+def test_a_cross_check_mismatch_is_its_own_alert_kind_and_key_so_it_never_hides_a_needs_attention_alert():
     order = Order.model_construct(
         transaction_id="txn_abc",
         status=OrderStatus.PROVISIONED,
@@ -181,11 +242,13 @@ def test_a_cross_check_mismatch_has_its_own_alert_key_so_it_never_hides_a_needs_
 
     alert = repository.qr_mismatch_alert(order)
 
+    # Its own kind (notify's operator_qr_mismatch email: the order was delivered), and a reason that
+    # does not read `zendit_*`.
     assert (alert.alert, alert.alert_key, alert.reason) == (
-        "needs_attention",
-        "zendit_qr_mismatch:txn_abc",
-        "zendit_qr_mismatch",
+        "qr_mismatch",
+        "qr_mismatch:txn_abc",
+        "qr_mismatch_zendit",
     )
-    assert alert.event_id == outbox.stable_event_id("zendit_qr_mismatch:txn_abc")
+    assert alert.event_id == outbox.stable_event_id("qr_mismatch:txn_abc")
     assert alert.event_id != repository.needs_attention_alert(order, "x").event_id
     assert alert.facts["zendit_status"] == "DONE"

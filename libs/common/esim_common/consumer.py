@@ -9,6 +9,7 @@ nothing; what it raises decides the message's fate (see `esim_common.errors`):
 | raises TransientError (e.g. RetryLater) | copy to the next retry tier (1 s, 3 s, 10 s), ack          |
 |   ... after the last tier               | run the failure hook, copy to `<queue>.dlq`, ack           |
 | raises PermanentError                   | run the failure hook (compensation), ack; no hook → DLQ    |
+|   ... with dead_letter_after_failure    | run the failure hook, copy to `<queue>.dlq`, ack           |
 | the failure hook raises                 | retry tier while attempts remain, then DLQ                 |
 | raises CheckAgainLater (not done yet)   | copy to a delay tier, attempts unchanged, ack              |
 | raises anything else (a bug)            | copy to `<queue>.dlq` for a person, ack                    |
@@ -153,6 +154,7 @@ async def handle_delivery(
     handler: Handler[E],
     router: MessageRouter,
     on_failure: FailureHook[E] | None,
+    dead_letter_after_failure: bool = False,
 ) -> str:
     """Run the handler for one delivery and settle the message. Returns the outcome label."""
     queue_name = router.queue.name
@@ -190,7 +192,9 @@ async def handle_delivery(
                 "permanent failure",
                 extra={"queue": queue_name, "reason": exc.reason, "error": error_summary(exc)},
             )
-            return await _take_failure_path(message, event, exc, attempt, router, on_failure)
+            return await _take_failure_path(
+                message, event, exc, attempt, router, on_failure, dead_letter=dead_letter_after_failure
+            )
         except Exception as exc:
             log.exception("unexpected error, dead-lettered for an operator", extra={"queue": queue_name})
             await router.to_dlq(message, exc)
@@ -204,8 +208,11 @@ async def _take_failure_path(
     attempt: int,
     router: MessageRouter,
     on_failure: FailureHook[E] | None,
+    *,
+    dead_letter: bool = False,
 ) -> str:
-    """Run the service's compensation; a message whose retries ran out also goes to the DLQ.
+    """Run the service's compensation; a message whose retries ran out (or, with `dead_letter`, any
+    message that took the failure path) also goes to the DLQ.
 
     A compensation that fails (database down, refund refused) is itself retried through the tiers —
     bounded by the same attempt counter — and dead-lettered when they are used up, so a failing
@@ -226,7 +233,7 @@ async def _take_failure_path(
             message, f"{error_summary(exc)}; then the failure path failed: {error_summary(hook_exc)}"
         )
         return "dead_lettered"
-    if exhausted:
+    if exhausted or dead_letter:
         await router.to_dlq(message, exc)
         return "dead_lettered"
     return "failed_permanently"
@@ -240,8 +247,12 @@ def consume(
     handler: Handler[E],
     *,
     on_failure: FailureHook[E] | None = None,
+    dead_letter_after_failure: bool = False,
 ) -> RabbitSubscriber:
     """Subscribe `handler` to a queue of the topology, with explicit fates for every outcome.
+
+    `dead_letter_after_failure`: a permanent failure is also copied to `<queue>.dlq` once the failure
+    hook ran, for a hook that can only log (the message stays visible and can be replayed).
 
     The queue, its retry tiers and its DLQ must have been declared (`topology.declare`) — FastStream
     does not declare it again here, so there is exactly one place that defines its arguments.
@@ -265,7 +276,12 @@ def consume(
         started = time.perf_counter()
         try:
             outcome = await handle_delivery(
-                message, event_type=event_type, handler=handler, router=router, on_failure=on_failure
+                message,
+                event_type=event_type,
+                handler=handler,
+                router=router,
+                on_failure=on_failure,
+                dead_letter_after_failure=dead_letter_after_failure,
             )
         except Exception:
             # The copy to a retry tier or the DLQ was not confirmed. Reject without requeue: the work

@@ -115,8 +115,9 @@ class PurchaseUpdateHint(Event):
 
 # What an operator is told about. `needs_attention`: an order no automation can finish (provisioning's
 # purchase deadline, an unreadable purchase); `wallet_short`: prefunded mode, the Zendit wallet cannot
-# pay for the orders waiting (`amount_to_add`).
-AlertKind = Literal["needs_attention", "wallet_short"]
+# pay for the orders waiting (`amount_to_add`); `qr_mismatch`: an order delivered with our verified QR
+# code whose Zendit QR image reads differently (ZENDIT_QR_CROSS_CHECK), for a person to compare.
+AlertKind = Literal["needs_attention", "wallet_short", "qr_mismatch"]
 
 
 class OperatorAlert(Event):

@@ -8,7 +8,7 @@
 `publish_pending` locks the row until the broker has confirmed the publish and then stamps it, so two
 workers cannot both publish it, a publish lost to a crash or a broker error is made by the next caller,
 and a caller who comes after the stamp publishes nothing. Event ids that must be stable across
-redeliveries (one alert per order, say) come from `stable_event_id`.
+redeliveries (one alert per purchase attempt, say) come from `stable_event_id`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class Publisher(Protocol):
 
 
 def stable_event_id(key: str) -> uuid.UUID:
-    """The same event id for the same `key` (e.g. `operator.alert:needs_attention:<txn>`)."""
+    """The same event id for the same `key` (e.g. an alert's key, `needs_attention:<zendit transaction
+    id>` or `wallet_short:<txn>`)."""
     return uuid.uuid5(_NAMESPACE, key)
 
 

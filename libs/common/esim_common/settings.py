@@ -7,6 +7,7 @@ The defaults point at the sandbox emulators on loopback, so a fresh machine runs
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -68,6 +69,38 @@ def _weak_shared_secrets(settings: Settings) -> list[str]:
             if len(secret.get_secret_value()) < MIN_SHARED_SECRET_LENGTH
         ]
     return weak
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def supabase_url_problem(url: str, environment: str) -> str | None:
+    """Why SUPABASE_URL cannot be used, or None. Never quotes the URL (it may carry credentials)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "SUPABASE_URL is not a valid URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "SUPABASE_URL must be an http(s) URL such as https://<ref>.supabase.co"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        # The client adds /storage/v1 itself: people paste the Storage or REST endpoint instead.
+        return (
+            "SUPABASE_URL must be the project URL, e.g. https://<ref>.supabase.co, without /storage/v1 "
+            "(no path, no query)"
+        )
+    if parts.scheme == "http" and environment != "sandbox" and not _is_loopback(host):
+        return (
+            f"SUPABASE_URL must use https with ENVIRONMENT={environment}: over http the service-role key "
+            "would travel in clear"
+        )
+    return None
 
 
 def _url_password(url: str) -> str | None:
@@ -192,6 +225,9 @@ class Settings(BaseSettings):
     smtp_ca_file: str | None = None  # PEM bundle to trust instead of the system's (a private relay)
     smtp_from: str = "eSIM Shop <esim@example.com>"
     smtp_timeout_seconds: float = 10.0
+    # An eSIM email the relay cannot take (down, refusing our login) waits this long after the QR was
+    # stored, re-tried with a backoff, before the order goes to needs_attention.
+    email_give_up_seconds: int = Field(default=3600, ge=1)
 
     # --- admin
     admin_api_token: SecretStr = SecretStr("admin-sandbox-token")
@@ -235,6 +271,32 @@ class Settings(BaseSettings):
                 "SMTP_TLS (implicit TLS, usually port 465) and SMTP_STARTTLS (upgrade, usually port 587) "
                 "exclude each other: set the one your SMTP server speaks"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _supabase_storage(self) -> Settings:
+        """A usable Supabase pair or none: both set, or both empty (QR codes stay in QR_STORAGE_DIR)."""
+        raw_key = self.supabase_service_role_key.get_secret_value() if self.supabase_service_role_key else ""
+        if raw_key and not raw_key.strip():
+            raise ValueError(
+                "SUPABASE_SERVICE_ROLE_KEY is blank: set the project's service_role key, or unset it"
+            )
+        key, url = raw_key.strip(), (self.supabase_url or "").strip()
+        self.supabase_url = url or None
+        self.supabase_service_role_key = SecretStr(key) if key else None
+        if bool(url) != bool(key):
+            given, missing = (
+                ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY")
+                if url
+                else ("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_URL")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not: set both to store QR codes in Supabase Storage, "
+                "or neither to keep them in QR_STORAGE_DIR"
+            )
+        problem = supabase_url_problem(url, self.environment) if url else None
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

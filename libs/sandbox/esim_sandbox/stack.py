@@ -117,8 +117,32 @@ class Stack:
         return self.workdir / "logs"
 
     @property
+    def storage_bucket(self) -> str:
+        return self.extra_env.get("SUPABASE_BUCKET", "").strip() or storage_emulator.DEFAULT_BUCKET
+
+    @property
+    def signed_url_seconds(self) -> int:
+        given = self.extra_env.get("SUPABASE_SIGNED_URL_SECONDS", "").strip()
+        default: int = Settings.model_fields["supabase_signed_url_seconds"].default
+        return int(given) if given else default
+
+    @property
     def public_storage_bucket(self) -> bool:
-        return self.extra_env.get("SUPABASE_SIGNED_URL_SECONDS", "").strip() == "0"
+        return self.signed_url_seconds == 0
+
+    def _storage_env(self) -> dict[str, str]:
+        """Set even when empty: empty beats a SUPABASE_URL in `.env`, which would otherwise send the
+        sandbox's QR codes to a real project. With the emulator, its bucket and visibility are what
+        provisioning is told, so an inherited SUPABASE_BUCKET or SUPABASE_SIGNED_URL_SECONDS in `.env`
+        cannot make the two disagree."""
+        if self.storage != "supabase":
+            return {"SUPABASE_URL": "", "SUPABASE_SERVICE_ROLE_KEY": ""}
+        return {
+            "SUPABASE_URL": self.url("storage"),
+            "SUPABASE_SERVICE_ROLE_KEY": storage_emulator.DEFAULT_SERVICE_ROLE_KEY,
+            "SUPABASE_BUCKET": self.storage_bucket,
+            "SUPABASE_SIGNED_URL_SECONDS": str(self.signed_url_seconds),
+        }
 
     def service_env(self, name: str) -> dict[str, str]:
         env = {
@@ -142,12 +166,7 @@ class Stack:
                 "QR_PUBLIC_BASE_URL": f"{self.url('provisioning')}/qrcodes",
                 "SHOP_BASE_URL": self.url("webhook"),
                 "PYTHONUNBUFFERED": "1",
-                # Set even when empty: empty beats a SUPABASE_URL in `.env`, which would otherwise
-                # send the sandbox's QR codes to a real project.
-                "SUPABASE_URL": self.url("storage") if self.storage == "supabase" else "",
-                "SUPABASE_SERVICE_ROLE_KEY": (
-                    storage_emulator.DEFAULT_SERVICE_ROLE_KEY if self.storage == "supabase" else ""
-                ),
+                **self._storage_env(),
             }
         )
         env.update(self.extra_env)
@@ -161,7 +180,7 @@ class Stack:
             f"--stripe-port={self.ports['stripe']}",
             f"--zendit-port={self.ports['zendit']}",
             f"--storage-port={self.ports['storage']}",
-            f"--storage-bucket={self.extra_env.get('SUPABASE_BUCKET') or storage_emulator.DEFAULT_BUCKET}",
+            f"--storage-bucket={self.storage_bucket}",
             f"--smtp-port={self.ports['smtp']}",
             f"--mail-dir={self.mail_dir}",
             f"--stripe-webhook-url={self.url('webhook')}/api/webhooks/stripe",

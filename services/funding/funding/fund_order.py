@@ -77,13 +77,24 @@ class Decision:
     awaiting: int | None = None  # prefunded: orders in awaiting_funds after this decision
 
 
+# The id of the order's latest move to awaiting_funds: the marker of its current wait (shortage episode).
+LATEST_WAIT = """
+    SELECT max(id) FROM order_transitions WHERE transaction_id = $1 AND to_status = 'awaiting_funds'
+"""
+
+
 def shortage_alert(
-    transaction_id: str, amount_to_add: Money | None = None, facts: dict[str, str] | None = None
+    transaction_id: str,
+    episode: int,
+    amount_to_add: Money | None = None,
+    facts: dict[str, str] | None = None,
 ) -> OperatorAlert:
-    """The wallet_short alert of the shortage whose wait `transaction_id` began. Its event id depends on
-    the order only, so a redelivery finds the queued one (`outbox.publish_pending` publishes the queued
-    version: the amount and facts of a lookup copy made without them do not matter)."""
-    alert_key = f"wallet_short:{transaction_id}"
+    """The wallet_short alert of the shortage whose wait `transaction_id` began; `episode` is the id of
+    that order's order_transitions row into awaiting_funds, so the same order beginning a later shortage
+    (funded, sent back by INSUFFICIENT_FUNDS, short again) raises a new alert. Its event id depends on the
+    key only, so a redelivery finds the queued one (`outbox.publish_pending` publishes the queued version:
+    the amount and facts of a lookup copy made without them do not matter)."""
+    alert_key = f"wallet_short:{transaction_id}:{episode}"
     return OperatorAlert(
         event_id=outbox.stable_event_id(alert_key),
         transaction_id=transaction_id,
@@ -373,10 +384,10 @@ class FundOrder:
     async def _fund_prefunded(self, transaction_id: str, cost: Money) -> None:
         # The alert this order queued when its wait began a shortage: published after that commit, and
         # by any later delivery of the order if that publish was lost (a no-op once it is published).
-        await outbox.publish_pending(self._pool(), self._publisher, shortage_alert(transaction_id))
+        await self._publish_shortage_alert(transaction_id)
         await self._behind_a_waiting_order(transaction_id)
         decision = await self._decide(transaction_id, cost, can_top_up=False)
-        await outbox.publish_pending(self._pool(), self._publisher, shortage_alert(transaction_id))
+        await self._publish_shortage_alert(transaction_id)
         if decision.moved_on:
             return None
         if decision.awaiting is not None:
@@ -390,6 +401,14 @@ class FundOrder:
         if decision.short is not None:
             wallet_shortfall.labels(currency=decision.short.currency).set(decision.short.amount)
         raise CheckAgainLater(self._recheck_seconds, "waiting for the operator to fund the wallet")
+
+    async def _publish_shortage_alert(self, transaction_id: str) -> None:
+        """Publish the alert of the order's current wait if it queued one and it is not published yet."""
+        episode = await self._pool().fetchval(LATEST_WAIT, transaction_id)
+        if episode is not None:
+            await outbox.publish_pending(
+                self._pool(), self._publisher, shortage_alert(transaction_id, episode)
+            )
 
     async def _behind_a_waiting_order(self, transaction_id: str) -> None:
         """prefunded: while the first order in line keeps looking at the balance (its look funds every
@@ -417,7 +436,14 @@ class FundOrder:
             currency=amount_to_add.currency,
         )
         facts = {"orders_waiting": str(waiting), "wallet_available": available.format()}
-        await outbox.add(conn, shortage_alert(txn, amount_to_add, facts))
+        episode = await conn.fetchval(LATEST_WAIT, txn)  # the move to awaiting_funds just made
+        alert = shortage_alert(txn, episode, amount_to_add, facts)
+        if not await outbox.add(conn, alert):
+            # Cannot happen for a new wait (a new transition id); if it does, the operator's email is
+            # the one queued earlier for this key, not this shortage's: say so.
+            log.warning(
+                "wallet_short alert already queued; not queued again", extra={"alert_key": alert.alert_key}
+            )
 
     async def _mark_funded(self, conn: asyncpg.Connection, transaction_id: str) -> None:
         """→ funded, with its order.funded in the outbox (same transaction)."""

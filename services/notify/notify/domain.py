@@ -3,8 +3,8 @@
 order.provisioned ─► esim_delivery (customer, once) ─► provisioned → delivered ─► order.delivered
 order.failed      ─► order_failed (customer, once; not for step=delivery: that address refused us)
                   └► operator_alert (SERVICE_OWNER_EMAIL, once) when step is refund, delivery or capture
-operator.alert    ─► operator_low_balance (wallet_short) or operator_needs_attention (SERVICE_OWNER_EMAIL,
-                     once per alert_key)
+operator.alert    ─► operator_low_balance (wallet_short), operator_needs_attention or operator_qr_mismatch
+                     (SERVICE_OWNER_EMAIL, once per alert_key)
 """
 
 from __future__ import annotations
@@ -22,23 +22,29 @@ from esim_common.events import AlertKind, FailedStep
 from esim_common.lpa import LPA_PREFIX, lpa_string
 from esim_common.order_states import OrderStatus
 
-# One row per (order, template) in `sent_emails`: these names are that key, never rename them.
+# One row per (order, template) in `sent_emails`: these names are that key, never rename them. For
+# operator alerts the row's `transaction_id` is the alert's `alert_key` (one email per alert).
 TEMPLATE_ESIM_DELIVERY = "esim_delivery"
 TEMPLATE_ORDER_FAILED = "order_failed"
 TEMPLATE_OPERATOR_ALERT = "operator_alert"
 TEMPLATE_OPERATOR_LOW_BALANCE = "operator_low_balance"
 TEMPLATE_OPERATOR_NEEDS_ATTENTION = "operator_needs_attention"
+TEMPLATE_OPERATOR_QR_MISMATCH = "operator_qr_mismatch"
 TEMPLATES = (
     TEMPLATE_ESIM_DELIVERY,
     TEMPLATE_ORDER_FAILED,
     TEMPLATE_OPERATOR_ALERT,
     TEMPLATE_OPERATOR_LOW_BALANCE,
     TEMPLATE_OPERATOR_NEEDS_ATTENTION,
+    TEMPLATE_OPERATOR_QR_MISMATCH,
 )
 ALERT_TEMPLATES: Mapping[AlertKind, str] = {
     "wallet_short": TEMPLATE_OPERATOR_LOW_BALANCE,
     "needs_attention": TEMPLATE_OPERATOR_NEEDS_ATTENTION,
+    "qr_mismatch": TEMPLATE_OPERATOR_QR_MISMATCH,
 }
+# Alerts about one order, whose email shows that order's facts (status, customer, payment).
+ORDER_ALERTS: frozenset[AlertKind] = frozenset({"needs_attention", "qr_mismatch"})
 
 # Apple's universal link: opened on an iPhone (iOS 17.4+) it installs the eSIM without a camera.
 APPLE_SETUP_URL = "https://esimsetup.apple.com/esim_qrcode_provisioning"
@@ -59,6 +65,32 @@ def delivery_decision(status: OrderStatus) -> DeliveryDecision:
     if status is OrderStatus.DELIVERED:
         return DeliveryDecision.ANNOUNCE
     return DeliveryDecision.SKIP
+
+
+# An eSIM email the relay did not take (down, deferring, misconfigured) is tried again after 1 s while
+# it is fresh, 3 s for the first minute, then every 10 s (the longest delay tier) until
+# EMAIL_GIVE_UP_SECONDS: an SMTP outage of minutes must not put every order in front of an operator.
+EMAIL_FAST_RETRY_WINDOW_SECONDS = 10.0
+EMAIL_MEDIUM_RETRY_WINDOW_SECONDS = 60.0
+
+
+def email_retry_delay(waited_seconds: float, give_up_seconds: float) -> float | None:
+    """Seconds until the next try of an email first due `waited_seconds` ago; None: give up now."""
+    if waited_seconds >= give_up_seconds:
+        return None
+    if waited_seconds < EMAIL_FAST_RETRY_WINDOW_SECONDS:
+        return 1.0
+    if waited_seconds < EMAIL_MEDIUM_RETRY_WINDOW_SECONDS:
+        return 3.0
+    return 10.0
+
+
+def delivery_failure_reason(reason: str) -> str:
+    """The order's failure reason when the eSIM could not be emailed: SMTP outcomes (and retries used up)
+    say the email failed; anything else (activation data missing, say) is recorded as it is."""
+    if reason.startswith(("email_", "smtp_")) or reason == "retries_exhausted":
+        return f"email_failed: {reason}"[:200]
+    return reason[:200]
 
 
 class RefundOutcome(StrEnum):

@@ -129,8 +129,8 @@ def operator_alert_event_email(event: OperatorAlert, order: Order | None, settin
     }
     if event.alert == "wallet_short":
         values |= _low_balance_values(event, facts, settings)
-    else:
-        values |= _needs_attention_values(event, order, facts)
+    else:  # needs_attention, qr_mismatch: about one order
+        values |= _order_alert_values(event, order, facts)
     return build_message(
         render(template, values),
         sender=settings.smtp_from,
@@ -149,9 +149,7 @@ def _low_balance_values(event: OperatorAlert, facts: dict[str, str], settings: S
     }
 
 
-def _needs_attention_values(
-    event: OperatorAlert, order: Order | None, facts: dict[str, str]
-) -> dict[str, str]:
+def _order_alert_values(event: OperatorAlert, order: Order | None, facts: dict[str, str]) -> dict[str, str]:
     zendit_id = facts.pop("zendit_transaction_id", None) or (order.zendit_transaction_id if order else None)
     details = "\n".join(f"{name}: {redact(value)}" for name, value in facts.items())
     advice_key = event.reason if has_phrase("needs_attention_advice", event.reason) else "default"

@@ -2,12 +2,15 @@
 
 EmailError
  ├─ EmailTransientError (TransientError)  connection refused or lost, timeouts, a TLS handshake that
- │                                        broke off, 4xx replies: the retry tiers send it again
- └─ EmailRejected (PermanentError)        a 5xx reply (no such mailbox, relay denied, 535 bad
-                                          credentials), a server certificate that fails verification,
-                                          or a server without what we need (STARTTLS, AUTH): retrying
-                                          the same message cannot help; the failure path runs and an
-                                          operator is alerted
+ │   │                                    broke off, 4xx replies: the same email is tried again later
+ │   └─ SmtpRelayError                    the relay refuses everyone, not this recipient: login refused
+ │                                        (535, 530), a certificate that fails verification, STARTTLS
+ │                                        or AUTH not offered, 5xx to EHLO, MAIL FROM or the greeting.
+ │                                        An operator must fix the relay (or its settings); the emails
+ │                                        wait for that rather than fail order by order
+ └─ EmailRejected (PermanentError)        this recipient or message is refused: 5xx to RCPT TO, or
+                                          550/552/553/554 to DATA. Retrying the same message cannot
+                                          help; the failure path runs and an operator is alerted
 
 Connection security is one of three modes: implicit TLS (`SMTP_TLS`, port 465), STARTTLS
 (`SMTP_STARTTLS`, port 587; the upgrade is required, never skipped), or neither (the sandbox capture on
@@ -41,7 +44,18 @@ class EmailError(Exception):
 
 
 class EmailTransientError(EmailError, TransientError):
-    pass
+    #: short code for the order's failure reason when notify gives up waiting.
+    reason: str = "smtp_unavailable"
+
+
+class SmtpRelayError(EmailTransientError):
+    """The relay itself is failing or misconfigured: every email would fail the same way until an
+    operator fixes it, so emails wait (they are not the recipients' fault)."""
+
+    def __init__(self, message: str, *, code: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason or (f"smtp_relay_refused_{code}" if code else "smtp_relay_refused")
 
 
 class EmailRejected(EmailError, PermanentError):
@@ -55,6 +69,11 @@ class EmailRejected(EmailError, PermanentError):
         if self._reason:
             return self._reason
         return f"email_rejected_{self.code}" if self.code else "email_rejected"
+
+
+# DATA replies that refuse this message or mailbox (RFC 5321: mailbox unavailable, storage exceeded,
+# name not allowed, transaction failed - the usual spam/policy verdict); other 5xx to DATA are relay faults.
+RECIPIENT_DATA_CODES = frozenset({550, 552, 553, 554})
 
 
 class SmtpConfigError(ValueError):
@@ -83,7 +102,7 @@ def _classify(exc: BaseException, *, secrets: tuple[str, ...] = ()) -> EmailErro
     certificate = _certificate_failure(exc)
     if certificate is not None:
         detail = certificate.verify_message or str(certificate)
-        return EmailRejected(
+        return SmtpRelayError(
             text(f"SMTP server certificate failed verification: {detail}"), reason=CERTIFICATE_REASON
         )
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
@@ -92,24 +111,32 @@ def _classify(exc: BaseException, *, secrets: tuple[str, ...] = ()) -> EmailErro
         if permanent:
             return EmailRejected(f"recipient refused ({permanent[0]})", code=permanent[0])
         return EmailTransientError(f"recipient deferred ({', '.join(map(str, codes))})")
-    if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and exc.code >= 500:
-        return EmailRejected(
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code < 500:
+        return EmailTransientError(text(f"SMTP {exc.code}: {exc.message}"))
+    if isinstance(exc, aiosmtplib.SMTPDataError) and exc.code in RECIPIENT_DATA_CODES:
+        return EmailRejected(text(f"SMTP {exc.code}: {exc.message}"), code=exc.code)
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError) or (
+        isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 530
+    ):
+        return SmtpRelayError(
             text(f"SMTP login refused ({exc.code}: {exc.message}); check SMTP_USERNAME and SMTP_PASSWORD"),
             code=exc.code,
+            reason=f"smtp_login_refused_{exc.code}",
         )
-    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 500:
-        return EmailRejected(text(f"SMTP {exc.code}: {exc.message}"), code=exc.code)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return EmailTransientError(text(f"SMTP {exc.code}: {exc.message}"))
+        # 5xx to the greeting, EHLO, MAIL FROM or an odd DATA code: the relay refuses our account or
+        # sender, whoever the recipient is.
+        return SmtpRelayError(text(f"SMTP {exc.code}: {exc.message}"), code=exc.code)
     if isinstance(
         exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPTimeoutError
     ):
         return EmailTransientError(text(f"SMTP unavailable: {type(exc).__name__}: {exc}"))
     if isinstance(exc, aiosmtplib.SMTPException):
         # SMTPNotSupported and aiosmtplib's bare SMTPException: the server lacks what we require
-        # (STARTTLS not offered, AUTH not offered, no usable AUTH mechanism). The same server will
-        # answer the same way next time.
-        return EmailRejected(text(f"SMTP server does not support what we need: {exc}"))
+        # (STARTTLS not offered, AUTH not offered, no usable AUTH mechanism).
+        return SmtpRelayError(
+            text(f"SMTP server does not support what we need: {exc}"), reason="smtp_relay_unsupported"
+        )
     # Sockets, timeouts and TLS handshakes that broke off (ssl.SSLError other than verification).
     return EmailTransientError(text(f"SMTP unavailable: {type(exc).__name__}: {exc}"))
 
@@ -152,6 +179,11 @@ class SmtpMailer:
         if use_tls and starttls:
             raise SmtpConfigError(
                 "SMTP_TLS (implicit TLS, port 465) and SMTP_STARTTLS (port 587) exclude each other"
+            )
+        if password and not username:
+            raise SmtpConfigError(
+                "SMTP_PASSWORD is set but SMTP_USERNAME is not: without a user name no login is attempted "
+                "and the relay would refuse every email. Set SMTP_USERNAME too (or unset SMTP_PASSWORD)."
             )
         encrypted = use_tls or starttls
         if ca_file and not encrypted:

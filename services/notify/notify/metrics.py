@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
-# outcome: sent | already_sent | rejected | transient_error | skipped
+# outcome: sent | already_sent | rejected | relay_error | transient_error | skipped
 emails_total = Counter(
     "esim_emails_total",
     "Emails by template and what happened to them.",
@@ -20,4 +20,14 @@ operator_alert_emails_failed_total = Counter(
     "operator.alert events whose email could not be sent (retries exhausted or rejected): only the log "
     "line alerted anyone. By alert kind (needs_attention, wallet_short).",
     ("alert",),
+)
+# The relay refuses everyone (login, certificate, sender, STARTTLS/AUTH): one alert, not one per order.
+smtp_relay_failing = Gauge(
+    "esim_smtp_relay_failing",
+    "1 while the SMTP relay is refusing every email (misconfigured or broken), 0 once it accepts one.",
+)
+smtp_relay_errors_total = Counter(
+    "esim_smtp_relay_errors_total",
+    "Emails the SMTP relay refused for a relay-wide reason, by reason code.",
+    ("reason",),
 )

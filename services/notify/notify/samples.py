@@ -112,6 +112,14 @@ SAMPLE_NEEDS_ATTENTION = OperatorAlert(
     facts={"zendit_transaction_id": SAMPLE_ZENDIT_TRANSACTION_ID, "zendit_status": "IN_PROGRESS"},
     occurred_at=_NOW,
 )
+SAMPLE_QR_MISMATCH = OperatorAlert(
+    transaction_id=SAMPLE_TRANSACTION_ID,
+    alert="qr_mismatch",
+    alert_key=f"qr_mismatch:{SAMPLE_ZENDIT_TRANSACTION_ID}",
+    reason="qr_mismatch_zendit",
+    facts={"zendit_transaction_id": SAMPLE_ZENDIT_TRANSACTION_ID, "zendit_status": "DONE"},
+    occurred_at=_NOW,
+)
 
 
 def _preview_settings(settings: Settings) -> Settings:
@@ -142,6 +150,11 @@ async def _operator_needs_attention(settings: Settings) -> EmailMessage:
     return emails.operator_alert_event_email(SAMPLE_NEEDS_ATTENTION, _needs_attention_order(), settings)
 
 
+async def _operator_qr_mismatch(settings: Settings) -> EmailMessage:
+    delivered = sample_order(OrderStatus.DELIVERED).model_copy(update={"emailed_at": _NOW})
+    return emails.operator_alert_event_email(SAMPLE_QR_MISMATCH, delivered, settings)
+
+
 # Each template, what it is for (shown by the preview list), and how to build it from the samples.
 SAMPLES: dict[str, tuple[str, Callable[[Settings], Awaitable[EmailMessage]]]] = {
     domain.TEMPLATE_ESIM_DELIVERY: ("the customer's eSIM (order.provisioned)", _esim_delivery),
@@ -157,6 +170,10 @@ SAMPLES: dict[str, tuple[str, Callable[[Settings], Awaitable[EmailMessage]]]] = 
     domain.TEMPLATE_OPERATOR_NEEDS_ATTENTION: (
         "operator: an order needs attention (operator.alert needs_attention)",
         _operator_needs_attention,
+    ),
+    domain.TEMPLATE_OPERATOR_QR_MISMATCH: (
+        "operator: a delivered order's Zendit QR image reads differently (operator.alert qr_mismatch)",
+        _operator_qr_mismatch,
     ),
 }
 

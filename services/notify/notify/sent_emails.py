@@ -1,5 +1,9 @@
 """Exactly one email per (order, template), guarded by its row in `sent_emails`.
 
+For an operator alert (`operator.alert`) the row's `transaction_id` column holds the alert's
+`alert_key` (e.g. `wallet_short:<txn>:<episode>`), not an order id: one email per alert, and an order
+can have several alerts.
+
     (no row) ──claim──► sending ──server accepted──► sent      a redelivery finds `sent`: no email
                 ▲          │  └──refused / failed──► failed ─┐
                 │          └── crash mid-send: stays `sending`, sent again by the next delivery

@@ -3,11 +3,13 @@
 funded ─► purchasing ─► (poll Zendit, never blocking the consumer) ─► provisioned
               │  DONE: QR rendered and read back (or Zendit's, read back), stored
               ├─ DONE but no QR code reads as its LPA string ─► needs_attention (never refunded)
+              ├─ DONE but its QR code not stored by the deadline ─► needs_attention (never refunded)
               ├─ FAILED INSUFFICIENT_FUNDS ─► funding (fund again; the next attempt gets a new id)
-              ├─ FAILED other ─► purchase_failed ─► refund (compensation)
+              ├─ FAILED other, or the POST refused and nothing there ─► purchase_failed ─► refund
               └─ not final after the deadline ─► needs_attention (Zendit may still deliver)
 
-needs_attention always comes with one `operator.alert` (queued in the outbox with the move).
+needs_attention always comes with one `operator.alert` per purchase attempt (queued in the outbox with
+the move). Only `purchase_failed` is ever refunded: the state says Zendit will not deliver, not a reason.
 
 A Zendit webhook (`zendit.purchase-updated`) only makes us look sooner: it counts while
 `awaits_purchase` holds, and the purchase is then fetched with our own key like any poll.
@@ -42,6 +44,12 @@ def zendit_transaction_id(transaction_id: str, attempt: int) -> str:
     if attempt == 1:
         return transaction_id
     return f"{transaction_id}{RETRY_ID_SEPARATOR}{attempt}"
+
+
+def current_zendit_id(transaction_id: str, recorded: str | None, attempts: int) -> str:
+    """The Zendit id of the order's current attempt: the one recorded with it (`start_attempt` sets
+    both in one transaction), else derived, so that a hand-edited row still maps to its purchase."""
+    return recorded or zendit_transaction_id(transaction_id, max(attempts, 1))
 
 
 # ------------------------------------------------------------------------------ what a message asks of us
@@ -112,24 +120,21 @@ def outcome_of(status: str, error_code: str | None, attempt: int) -> Outcome:
     return Outcome.FAILED
 
 
-# Failure reasons starting with this prefix mean "Zendit will not deliver": the purchase is FAILED,
-# or the POST was refused and a GET confirmed that no purchase exists. Only those may be refunded.
-ZENDIT_REFUSED_PREFIX = "zendit_"
-
-
 def purchase_failure_reason(error_code: str | None) -> str:
     """`zendit_product_unavailable` for a purchase that ended FAILED with PRODUCT_UNAVAILABLE."""
-    return f"{ZENDIT_REFUSED_PREFIX}{(error_code or 'failed').lower()}"
+    return f"zendit_{(error_code or 'failed').lower()}"
 
 
-def refund_is_safe(reason: str, status: OrderStatus) -> bool:
-    """Refund only when Zendit cannot deliver any more (or the refund was decided already).
+def refund_is_safe(status: OrderStatus) -> bool:
+    """Refund only an order that was moved to purchase_failed (under its row lock, when Zendit said
+    FAILED or refused the POST and a GET found nothing) or whose refund has begun.
 
-    Anything else reaching the failure path — retries used up on a storage or broker error after the
-    purchase may have been DONE, a purchase we cannot read — must not give the money back while the
-    customer may also get the eSIM: an operator looks at it instead.
+    The state decides, never the failure's reason: anything else reaching the failure path — retries
+    used up after the purchase may have been DONE, a purchase we cannot read, a permanent error whose
+    code happens to read `zendit_*` — must not give the money back while the customer may also get
+    the eSIM: an operator looks at it instead.
     """
-    return reason.startswith(ZENDIT_REFUSED_PREFIX) or status in (S.PURCHASE_FAILED, S.REFUND_PENDING)
+    return status in (S.PURCHASE_FAILED, S.REFUND_PENDING)
 
 
 # ------------------------------------------------------------------------------ when to look again
@@ -165,6 +170,11 @@ class DeadlinePassed:
 
 
 DEADLINE_REASON = "purchase_deadline_exceeded"
+# Zendit delivered (DONE) but the QR code could not be stored, or Zendit's image fetched as the
+# fallback, before the same deadline: storage or Zendit was down all that time.
+QR_DEADLINE_REASON = "qr_storage_deadline_exceeded"
+# A DONE purchase without the activation data a QR code is made of: only a person can get it.
+CONFIRMATION_INCOMPLETE_REASON = "confirmation_incomplete"
 
 
 def next_check(elapsed_seconds: float, deadline_seconds: float) -> CheckAgain | DeadlinePassed:
@@ -176,11 +186,14 @@ def next_check(elapsed_seconds: float, deadline_seconds: float) -> CheckAgain | 
 
 # ------------------------------------------------------------------------------ which QR code is delivered
 
-# The order's failure reason when no QR code can be shown to read as the LPA string: not `zendit_`, so
-# the failure path never refunds it (Zendit delivered; an operator sends the activation data by hand).
+# The order's failure reason when no QR code can be shown to read as the LPA string (the order is
+# still purchasing, so never refunded: Zendit delivered; an operator sends the activation data by hand).
 QR_UNVERIFIED_REASON = "qr_unverified"
-# ZENDIT_QR_CROSS_CHECK found Zendit's own QR image reading as something else than what we delivered.
-QR_MISMATCH_ALERT = "zendit_qr_mismatch"
+# ZENDIT_QR_CROSS_CHECK found Zendit's own QR image reading as something else than what we delivered
+# (an `operator.alert` of kind `qr_mismatch`; the order itself is delivered).
+QR_MISMATCH_REASON = "qr_mismatch_zendit"
+# The cross-check is auxiliary: it may hold up a delivery this long at most (not the full Zendit timeout).
+CROSS_CHECK_TIMEOUT_SECONDS = 3.0
 
 
 class QrCheck(StrEnum):

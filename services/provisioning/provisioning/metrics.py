@@ -28,7 +28,7 @@ purchase_seconds = Histogram(
 operator_alerts_total = Counter(
     "esim_provisioning_operator_alerts_total",
     "Operator alerts raised by provisioning: orders handed to an operator (needs_attention), and "
-    "zendit_qr_mismatch (Zendit's QR image disagrees with the delivered one), by reason.",
+    "qr_mismatch_zendit (Zendit's QR image disagrees with the delivered one), by reason.",
     ("reason",),
 )
 

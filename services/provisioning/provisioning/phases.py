@@ -5,24 +5,29 @@
     wait       not final → record its status, CheckAgainLater (the consumer is free meanwhile);
                past PURCHASE_DEADLINE_SECONDS → needs_attention + operator alert (never refunded)
     complete   a final purchase settles the order under its row lock, once (`_complete`):
-      deliver    DONE → LPA → QR PNG read back as the LPA (ours; else Zendit's, read back too; else
-                 needs_attention) → storage → provisioned + facts → order.provisioned (queued in the
-                 outbox with the state change; published once, whoever delivers next). With
+      deliver    DONE → zendit_status DONE recorded → LPA (none: needs_attention) → QR PNG read back
+                 as the LPA (ours; else Zendit's, read back too; else needs_attention) → storage,
+                 all before the lock → under it: provisioned + facts → order.provisioned (queued in
+                 the outbox with the state change; published once, whoever delivers next). With
                  ZENDIT_QR_CROSS_CHECK, Zendit's image is read too; if it reads otherwise, ours is
-                 still delivered and an operator.alert (zendit_qr_mismatch) is queued with it
+                 still delivered and an operator.alert (qr_mismatch) is queued with it
       fund again FAILED INSUFFICIENT_FUNDS → funding → order.paid (the next attempt gets a new id)
       fail       FAILED otherwise → purchase_failed → FailPermanently(zendit_<code>) → `on_failure`
-                 refunds once
+                 refunds once (so does a POST Zendit refused when a GET then finds nothing: `_place`)
 
-Zendit errors while a purchase may exist are not retried through the consumer's three tiers (14 s
-would turn a short Zendit outage into operator work, or worse a refund while Zendit still delivers):
-they are waited out like an unfinished purchase, until the same deadline. Fetching Zendit's QR image as
-the fallback is the exception: the purchase is DONE, so a transient error there takes the usual retry
-tiers, and when they run out an operator gets the order (never a refund).
+Only the state `purchase_failed` (entered under the row lock) makes an order refundable, never the
+reason a failure carries (`domain.refund_is_safe`).
+
+Transient errors while a purchase may exist are not retried through the consumer's three tiers (14 s
+would turn a short outage into operator work, or worse a refund while Zendit still delivers): they are
+waited out like an unfinished purchase, until the same deadline. That holds for Zendit while polling,
+and for a DONE purchase whose QR code cannot be stored (QrStorageError) or whose Zendit image, needed
+as the fallback, cannot be fetched just now; past the deadline an operator gets the order.
 
 needs_attention is entered with its `operator.alert` queued in the same transaction (outbox) and
 published after the commit; a redelivery that finds the order there publishes it if it is still
-pending.
+pending, and so does the failure path when the retries ran out on that very publish. (A periodic
+outbox relay in the reconcile service is planned for what even that cannot publish.)
 
 Zendit webhooks (`on_purchase_hint`) only make us look sooner. A hint names a purchase; if the order
 still waits for exactly that purchase, we GET it with our own key (nothing from the webhook's body is
@@ -36,6 +41,7 @@ order already provisioned re-publishes its `order.provisioned` if that is still 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -76,7 +82,7 @@ from provisioning.metrics import (
     qr_codes_total,
     zendit_qr_checks_total,
 )
-from provisioning.storage import QrStorage
+from provisioning.storage import QrStorage, QrStorageError
 
 log = logging.getLogger("esim.provisioning")
 
@@ -86,21 +92,21 @@ UNREADABLE_REASON = "purchase_status_unreadable"
 ALERT_REASONS = frozenset(
     {
         domain.DEADLINE_REASON,
+        domain.QR_DEADLINE_REASON,
         UNREADABLE_REASON,
         "retries_exhausted",
         domain.QR_UNVERIFIED_REASON,
-        domain.QR_MISMATCH_ALERT,
+        domain.CONFIRMATION_INCOMPLETE_REASON,
+        domain.QR_MISMATCH_REASON,
     }
 )
+# A DONE purchase whose QR code cannot be made and stored just now: waited out like an open purchase.
+QR_NOT_STORED_YET = (QrStorageError, ZenditTransientError)
 _OUTCOME_LABELS: dict[Outcome, PurchaseOutcome] = {
     Outcome.DONE: "done",
     Outcome.FUND_AGAIN: "fund_again",
     Outcome.FAILED: "failed",
 }
-
-
-class IncompleteConfirmation(Exception):
-    """A DONE purchase without the activation data to build a QR code: a person must look (DLQ)."""
 
 
 @dataclass(frozen=True)
@@ -126,9 +132,15 @@ class Provisioner:
         await self._follow(order)
 
     async def on_failure(self, event: OrderFunded, reason: str) -> None:
-        """The failure path: refund once when Zendit cannot deliver; otherwise an operator decides."""
+        """The failure path: refund once when the order says Zendit will not deliver (purchase_failed);
+        otherwise an operator decides, and what is still queued for them or the customer goes out.
+
+        Raising here (the broker still refusing a publish) sends the message to the DLQ with the error
+        in its header. A periodic outbox relay (planned in the reconcile service) will publish what is
+        left unpublished even then.
+        """
         order = await repository.must_get(self.ctx.pool, event.transaction_id)
-        if domain.refund_is_safe(reason, order.status):
+        if domain.refund_is_safe(order.status):
             await fail_and_refund(
                 pool=self.ctx.pool,
                 stripe=self.stripe,
@@ -141,8 +153,27 @@ class Provisioner:
         elif order.status == S.PURCHASING:
             count_outcome("needs_attention")
             await self._hold_for_operator(order, reason)
+        elif order.status == S.NEEDS_ATTENTION:
+            # Held already; the retries may have run out on publishing its alert (Step.ALERT).
+            alert = repository.needs_attention_alert(order, order.failure_reason or reason)
+            published = await self._publish_alert(alert)
+            log.error(
+                "failure path: the order is with an operator already, nothing to refund",
+                extra={"reason": reason, "alert_key": alert.alert_key, "alert_published_now": published},
+            )
+        elif order.status in (S.PROVISIONED, S.DELIVERED):
+            # Delivered: nothing to refund. The retries may have run out on announcing it (or on its
+            # cross-check alert): both go out now, or the raise sends the message to the DLQ.
+            await self._announce(order)
+            log.error(
+                "failure path after the eSIM was provisioned: nothing to refund, announcements published",
+                extra={"reason": reason, "status": order.status.value},
+            )
         else:
-            log.error("failure after the purchase step, nothing to compensate", extra={"reason": reason})
+            log.error(
+                "failure path: nothing for provisioning to compensate in this state",
+                extra={"reason": reason, "status": order.status.value},
+            )
 
     async def on_purchase_hint(self, hint: PurchaseUpdateHint) -> None:
         """Zendit's webhook says a purchase changed: look at it now instead of at the next poll."""
@@ -223,7 +254,16 @@ class Provisioner:
         if outcome == Outcome.PENDING:
             await self._wait(order, purchase)
             return
-        settled, changed = await self._complete(order, zendit_id, purchase, outcome, source="poll")
+        try:
+            settled, changed = await self._complete(order, zendit_id, purchase, outcome, source="poll")
+        except QR_NOT_STORED_YET as exc:
+            # Zendit delivered, but storage (or Zendit's image, needed as the fallback) is down just
+            # now: looked at again with the poll's backoff, not the retry tiers, until the deadline.
+            log.warning(
+                "the QR code could not be stored yet, trying again later", extra={"error": _short(exc)}
+            )
+            await self._wait(order, purchase, deadline_reason=domain.QR_DEADLINE_REASON)
+            return
         if not changed:
             log.info("purchase settled by another worker", extra={"status": settled.status.value})
         if settled.status == S.PURCHASING:  # a later attempt began meanwhile: that one is looked at next
@@ -247,6 +287,7 @@ class Provisioner:
 
     async def _place(self, order: Order, zendit_id: str) -> Purchase:
         """POST the purchase, at most once per Zendit id: under the order's row lock, after a fresh GET."""
+        refused: ZenditPermanentError | None = None
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             locked = await repository.must_get(conn, order.transaction_id, lock=True)
             if locked.status != S.PURCHASING or locked.zendit_transaction_id != zendit_id:
@@ -258,15 +299,22 @@ class Provisioner:
                 accepted = await self.zendit.purchase(transaction_id=zendit_id, offer_id=order.offer_id)
             except ZenditPermanentError as exc:
                 # Refused. If it landed anyway (a duplicate id is refused by some accounts) we follow it;
-                # if a GET confirms nothing exists, Zendit will not deliver: refundable.
+                # if a GET confirms nothing exists, Zendit will not deliver: purchase_failed, committed
+                # with the lock still held, is what makes the failure path refund it.
                 found = await self._look_up(zendit_id)
                 if found is not None:
                     return found
-                raise FailPermanently(exc.reason, exc.message[:200]) from exc
+                await repository.mark_purchase_refused(conn, order.transaction_id, reason=exc.reason)
+                refused = exc
+        if refused is not None:
+            count_outcome("failed")
+            raise FailPermanently(refused.reason, refused.message[:200]) from refused
         log.info("zendit purchase placed", extra={"zendit_transaction_id": zendit_id})
         return Purchase(transaction_id=accepted.transaction_id, status=accepted.status)
 
-    async def _wait(self, order: Order, purchase: Purchase | None) -> None:
+    async def _wait(
+        self, order: Order, purchase: Purchase | None, *, deadline_reason: str = domain.DEADLINE_REASON
+    ) -> None:
         if purchase is not None and purchase.status.value != order.zendit_status:
             await repository.record_zendit_status(
                 self.ctx.pool, order.transaction_id, self._zendit_id(order), purchase.status.value
@@ -275,7 +323,7 @@ class Provisioner:
         decision = domain.next_check(elapsed, self.ctx.settings.purchase_deadline_seconds)
         if isinstance(decision, domain.DeadlinePassed):
             count_outcome("deadline_exceeded")
-            await self._hold_for_operator(order, domain.DEADLINE_REASON)
+            await self._hold_for_operator(order, deadline_reason)
             return
         status = purchase.status.value if purchase is not None else "unknown (zendit unavailable)"
         raise CheckAgainLater(decision.delay_seconds, f"zendit purchase {status}")
@@ -287,27 +335,31 @@ class Provisioner:
 
         The scheduled poll and a webhook hint can see the same DONE at the same moment. The decision
         is taken under the order's row lock and only while the order still waits for this purchase,
-        so exactly one of them stores the QR code and moves the order; the other gets
-        `(order as it is now, False)` and changes nothing.
+        so exactly one of them moves the order; the other gets `(order as it is now, False)` and
+        changes nothing.
 
-        The QR code is made and checked before the lock is taken: Zendit's image (the fallback, the
-        cross-check) is an HTTP call that must not hold the row (and a pooled connection) while it
-        waits. Both racers may do that work; only the one that wins the lock uses it.
+        A DONE purchase's QR code is made, checked and stored before the lock is taken: Zendit's image
+        (the fallback, the cross-check) and the upload (Supabase) are HTTP calls that must not hold
+        the row (and a pooled connection) while they wait. Racers may both do that work: each stores
+        the same verified image under the same name, so the loser's store is harmless; only the
+        winner of the lock records its URL. Storage errors raise (QrStorageError: the poll waits
+        them out); nothing has changed then but the recorded Zendit status.
         """
-        try:
-            qr_code = await self._qr_code(purchase) if outcome == Outcome.DONE else None
-        except FailPermanently:
-            # No QR code can be sent: the order goes to an operator, whose alert must say it is DONE.
-            await repository.record_zendit_status(
-                self.ctx.pool, order.transaction_id, zendit_id, purchase.status.value
-            )
-            raise
+        current = await repository.must_get(self.ctx.pool, order.transaction_id)
+        if not domain.awaits_purchase(current.status, self._zendit_id(current), zendit_id):
+            return current, False  # settled meanwhile, or another attempt: no QR work for a stale look
+        qr_code, url = None, ""
+        if outcome == Outcome.DONE:
+            # Recorded first: an order that goes to an operator from here on is reported as DONE.
+            await repository.record_zendit_status(self.ctx.pool, order.transaction_id, zendit_id, domain.DONE)
+            qr_code = await self._qr_code(purchase)
+            url = await self.storage.save(order.transaction_id, qr_code.png)
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             locked = await repository.must_get(conn, order.transaction_id, lock=True)
             if not domain.awaits_purchase(locked.status, self._zendit_id(locked), zendit_id):
                 return locked, False
             if qr_code is not None:
-                settled = await self._deliver(conn, locked, purchase, qr_code)
+                settled = await self._deliver(conn, locked, purchase, qr_code, url)
             elif outcome == Outcome.FUND_AGAIN:
                 short = domain.purchase_failure_reason(domain.INSUFFICIENT_FUNDS)
                 settled = await repository.send_back_to_funding(conn, locked.transaction_id, reason=short)
@@ -324,10 +376,10 @@ class Provisioner:
             )
             log.info("esim provisioned", extra={**details, "qr_source": qr_code.source.value})
             if qr_code.zendit_disagrees:  # its operator.alert is in the outbox: announced with the order
-                operator_alerts_total.labels(reason=domain.QR_MISMATCH_ALERT).inc()
+                operator_alerts_total.labels(reason=domain.QR_MISMATCH_REASON).inc()
                 log.error(
                     "OPERATOR ALERT: zendit's QR code reads differently from the one delivered",
-                    extra={"alert": domain.QR_MISMATCH_ALERT, "zendit_transaction_id": zendit_id},
+                    extra={"alert": domain.QR_MISMATCH_REASON, "zendit_transaction_id": zendit_id},
                 )
         elif outcome == Outcome.FUND_AGAIN:
             log.warning("zendit wallet was short after all: funding again", extra=details)
@@ -336,12 +388,11 @@ class Provisioner:
         return settled, True
 
     async def _deliver(
-        self, conn: asyncpg.Connection, order: Order, purchase: Purchase, qr_code: QrCode
+        self, conn: asyncpg.Connection, order: Order, purchase: Purchase, qr_code: QrCode, url: str
     ) -> Order:
-        """Store the checked QR code, then mark the order provisioned (the caller holds the lock)."""
+        """Mark the order provisioned with its stored QR code's URL (the caller holds the lock)."""
         confirmation = purchase.confirmation
         assert confirmation is not None  # `_qr_code` refused a DONE purchase without one
-        url = await self.storage.save(order.transaction_id, qr_code.png)
         provisioned = await repository.mark_provisioned(
             conn,
             order.transaction_id,
@@ -362,9 +413,10 @@ class Provisioner:
 
         Ours when it reads back (and, with ZENDIT_QR_CROSS_CHECK, whether Zendit's image disagrees);
         otherwise Zendit's image, only if it reads as exactly the same string. Neither →
-        FailPermanently(qr_unverified): the failure path hands the order to an operator and never
-        refunds it (Zendit delivered). A transient error fetching Zendit's image as the fallback →
-        the retry tiers.
+        FailPermanently(qr_unverified); no activation data → FailPermanently(confirmation_incomplete):
+        the failure path hands the order (still purchasing) to an operator and never refunds it
+        (Zendit delivered). A transient error fetching Zendit's image as the fallback is raised (the
+        poll waits it out, `QR_NOT_STORED_YET`).
         """
         lpa = self._lpa_of(purchase)
         ours = self._our_verified_qr(lpa)
@@ -387,9 +439,9 @@ class Provisioner:
         if not qr.can_decode():
             return None, None
         try:
-            png = await self.zendit.get_qrcode(purchase.transaction_id)  # transient: raised, retried
+            png = await self.zendit.get_qrcode(purchase.transaction_id)  # transient: raised, waited out
         except ZenditPermanentError as exc:
-            # Not raised as is: its reason reads `zendit_*`, which the failure path would refund.
+            # Zendit has no image for us: as good as one that does not read (an operator, no refund).
             log.error("zendit's QR code unavailable", extra={"error": exc.message[:200]})
             png, check = None, QrCheck.UNAVAILABLE
         else:
@@ -399,24 +451,28 @@ class Provisioner:
 
     @staticmethod
     def _lpa_of(purchase: Purchase) -> str:
+        """The LPA string of a DONE purchase; without activation data, only a person can get it from
+        Zendit: FailPermanently holds the order for an operator (it is still purchasing: no refund)."""
         confirmation = purchase.confirmation
-        if confirmation is None or not confirmation.activation_code:
-            raise IncompleteConfirmation(
-                f"zendit purchase {purchase.transaction_id} is DONE without activation data"
-            )
-        try:
-            return confirmation.lpa
-        except ValueError as exc:
-            raise IncompleteConfirmation(f"zendit purchase {purchase.transaction_id}: {exc}") from exc
+        problem = "no activation data"
+        if confirmation is not None and confirmation.activation_code:
+            try:
+                return confirmation.lpa
+            except ValueError as exc:  # lpa_string's messages name the field, never its value
+                problem = f"unusable activation data ({exc})"
+        raise FailPermanently(
+            domain.CONFIRMATION_INCOMPLETE_REASON,
+            f"zendit purchase {purchase.transaction_id} is DONE with {problem}",
+        )
 
     @staticmethod
     def _our_verified_qr(lpa: str) -> bytes | None:
         """Our rendering, read back as exactly `lpa`; None when that cannot be shown."""
-        if not qr.can_decode():
-            log.error("zxing-cpp is not installed: no QR code can be read back before delivery")
-            return None
         try:
             return qr.lpa_qr_png(lpa)
+        except qr.QrDecoderMissing:
+            log.error("zxing-cpp is not installed: no QR code can be read back before delivery")
+            return None
         except qr.QrVerificationFailed as exc:
             log.error("our QR code does not read back as the LPA string", extra={"error": str(exc)})
             return None
@@ -429,10 +485,13 @@ class Provisioner:
         (`domain.cross_check_alerts`). An image Zendit cannot give us now is only counted.
         """
         try:
-            check = domain.qr_check(qr.codes_in(await self.zendit.get_qrcode(zendit_id)), lpa)
-        except ZenditError as exc:
-            log.warning("zendit's QR code unavailable to cross-check", extra={"error": exc.message[:200]})
+            async with asyncio.timeout(domain.CROSS_CHECK_TIMEOUT_SECONDS):
+                png = await self.zendit.get_qrcode(zendit_id)
+        except (ZenditError, TimeoutError) as exc:
+            log.warning("zendit's QR code unavailable to cross-check", extra={"error": _short(exc)})
             check = QrCheck.UNAVAILABLE
+        else:
+            check = domain.qr_check(qr.codes_in(png), lpa)
         zendit_qr_checks_total.labels(check="cross_check", outcome=check.value).inc()
         return domain.cross_check_alerts(check)
 
@@ -488,11 +547,14 @@ class Provisioner:
         if alert is not None:
             await self._publish_alert(alert)
 
-    async def _publish_alert(self, alert: OperatorAlert) -> None:
-        """Publish the queued operator.alert unless it was published before (no row: not ours, no-op).
-        A failed publish raises (a transient error): the redelivery's Step.ALERT publishes it."""
-        if await outbox.publish_pending(self.ctx.pool, self.ctx.publisher, alert):
+    async def _publish_alert(self, alert: OperatorAlert) -> bool:
+        """Publish the queued operator.alert unless it was published before (no row: not ours, no-op);
+        True when this call published it. A failed publish raises (a transient error): the
+        redelivery's Step.ALERT publishes it, or the failure path once the retries have run out."""
+        published = await outbox.publish_pending(self.ctx.pool, self.ctx.publisher, alert)
+        if published:
             log.info("operator alert published", extra={"alert_key": alert.alert_key})
+        return published
 
     @staticmethod
     def _count_hint(outcome: HintOutcome, message: str, zendit_id: str, **details: object) -> None:
@@ -502,8 +564,12 @@ class Provisioner:
 
     @staticmethod
     def _zendit_id(order: Order) -> str:
-        if order.zendit_transaction_id:
-            return order.zendit_transaction_id
-        # Not reachable through start_attempt (it sets both in one transaction); derive it rather
-        # than invent a new one, so a hand-edited row still maps to the same purchase.
-        return domain.zendit_transaction_id(order.transaction_id, max(order.purchase_attempts, 1))
+        return domain.current_zendit_id(
+            order.transaction_id, order.zendit_transaction_id, order.purchase_attempts
+        )
+
+
+def _short(exc: BaseException) -> str:
+    """An error for a log line: its message (provider errors carry no secrets), cut short."""
+    text = exc.message if isinstance(exc, ZenditError) else str(exc)
+    return (text or type(exc).__name__)[:200]

@@ -4,8 +4,8 @@ Pure functions (bytes in, bytes out). A QR code that does not scan to exactly th
 worse than none — the customer cannot install the eSIM they paid for, and an eSIM profile can often
 be downloaded only once — so the rendered image is decoded with zxing-cpp and compared before it is
 stored. When it does not read back, Zendit's own image is the fallback, read back the same way
-(`codes_in`). zxing-cpp is a runtime dependency of this service: where it is missing nothing can be
-read back, and provisioning hands DONE purchases to an operator instead of sending unverified codes.
+(`codes_in`). zxing-cpp is required: without it nothing can be read back, so every check here raises
+`QrDecoderMissing` rather than pass (the service refuses to start without it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from qrcode.constants import ERROR_CORRECT_M
 
 log = logging.getLogger("esim.provisioning.qr")
 
-try:  # a declared dependency; tolerated missing so that a slim image still delivers
+try:  # required (a declared dependency); the import is guarded only so that a missing decoder is
+    # reported clearly (`QrDecoderMissing`, and create_app refusing to start), never skipped
     import zxingcpp
 except ImportError:  # pragma: no cover - only in an environment built without it
     zxingcpp = None  # type: ignore[assignment]
@@ -33,6 +34,13 @@ BORDER = 4
 
 class QrVerificationFailed(Exception):
     """The rendered image does not scan to the activation string. A bug, not a retryable failure."""
+
+
+class QrDecoderMissing(RuntimeError):
+    """zxing-cpp is not installed: no QR code can be read back, so none may be vouched for."""
+
+    def __init__(self) -> None:
+        super().__init__("zxing-cpp is not installed: QR codes cannot be read back")
 
 
 def render_png(text: str) -> bytes:
@@ -54,34 +62,33 @@ def can_decode() -> bool:
 def decode_png(png: bytes) -> list[str]:
     """The texts of every QR code zxing-cpp finds in the PNG."""
     if zxingcpp is None:
-        raise RuntimeError("zxing-cpp is not installed")
+        raise QrDecoderMissing()
     with Image.open(io.BytesIO(png)) as image:
         return [result.text for result in zxingcpp.read_barcodes(image)]
 
 
 def codes_in(png: bytes) -> list[str]:
-    """Like `decode_png` for an image someone else made: [] when it is not an image we can open."""
+    """Like `decode_png` for an image someone else made: [] when it cannot be read, whatever the
+    reason (not an image, a truncated one, a decompression bomb, a decoder error): an image from
+    outside holds no code we can vouch for. A missing decoder is ours to fix, and still raised."""
     try:
         return decode_png(png)
-    except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+    except QrDecoderMissing:
+        raise
+    except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, ...
+        log.warning("an image could not be read as a QR code", extra={"error": type(exc).__name__})
         return []
 
 
-def verify_png(png: bytes, expected: str) -> bool:
-    """Raise `QrVerificationFailed` unless the PNG holds exactly one QR code reading `expected`.
-
-    Returns False when the check could not run (zxing-cpp missing), True when it passed.
-    """
-    if not can_decode():
-        log.warning("zxing-cpp is not installed: the QR code is stored without reading it back")
-        return False
+def verify_png(png: bytes, expected: str) -> None:
+    """Raise `QrVerificationFailed` unless the PNG holds exactly one QR code reading `expected`, and
+    `QrDecoderMissing` when that cannot be checked: an unverified image never passes."""
     decoded = decode_png(png)
     if decoded != [expected]:
         # Never put the decoded texts in the message: they are activation codes.
         raise QrVerificationFailed(
             f"the rendered QR code reads as {len(decoded)} code(s), not the LPA string"
         )
-    return True
 
 
 def lpa_qr_png(lpa: str) -> bytes:

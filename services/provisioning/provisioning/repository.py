@@ -12,11 +12,11 @@ import uuid
 import asyncpg
 
 from esim_common import outbox
-from esim_common.events import OperatorAlert
+from esim_common.events import AlertKind, OperatorAlert
 from esim_common.order_repository import Order, get_order, record
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
-from provisioning.domain import QR_MISMATCH_ALERT, zendit_transaction_id
+from provisioning.domain import QR_MISMATCH_REASON, current_zendit_id, zendit_transaction_id
 
 S = OrderStatus
 
@@ -135,11 +135,19 @@ async def mark_purchase_failed(conn: asyncpg.Connection, transaction_id: str, *,
         return await must_get(conn, transaction_id)
 
 
+async def mark_purchase_refused(conn: asyncpg.Connection, transaction_id: str, *, reason: str) -> Order:
+    """purchasing → purchase_failed: Zendit refused the POST and a GET found no purchase (so there is
+    no Zendit status to record). Like `mark_purchase_failed`, it is what makes the order refundable."""
+    await transition(conn, transaction_id, S.PURCHASE_FAILED, failure_reason=reason)
+    return await must_get(conn, transaction_id)
+
+
 # ------------------------------------------------------------------------------ announcing once
 # order.provisioned and operator alerts go through the outbox (`esim_common.outbox`): queued
 # in the transaction of the state change they announce, published after the commit by whoever comes
-# next (the delivery itself, a redelivery, a webhook hint). Their event ids are derived from the order,
-# so every announcer names the same row and it is published once.
+# next (the delivery itself, a redelivery, a webhook hint, the failure path). Their event ids are
+# derived from the order (alerts: from its current attempt's Zendit id), so every announcer names the
+# same row and it is published once.
 
 _ORDER_PROVISIONED_NAMESPACE = uuid.UUID("0b6f9d2e-4a51-4c3e-8f7a-2d9c1e5b7a43")
 
@@ -149,22 +157,28 @@ def order_provisioned_event_id(transaction_id: str) -> uuid.UUID:
 
 
 def needs_attention_alert(order: Order, reason: str) -> OperatorAlert:
-    """The alert of an order provisioning handed to a person (one per order: notify emails once per
-    `alert_key`)."""
-    return _operator_alert(order, reason, alert_key=f"needs_attention:{order.transaction_id}")
+    """The alert of an order provisioning handed to a person: one per purchase attempt (notify emails
+    once per `alert_key`), so an order an operator re-drove that gets stuck again is told again."""
+    key = f"needs_attention:{_zendit_id(order)}"
+    return _operator_alert(order, reason, kind="needs_attention", alert_key=key)
 
 
 def qr_mismatch_alert(order: Order) -> OperatorAlert:
     """ZENDIT_QR_CROSS_CHECK found Zendit's QR image reading as another string than the one delivered:
-    the order is delivered, but a person should compare the two (one alert per order)."""
-    return _operator_alert(order, QR_MISMATCH_ALERT, alert_key=f"{QR_MISMATCH_ALERT}:{order.transaction_id}")
+    the order is delivered, but a person should compare the two (one alert per purchase)."""
+    key = f"qr_mismatch:{_zendit_id(order)}"
+    return _operator_alert(order, QR_MISMATCH_REASON, kind="qr_mismatch", alert_key=key)
 
 
-def _operator_alert(order: Order, reason: str, *, alert_key: str) -> OperatorAlert:
+def _zendit_id(order: Order) -> str:
+    return current_zendit_id(order.transaction_id, order.zendit_transaction_id, order.purchase_attempts)
+
+
+def _operator_alert(order: Order, reason: str, *, kind: AlertKind, alert_key: str) -> OperatorAlert:
     # Facts are ids and statuses only: never activation data. The event id follows from the key, so
     # every worker and redelivery names the same outbox row.
     facts = {
-        "zendit_transaction_id": order.zendit_transaction_id or "",
+        "zendit_transaction_id": _zendit_id(order),
         "purchase_attempts": str(order.purchase_attempts),
         "zendit_status": order.zendit_status or "unknown",
         "offer_id": order.offer_id,
@@ -172,7 +186,7 @@ def _operator_alert(order: Order, reason: str, *, alert_key: str) -> OperatorAle
     return OperatorAlert(
         event_id=outbox.stable_event_id(alert_key),
         transaction_id=order.transaction_id,
-        alert="needs_attention",
+        alert=kind,
         alert_key=alert_key,
         reason=reason[:200],
         facts={name: value for name, value in facts.items() if value},

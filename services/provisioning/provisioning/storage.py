@@ -1,6 +1,9 @@
 """Where QR PNGs are kept: one small interface, two implementations, chosen by `storage_kind`.
 
     QrStorage.save(name, png) -> URL     store (or replace) `<name>.png`, say where it can be fetched
+    verify()                             at start-up: QrStorageRefused when no save can ever succeed
+                                         (the service refuses to start), QrStorageError when the
+                                         storage is only unavailable now (it starts anyway)
 
     LocalQrStorage      a directory, served by the provisioning app (`routes.py`); the default
     SupabaseQrStorage   Supabase Storage through the `supabase` client (`supabase_storage.py`), when
@@ -19,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from esim_common.errors import TransientError
+from esim_common.errors import PermanentError, TransientError
 
 # Names are our transaction ids: the alphabet Zendit accepts for ids. Anything else (a `/`, `..`, a
 # NUL byte) is refused before it gets near a path.
@@ -29,6 +32,14 @@ PNG_SUFFIX = ".png"
 
 class QrStorageError(TransientError):
     """The PNG could not be stored (disk full, a storage service down): retry later."""
+
+
+class QrStorageRefused(PermanentError):
+    """The storage will not take QR codes until an operator fixes the configuration named in the message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class QrStorage(Protocol):
@@ -87,6 +98,20 @@ class LocalQrStorage:
     async def aclose(self) -> None:
         """Nothing to close: the same shape as SupabaseQrStorage, so `main.py` closes either."""
 
+    async def verify(self) -> None:
+        """Write and remove a probe file, so a directory that cannot be written is known at start-up.
+
+        Only ever a QrStorageError (start anyway, with a warning): a full disk or a mount that is not
+        there yet may well recover, and each save waits for it like a Zendit outage (the poll's
+        backoff, up to the purchase deadline).
+        """
+        try:
+            await asyncio.to_thread(_probe, self.directory)
+        except OSError as exc:
+            raise QrStorageError(
+                f"QR_STORAGE_DIR {self.directory} cannot be written: {exc.strerror or type(exc).__name__}"
+            ) from exc
+
     async def save(self, name: str, png: bytes) -> str:
         path = self.path_of(name)
         if path is None:
@@ -96,6 +121,13 @@ class LocalQrStorage:
         except OSError as exc:
             raise QrStorageError(f"could not store the QR code in {self.directory}: {exc.strerror}") from exc
         return self.url_of(name)
+
+
+def _probe(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor, probe = tempfile.mkstemp(dir=directory, prefix=".verify.", suffix=".tmp")
+    os.close(descriptor)
+    os.unlink(probe)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
