@@ -176,11 +176,12 @@ async def test_the_operator_is_emailed_even_when_the_customers_address_refuses_t
             )
             await eventually(lambda: len(server.accepted) >= 1, within=WAIT_SECONDS, what="operator email")
             queue = ctx.topology.queue("notify.order-failed").name
-            labels = {"queue": queue, "outcome": "failed_permanently"}
+            # The failure path ran and the message stays visible in the DLQ (an unsent failure email).
+            labels = {"queue": queue, "outcome": "dead_lettered"}
             await eventually(
                 lambda: (REGISTRY.get_sample_value("esim_messages_processed_total", labels) or 0) >= 1,
                 within=WAIT_SECONDS,
-                what="the customer's refusal took the failure path",
+                what="the customer's refusal took the failure path and was dead-lettered",
             )
     finally:
         controller.stop()
@@ -188,3 +189,44 @@ async def test_the_operator_is_emailed_even_when_the_customers_address_refuses_t
     assert [message["To"] for message in server.accepted] == [settings.service_owner_email]
     statuses = dict(await db.fetch("SELECT template, status FROM sent_emails WHERE transaction_id = $1", txn))
     assert statuses == {"order_failed": "failed", "operator_alert": "sent"}
+
+
+class RefusingThenDeferringSmtp(SelectiveSmtp):
+    """550 for the customer; 451 for the operator the first `defer` times, then accepted."""
+
+    def __init__(self, rejected: set[str], deferred: str, defer: int) -> None:
+        super().__init__(rejected)
+        self.deferred, self.defer = deferred, defer
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address == self.deferred and self.defer > 0:
+            self.defer -= 1
+            return "451 4.3.0 try again later"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+async def test_a_refused_customer_address_does_not_stop_a_deferred_operator_email_being_retried(
+    service_settings, db
+):
+    """The customer's 550 is permanent, the operator's 451 transient: the message must be retried for the
+    operator's sake (the customer is not emailed twice), not ended by the customer's refusal."""
+    server = RefusingThenDeferringSmtp(
+        rejected={"grace@example.com"}, deferred=service_settings.service_owner_email, defer=1
+    )
+    controller = Controller(server, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        settings = service_settings.model_copy(update={"smtp_port": controller.port})
+        txn = await failed_order(db, "needs_attention")
+        async with running_notify(settings) as ctx:
+            await ctx.publisher.publish(
+                OrderFailed(transaction_id=txn, step="refund", reason="refund_failed")
+            )
+            await eventually(lambda: len(server.accepted) >= 1, within=WAIT_SECONDS, what="operator email")
+    finally:
+        controller.stop()
+
+    assert server.defer == 0
+    assert [message["To"] for message in server.accepted] == [settings.service_owner_email]
+    statuses = dict(await db.fetch("SELECT template, status FROM sent_emails WHERE transaction_id = $1", txn))
+    assert statuses["operator_alert"] == "sent"

@@ -612,6 +612,27 @@ async def test_a_purchase_zendit_refuses_and_does_not_have_is_purchase_failed_an
     assert zendit_purchases(zendit_emulator, txn) == []
 
 
+async def test_a_purchase_seen_before_that_is_refused_and_not_found_is_never_refunded(
+    start_provisioning, funded_order, db, zendit_emulator, stripe_emulator
+):
+    """A purchase we saw at Zendit (IN_PROGRESS) may still be delivered: if a later look finds nothing
+    and a POST is refused (a duplicate id, say), that is Zendit's confusion, not proof of no delivery."""
+    service = await start_provisioning()
+    txn = await funded_order()
+    async with db.acquire() as conn:
+        await transition(conn, txn, OrderStatus.PURCHASING, reason="test: an attempt in flight")
+        await record(conn, txn, zendit_transaction_id=txn, purchase_attempts=1, zendit_status="IN_PROGRESS")
+    zendit_emulator.control("POST", "faults", {"endpoint": "create_purchase", "status": 400})
+
+    await service.publish_funded(txn)
+    order = await wait_for_status(db, txn, OrderStatus.NEEDS_ATTENTION, OrderStatus.REFUNDED)
+
+    assert order.status == OrderStatus.NEEDS_ATTENTION
+    assert order.failure_reason == "purchase_status_unreadable"
+    assert refunds_of(stripe_emulator, order) == []
+    assert await service.drain("notify.order-failed") == []
+
+
 @dataclass
 class RefusingStorage:
     """A storage whose refusal happens to carry a reason that reads like Zendit's."""

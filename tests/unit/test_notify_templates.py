@@ -252,3 +252,13 @@ def test_a_needs_attention_alert_for_an_order_we_do_not_have_is_still_told():
     )
     assert "Status now: not known" in text and "Zendit transaction id: z-9" in text
     assert "Details:\nnone" in text and "finish or refund it by hand" in text  # the default advice
+
+
+def test_an_unknown_reason_for_a_purchase_zendit_delivered_never_invites_a_refund():
+    """e.g. the QR storage refused our key after Zendit said DONE: the generic advice would say "refund"."""
+    alert = needs_attention(reason="qr_storage_unauthorized", facts={"zendit_status": "DONE"})
+    text = decoded_text(
+        emails.operator_alert_event_email(alert, order(OrderStatus.NEEDS_ATTENTION), SETTINGS)
+    )
+    assert "Do not refund" in text
+    assert "finish or refund it by hand" not in text

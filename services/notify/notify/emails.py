@@ -153,6 +153,9 @@ def _order_alert_values(event: OperatorAlert, order: Order | None, facts: dict[s
     zendit_id = facts.pop("zendit_transaction_id", None) or (order.zendit_transaction_id if order else None)
     details = "\n".join(f"{name}: {redact(value)}" for name, value in facts.items())
     advice_key = event.reason if has_phrase("needs_attention_advice", event.reason) else "default"
+    zendit_status = facts.get("zendit_status") or (order.zendit_status if order else None)
+    if advice_key == "default" and zendit_status == "DONE":
+        advice_key = "default_delivered"  # never invite a refund of an eSIM Zendit delivered
     return {
         "status": order.status.value if order else _unknown(),
         "zendit_transaction_id": redact(_or_missing(zendit_id)),

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from esim_common import outbox
 from esim_common.consumer import consume
-from esim_common.errors import CheckAgainLater, FailPermanently
+from esim_common.errors import CheckAgainLater, FailPermanently, TransientError
 from esim_common.events import OperatorAlert, OrderDelivered, OrderFailed, OrderProvisioned
 from esim_common.order_repository import Order, get_order
 from esim_common.order_states import OrderStatus
@@ -142,8 +142,13 @@ class Notifier:
                 await self._send_once(message, order.transaction_id, domain.TEMPLATE_OPERATOR_ALERT)
             except Exception as exc:
                 failures.append(exc)
+        for exc in failures:
+            log.warning("a failed-order email was not sent", extra={"error": str(exc)[:200]})
+        # A transient failure wins: the retry sends what is missing (sent ones are not sent twice), where
+        # a permanent one first would end the message with the other email never tried again.
+        transient = [exc for exc in failures if isinstance(exc, TransientError)]
         if failures:
-            raise failures[0]
+            raise (transient or failures)[0]
 
     async def on_failure_email_failed(self, event: OrderFailed, reason: str) -> None:
         """Nobody could be emailed about a failed order: the log line is the alert of last resort."""
@@ -235,6 +240,7 @@ def register(ctx: ServiceContext, mailer: Mailer) -> Notifier:
         OrderFailed,
         notifier.on_order_failed,
         on_failure=notifier.on_failure_email_failed,
+        dead_letter_after_failure=True,  # an unsent failure email stays visible and replayable
     )
     consume(
         ctx.broker,

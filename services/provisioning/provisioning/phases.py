@@ -290,7 +290,7 @@ class Provisioner:
         refused: ZenditPermanentError | None = None
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             locked = await repository.must_get(conn, order.transaction_id, lock=True)
-            if locked.status != S.PURCHASING or locked.zendit_transaction_id != zendit_id:
+            if locked.status != S.PURCHASING or self._zendit_id(locked) != zendit_id:
                 raise CheckAgainLater(domain.FAST_POLL_SECONDS, "the order moved on meanwhile")
             found = await self._look_up(zendit_id)  # another worker may have placed it while we waited
             if found is not None:
@@ -304,6 +304,12 @@ class Provisioner:
                 found = await self._look_up(zendit_id)
                 if found is not None:
                     return found
+                if locked.zendit_status is not None:
+                    # We have seen this purchase at Zendit before: a 404 now is Zendit's error, not proof
+                    # that nothing will be delivered. An operator looks; never a refund.
+                    raise FailPermanently(
+                        UNREADABLE_REASON, "a purchase seen before is now refused and not found"
+                    ) from exc
                 await repository.mark_purchase_refused(conn, order.transaction_id, reason=exc.reason)
                 refused = exc
         if refused is not None:
