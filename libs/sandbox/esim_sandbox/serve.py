@@ -5,6 +5,7 @@ Tests and `python -m esim_sandbox` both use this, so an emulator behaves the sam
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -22,6 +23,18 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """`count` distinct free ports. Asked for one at a time, the OS may hand the same port out twice
+    (it is free again as soon as the probe closes), and two processes of a stack then fight over it."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            sock = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))  # held open until every port is chosen: all distinct
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from esim_common.settings import Settings
 from esim_common.topology import delete_from_url, esim_topology
 from esim_sandbox import storage_emulator
-from esim_sandbox.serve import LOOPBACK, free_port
+from esim_sandbox.serve import LOOPBACK, free_ports
 
 SERVICES = ("webhook", "funding", "provisioning", "notify", "reconcile")
 DEFAULT_PORTS = {"webhook": 8080, "funding": 8081, "provisioning": 8082, "notify": 8083, "reconcile": 8084}
@@ -97,9 +97,11 @@ class Stack:
         if self.storage not in QR_STORAGES:
             raise ValueError(f"storage must be one of {QR_STORAGES}, not {self.storage!r}")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in (*SANDBOX_PORTS, *SERVICES):
+        names = (*SANDBOX_PORTS, *SERVICES)
+        chosen = free_ports(len(names))
+        for name, free in zip(names, chosen, strict=True):
             default = SANDBOX_PORTS.get(name) or DEFAULT_PORTS[name]
-            self.ports[name] = default if self.use_default_ports else free_port()
+            self.ports[name] = default if self.use_default_ports else free
 
     def url(self, name: str) -> str:
         return f"http://{LOOPBACK}:{self.ports[name]}"
