@@ -103,3 +103,13 @@ def test_a_purchase_open_past_the_deadline_is_handed_over_instead_of_checked_aga
     assert next_check(5, 86400) == CheckAgain(delay_seconds=1.0)
     assert next_check(86399, 86400) == CheckAgain(delay_seconds=10.0)
     assert next_check(86400, 86400) == DeadlinePassed(waited_seconds=86400)
+
+
+def test_order_provisioned_never_carries_a_signed_urls_token():
+    from provisioning.phases import Provisioner
+    from tests.unit.test_notify_templates import order
+
+    signed = "https://ref.supabase.co/storage/v1/object/sign/esim-qrcodes/txn-1.png?token=eyJ.secret.sig"
+    event = Provisioner._provisioned_event(order(qr_code_url=signed))
+    assert event.qr_code_url == "https://ref.supabase.co/storage/v1/object/sign/esim-qrcodes/txn-1.png"
+    assert "token" not in event.model_dump_json()

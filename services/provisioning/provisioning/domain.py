@@ -240,3 +240,9 @@ def cross_check_alerts(check: QrCheck) -> bool:
     An image without a readable code, or none at all, proves nothing either way: counted, not alerted.
     """
     return check == QrCheck.MISMATCH
+
+
+def shareable_qr_url(url: str) -> str:
+    """`url` without its query and fragment: what an event may carry. A signed Storage URL's `?token=`
+    is a bearer capability to the customer's activation QR; it stays in the database, never in a message."""
+    return url.split("#", 1)[0].split("?", 1)[0]

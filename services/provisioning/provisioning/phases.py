@@ -510,7 +510,7 @@ class Provisioner:
             event_id=repository.order_provisioned_event_id(order.transaction_id),
             transaction_id=order.transaction_id,
             zendit_transaction_id=order.zendit_transaction_id,
-            qr_code_url=order.qr_code_url,
+            qr_code_url=domain.shareable_qr_url(order.qr_code_url),
         )
 
     async def _announce(self, order: Order) -> None:
