@@ -11,6 +11,8 @@ import argparse
 from esim_common.settings import load_settings
 from notify import preview
 
+DEFAULT_PORT = 8083
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m notify", description="The notify service.")
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(preview.run_cli(args, settings))
     # Imported here so that a preview does not load the web and broker stacks it does not use.
     from esim_common.service import run
-    from notify.main import DEFAULT_PORT, create_app
+    from notify.main import create_app
 
     run(create_app(settings), settings, default_port=DEFAULT_PORT)
 

@@ -11,7 +11,6 @@ from notify.mailer import SmtpMailer
 from notify.routes import preview_router
 
 SERVICE_NAME = "notify"
-DEFAULT_PORT = 8083
 
 
 def create_app(settings: Settings) -> FastAPI:
