@@ -367,8 +367,10 @@ async def test_when_no_qr_code_reads_as_the_lpa_the_order_goes_to_an_operator_an
 async def test_without_a_qr_decoder_nothing_unverified_is_sent_and_the_order_goes_to_an_operator(
     start_provisioning, funded_order, db, zendit_emulator, stripe_emulator, monkeypatch
 ):
-    monkeypatch.setattr(qr, "zxingcpp", None)  # an image built without zxing-cpp
+    # Start-up refuses without zxing-cpp (tests/unit/test_provisioning_qr.py); this is the per-order
+    # guard behind it: with no decoder, nothing unverified is ever stored or sent.
     service = await start_provisioning()
+    monkeypatch.setattr(qr, "zxingcpp", None)
     txn = await funded_order()
     fetches_before = qr_fetches()
 
