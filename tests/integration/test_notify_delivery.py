@@ -12,8 +12,7 @@ import io
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
@@ -32,10 +31,8 @@ from esim_common.money import Money
 from esim_common.order_repository import create_order, get_order
 from esim_common.order_states import OrderStatus
 from esim_common.service import ServiceContext
-from esim_common.settings import Settings
-from esim_common.topology import delete
 from esim_sandbox.smtp_capture import SmtpCapture
-from notify.main import create_app
+from tests.fixtures.notify import running_notify
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -61,19 +58,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@asynccontextmanager
-async def running_notify(settings: Settings) -> AsyncIterator[ServiceContext]:
-    ctx: ServiceContext = create_app(settings).state.ctx
-    await ctx.start()
-    try:
-        yield ctx
-    finally:
-        await ctx.stop()
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            await delete(await connection.channel(), ctx.topology)
 
 
 async def queue_depth(ctx: ServiceContext, queue: str) -> int:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aio_pika
 import asyncpg
@@ -18,29 +16,14 @@ from esim_common.events import FailedStep, OrderFailed
 from esim_common.money import Money
 from esim_common.order_repository import create_order
 from esim_common.service import ServiceContext
-from esim_common.settings import Settings
-from esim_common.topology import delete
 from esim_sandbox.serve import free_port
-from notify.main import create_app
+from tests.fixtures.notify import running_notify
 from tests.fixtures.polling import eventually
 from tests.integration.test_notify_delivery import SelectiveSmtp
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
 WAIT_SECONDS = 20.0
-
-
-@asynccontextmanager
-async def running_notify(settings: Settings) -> AsyncIterator[ServiceContext]:
-    ctx: ServiceContext = create_app(settings).state.ctx
-    await ctx.start()
-    try:
-        yield ctx
-    finally:
-        await ctx.stop()
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            await delete(await connection.channel(), ctx.topology)
 
 
 async def failed_order(pool: asyncpg.Pool, status: str, *, refund_id: str | None = None) -> str:

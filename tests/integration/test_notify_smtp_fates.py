@@ -30,6 +30,7 @@ from esim_sandbox.serve import free_port
 from esim_sandbox.smtp_capture import SmtpCapture, TlsMode
 from notify.handlers import delivery_failed_event
 from notify.main import create_app
+from tests.fixtures.notify import running_notify
 from tests.fixtures.smtp_capture import SmtpCertificates, StartSmtpCapture
 from tests.integration.test_notify_delivery import (
     SelectiveSmtp,
@@ -37,7 +38,6 @@ from tests.integration.test_notify_delivery import (
     provisioned_order,
     published,
     queue_depth,
-    running_notify,
     wait_until,
 )
 from tests.integration.test_notify_smtp_tls import leaked, log_texts
