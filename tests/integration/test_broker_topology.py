@@ -4,6 +4,7 @@ take the failure path at once; poison messages and bugs are dead-lettered; unrou
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -340,3 +341,34 @@ def test_a_consumer_wired_to_a_queue_that_never_receives_its_event_is_refused():
     topo = Topology(queues=(ConsumerQueue("funding.order-paid", ("order.paid",)),))
     with pytest.raises(ValueError, match=r"not order\.funded"):
         consume(create_broker("amqp://unused/"), topo, "funding.order-paid", OrderFunded, Recorder().handler)
+
+
+async def test_a_delivery_logs_no_per_message_lines_at_info_but_a_failure_still_logs_an_error(
+    amqp_url, topology, caplog
+):
+    """FastStream's "Received"/"Processed" pair is DEBUG (two lines per delivery for nothing); a handler
+    that blows up is still an ERROR line."""
+    caplog.set_level(logging.INFO)
+    recorder = Recorder()
+    broker = await run_consumer(amqp_url, topology, recorder)
+    try:
+        await EventPublisher(broker, topology).publish(paid_event())
+        await wait_until(lambda_async(lambda: len(recorder.deliveries) == 1), timeout=5)
+        await asyncio.sleep(0.2)
+        per_message = [r for r in caplog.records if r.getMessage() in ("Received", "Processed")]
+        assert per_message == []
+        recorder.raises = RuntimeError("boom")
+        await EventPublisher(broker, topology).publish(paid_event())
+        await wait_until(lambda_async(lambda: len(recorder.deliveries) == 2), timeout=5)
+        await asyncio.sleep(0.2)
+    finally:
+        await broker.stop()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("boom" in r.getMessage() or "boom" in (r.exc_text or "") for r in errors)
+
+
+def lambda_async(check):
+    async def probe() -> bool:
+        return check()
+
+    return probe
