@@ -1,6 +1,9 @@
 """The Zendit emulator in process (ASGI transport, fake clock): lifecycle, wallet, controls, top-ups."""
 
+import asyncio
+import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -273,6 +276,117 @@ async def test_reset_restores_the_configured_world(zendit, control, app):
     assert (await zendit.get_offer("ESIM-US-7D-1GB")).enabled
     with pytest.raises(ZenditNotFound):
         await zendit.get_purchase("x")
+
+
+async def test_a_step_happens_exactly_at_its_due_time_whatever_the_clocks_microseconds(
+    zendit, control, clock
+):
+    # Due means "due_at(step) <= time since creation": 0.15 s here, although created_ts + 0.15 rounds
+    # past (created + 0.15 s).timestamp() when the creation time has these microseconds.
+    await control.post("/purchase_delay", json={"seconds": 0.6})
+    clock.now += timedelta(microseconds=3)
+    await zendit.purchase(transaction_id="edge", offer_id="ESIM-US-7D-1GB")
+    clock.tick(0.15)
+    assert (await zendit.get_purchase("edge")).status is TransactionStatus.PENDING
+
+
+class NoWalking(dict[str, Any]):
+    """A purchases dict that fails any walk over all purchases (lookups by id are fine)."""
+
+    def _walk(self, *args, **kwargs):
+        raise AssertionError("walked every purchase")
+
+    __iter__ = values = items = keys = _walk
+
+
+async def test_hot_calls_never_walk_every_purchase(zendit, control, app, clock):
+    await control.post("/purchase_stalls", json={"count": 1})
+    for n in range(10):
+        await zendit.purchase(transaction_id=f"old-{n}", offer_id="ESIM-US-7D-1GB")
+    clock.tick(DELAY)
+    await zendit.get_purchase("old-0")  # all but the stalled one finish here
+    state = app.state.zendit
+    state.watch_statuses()
+    state.purchases = NoWalking(state.purchases)
+
+    await zendit.purchase(transaction_id="new", offer_id="ESIM-US-7D-1GB")
+    clock.tick(DELAY / 2)
+    assert (await zendit.get_purchase("new")).status is TransactionStatus.AUTHORIZED
+    assert (await zendit.get_balance()).available_balance == 10_000 - 11 * 450  # 9 debited, 2 held
+    clock.tick(DELAY / 2)
+    assert state.status_changes() == [("new", "DONE")]
+    assert (await zendit.get_purchase("old-0")).status is TransactionStatus.IN_PROGRESS  # the stall
+
+
+# -- webhooks: what a tick sends, with the receiver replaced by a recorder --------------------------
+class Hook:
+    """The emulator's webhook pointed at a recorder; `tick()` runs one tick and returns what it POSTed
+    as (transactionId, status) pairs."""
+
+    def __init__(self, app: Any, control: httpx.AsyncClient) -> None:
+        self.sender, self.control = app.state.zendit_webhooks, control
+        self.received: list[tuple[str, str]] = []
+        self.sender._client = httpx.AsyncClient(transport=httpx.MockTransport(self._receive))
+
+    def _receive(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            body = json.loads(request.content)
+            self.received.append((body["transactionId"], body["status"]))
+        return httpx.Response(200)
+
+    async def configure(self, intermediate: bool = False) -> None:
+        body = {"url": "http://hook.test/", "header": "X-Hook", "secret": "s", "intermediate": intermediate}
+        (await self.control.post("/webhook", json=body)).raise_for_status()
+
+    async def tick(self) -> list[tuple[str, str]]:
+        self.sender.tick()
+        await asyncio.gather(*self.sender._tasks)
+        sent, self.received = self.received, []
+        return sent
+
+
+@pytest.fixture
+async def hook(app, control):
+    hook = Hook(app, control)
+    await hook.configure()  # finals only
+    yield hook
+    await hook.sender.aclose()
+
+
+async def test_a_webhook_is_sent_once_per_final_status(zendit, hook, clock):
+    await zendit.purchase(transaction_id="a", offer_id="ESIM-US-7D-1GB")
+    clock.tick(1.0)
+    await zendit.purchase(transaction_id="b", offer_id="ESIM-GB-30D-3GB-GBP")  # fails at AUTHORIZED
+    assert await hook.tick() == []
+    clock.tick(DELAY)
+    assert await hook.tick() == [("a", "DONE"), ("b", "FAILED")]  # in purchase order
+    clock.tick(DELAY)
+    assert await hook.tick() == []
+
+
+async def test_intermediate_webhooks_send_each_status_seen_by_a_tick(zendit, hook, clock):
+    await hook.configure(intermediate=True)
+    await zendit.purchase(transaction_id="a", offer_id="ESIM-US-7D-1GB")
+    assert await hook.tick() == [("a", "ACCEPTED")]
+    clock.tick(1.0)
+    assert await hook.tick() == [("a", "PENDING")]
+    clock.tick(3.0)  # AUTHORIZED and IN_PROGRESS happened between two ticks: only the latest is seen
+    assert await hook.tick() == [("a", "DONE")]
+    assert await hook.tick() == []
+
+
+async def test_webhooks_after_a_reset_compare_a_reused_id_with_what_was_seen(zendit, hook, control, clock):
+    await hook.configure(intermediate=True)
+    await zendit.purchase(transaction_id="a", offer_id="ESIM-US-7D-1GB")
+    await zendit.purchase(transaction_id="b", offer_id="ESIM-US-7D-1GB")
+    assert await hook.tick() == [("a", "ACCEPTED"), ("b", "ACCEPTED")]
+    await control.post("/reset")
+    await zendit.purchase(transaction_id="a", offer_id="ESIM-US-7D-1GB")  # ACCEPTED again: no change
+    assert await hook.tick() == []
+    await control.post("/reset")
+    assert await hook.tick() == []  # "a" is forgotten now
+    await zendit.purchase(transaction_id="a", offer_id="ESIM-US-7D-1GB")
+    assert await hook.tick() == [("a", "ACCEPTED")]
 
 
 # -- the top-up gateway, with the card network replaced by a recorder ---------------------------------

@@ -32,9 +32,9 @@ def _luhn_check_digit(digits: str) -> str:
 
 
 def new_iccid() -> str:
-    body = _ICCID_PREFIX + "".join(
-        secrets.choice("0123456789") for _ in range(_ICCID_BODY_DIGITS - len(_ICCID_PREFIX))
-    )
+    random_digits = _ICCID_BODY_DIGITS - len(_ICCID_PREFIX)
+    # One draw for all the digits (uniform, zero-padded): a draw per digit cost ~40 µs per purchase.
+    body = f"{_ICCID_PREFIX}{secrets.randbelow(10**random_digits):0{random_digits}d}"
     return body + _luhn_check_digit(body)
 
 

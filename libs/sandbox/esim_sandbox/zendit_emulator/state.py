@@ -3,7 +3,9 @@
 Purchases progress ACCEPTED → PENDING → AUTHORIZED → IN_PROGRESS → DONE over `delay` seconds, derived
 from the injected clock (`now`) each time the state is read — no background tasks, so a test that owns
 the clock decides exactly when each step happens. Steps of all purchases are applied in time order,
-which makes holds and INSUFFICIENT_FUNDS deterministic when purchases compete for the balance.
+which makes holds and INSUFFICIENT_FUNDS deterministic when purchases compete for the balance. Only
+purchases with a step still to come are looked at (a heap of next steps by due time), so reading the
+state costs the same after ten purchases as after ten thousand.
 
 Wallet amounts are integers in the wallet's `currencyDivisor`; `available = balance - holds`.
 The opening balance and `set_balance` overrides are not ledger rows (they are sandbox controls).
@@ -12,6 +14,7 @@ All methods take a lock: the server thread and a test thread may both touch the 
 
 from __future__ import annotations
 
+import heapq
 import threading
 import uuid
 from collections.abc import Callable
@@ -29,6 +32,14 @@ Clock = Callable[[], datetime]
 # The four steps after ACCEPTED, each at an equal fraction of the purchase delay.
 STEPS = ("PENDING", "AUTHORIZED", "IN_PROGRESS", "DONE")
 FINAL = ("DONE", "FAILED")
+# One string per status, shared by every purchase's log.
+STATUS_MESSAGES = {
+    "ACCEPTED": "Transaction accepted",
+    **{status: f"Transaction {status.lower().replace('_', ' ')}" for status in STEPS},
+}
+# Candidate steps are taken from the heap up to this far past `now`, then checked exactly as
+# "due_at(step) <= elapsed": float rounding of absolute timestamps must not delay or advance a step.
+_DUE_SLACK_SECONDS = 1e-3
 
 ERROR_TEXT = {
     "INSUFFICIENT_FUNDS": ("Insufficient funds", "Wallet balance is lower than the transaction cost"),
@@ -70,7 +81,7 @@ class Fault:
     when: str = "before"
 
 
-@dataclass
+@dataclass(slots=True)
 class PurchaseRecord:
     transaction_id: str
     offer: dict[str, Any]
@@ -86,7 +97,8 @@ class PurchaseRecord:
     updated_at: datetime | None = None
     confirmation: dict[str, Any] | None = None
     error: dict[str, str] | None = None
-    log: list[dict[str, str]] = field(default_factory=list)
+    # (dateTime, status, statusMessage) per status change: tuples and shared strings, rendered on reads.
+    log: list[tuple[str, str, str]] = field(default_factory=list)
 
     def due_at(self, step: int) -> float:
         """Seconds after creation at which step `step` (1..4) happens."""
@@ -124,15 +136,24 @@ class ZenditState:
         self.now = now
         self._lock = threading.RLock()
         self._initial = (wallet_balance, purchase_delay_seconds)
+        # transactionId → its status when a watcher last looked, for purchases changed since (None: it
+        # did not exist); None while nobody watches. See `watch_statuses`.
+        self._changed: dict[str, str | None] | None = None
+        self.purchases: dict[str, PurchaseRecord] = {}
         self.reset()
 
     def reset(self) -> None:
         """Back to the state `create_app` made: catalogue, balance, delay; no purchases, rules or faults."""
         with self._lock:
+            for record in self.purchases.values():
+                self._note_change(record.transaction_id, record.status)  # a watcher sees them vanish
             self.balance, self.purchase_delay_seconds = self._initial
             self.offers = fresh_catalogue()
             self.holds: dict[str, int] = {}
-            self.purchases: dict[str, PurchaseRecord] = {}
+            self.purchases = {}
+            # (due time, seq, step, record): the next step of every purchase that has one to come.
+            # Entries of purchases finished meanwhile (resolve) are dropped when they come up.
+            self._next_steps: list[tuple[float, int, int, PurchaseRecord]] = []
             self.topups: dict[str, TopupRecord] = {}
             self.credits: list[dict[str, Any]] = []
             self.purchase_rules: list[PurchaseRule] = []
@@ -249,26 +270,40 @@ class ZenditState:
                 fate=self._take_purchase_rule(offer["offerId"]),
                 updated_at=created,
             )
-            self._log(record, "ACCEPTED", "Transaction accepted", created)
+            self._note_change(transaction_id, None)
+            self._log(record, "ACCEPTED", STATUS_MESSAGES["ACCEPTED"], created)
             self.purchases[transaction_id] = record
+            self._schedule(record, 1)
             return record
 
+    def _schedule(self, record: PurchaseRecord, step: int) -> None:
+        when = record.due_at(step) + record.created_at.timestamp()
+        heapq.heappush(self._next_steps, (when, record.seq, step, record))
+
     def advance(self) -> None:
-        """Apply every purchase step whose time has come, across purchases in time order."""
+        """Apply every purchase step whose time has come, across purchases in time order.
+
+        Costs O(steps due · log pending): finished and stalled purchases are not in the heap.
+        """
         with self._lock:
             now = self.now()
-            due: list[tuple[float, int, int, PurchaseRecord]] = []
-            for record in self.purchases.values():
-                elapsed = (now - record.created_at).total_seconds()
-                for step in range(record.steps_done + 1, len(STEPS) + 1):
-                    if record.due_at(step) <= elapsed:
-                        due.append(
-                            (record.due_at(step) + record.created_at.timestamp(), record.seq, step, record)
-                        )
-            for _, _, step, record in sorted(due, key=lambda item: item[:3]):
+            horizon = now.timestamp() + _DUE_SLACK_SECONDS
+            not_yet: list[tuple[float, int, int, PurchaseRecord]] = []
+            heap = self._next_steps
+            while heap and heap[0][0] <= horizon:
+                entry = heapq.heappop(heap)
+                _, _, step, record = entry
                 if record.status in FINAL or step != record.steps_done + 1:
+                    continue  # finished meanwhile (resolve): the entry is stale
+                if record.due_at(step) > (now - record.created_at).total_seconds():
+                    not_yet.append(entry)  # within the slack only; due on a later call
                     continue
                 self._apply_step(record, step, now)
+                if record.status not in FINAL and record.steps_done == step:
+                    self._schedule(record, step + 1)
+                # else FAILED, DONE, or stalled before DONE: resolve() finishes a stalled one
+            for entry in not_yet:
+                heapq.heappush(heap, entry)
 
     def _apply_step(self, record: PurchaseRecord, step: int, now: datetime) -> None:
         at = datetime.fromtimestamp(record.created_at.timestamp() + record.due_at(step), UTC)
@@ -291,18 +326,20 @@ class ZenditState:
             self.balance -= self.holds.pop(record.transaction_id)
             record.confirmation = new_confirmation(record.iccid)
         record.steps_done = step
-        record.status = status
-        record.updated_at = at
-        self._log(record, status, f"Transaction {status.lower().replace('_', ' ')}", at)
+        self._set_status(record, status, STATUS_MESSAGES[status], at)
 
     def _fail(self, record: PurchaseRecord, code: str, message: str, at: datetime) -> None:
         self.holds.pop(record.transaction_id, None)  # a FAILED purchase releases its hold
         default_message, description = ERROR_TEXT.get(code, (code.replace("_", " ").capitalize(), ""))
         record.error = {"code": code, "message": message or default_message, "description": description}
-        record.status = "FAILED"
         record.steps_done = len(STEPS)
+        self._set_status(record, "FAILED", record.error["message"], at)
+
+    def _set_status(self, record: PurchaseRecord, status: str, message: str, at: datetime) -> None:
+        self._note_change(record.transaction_id, record.status)
+        record.status = status
         record.updated_at = at
-        self._log(record, "FAILED", record.error["message"], at)
+        self._log(record, status, message, at)
 
     def resolve(
         self, transaction_id: str, *, status: str, code: str = "", message: str = ""
@@ -323,7 +360,47 @@ class ZenditState:
 
     @staticmethod
     def _log(record: PurchaseRecord, status: str, message: str, at: datetime) -> None:
-        record.log.append({"dateTime": rfc3339(at), "status": status, "statusMessage": message})
+        record.log.append((rfc3339(at), status, message))
+
+    @staticmethod
+    def _log_json(record: PurchaseRecord) -> list[dict[str, str]]:
+        return [
+            {"dateTime": stamp, "status": status, "statusMessage": message}
+            for stamp, status, message in record.log
+        ]
+
+    # -- status changes, for the webhook sender ------------------------------------------------------
+    def _note_change(self, transaction_id: str, seen: str | None) -> None:
+        """About to change `transaction_id` from status `seen`: kept if it is the first change since the
+        watcher last looked."""
+        if self._changed is not None:
+            self._changed.setdefault(transaction_id, seen)
+
+    def watch_statuses(self) -> None:
+        """Start (or restart) noting status changes for `status_changes`; earlier ones are not reported."""
+        with self._lock:
+            self.advance()
+            self._changed = {}
+
+    def unwatch_statuses(self) -> None:
+        with self._lock:
+            self._changed = None
+
+    def status_changes(self) -> list[tuple[str, str]]:
+        """(transactionId, status now) of each purchase whose status differs from the last look, in
+        creation order, due steps applied first. Purchases removed by a reset are forgotten; one that
+        moved through several statuses since is reported once, with the latest."""
+        with self._lock:
+            self.advance()
+            if self._changed is None:
+                return []
+            changed, self._changed = self._changed, {}
+            records = [
+                record
+                for transaction_id, seen in changed.items()
+                if (record := self.purchases.get(transaction_id)) is not None and record.status != seen
+            ]
+            return [(record.transaction_id, record.status) for record in sorted(records, key=_by_seq)]
 
     # -- views (Zendit JSON shapes) ------------------------------------------------------------------
     def purchase_json(self, record: PurchaseRecord) -> dict[str, Any]:
@@ -362,7 +439,7 @@ class ZenditState:
                 "price": offer["price"]["fixed"],
                 "priceCurrency": offer["price"]["currency"],
                 "priceCurrencyDivisor": offer["price"]["currencyDivisor"],
-                "log": list(record.log),
+                "log": self._log_json(record),
                 "createdAt": rfc3339(record.created_at),
                 "updatedAt": rfc3339(record.updated_at or record.created_at),
             }
@@ -372,12 +449,6 @@ class ZenditState:
         if record.error is not None:
             body["error"] = dict(record.error)
         return body
-
-    def current_statuses(self) -> dict[str, str]:
-        """Every purchase's status now (due steps applied first): what the webhook sender watches."""
-        with self._lock:
-            self.advance()
-            return {tid: record.status for tid, record in self.purchases.items()}
 
     def purchase_view(self, transaction_id: str) -> dict[str, Any] | None:
         """GET /esim/purchases/{id}'s body now, or None for an unknown purchase."""
@@ -401,7 +472,7 @@ class ZenditState:
                     "currency": self.wallet_currency
                     if record.wallet_cost is not None
                     else record.offer["cost"]["currency"],
-                    "log": list(record.log),
+                    "log": self._log_json(record),
                     "createdAt": rfc3339(record.created_at),
                     "updatedAt": rfc3339(record.updated_at or record.created_at),
                 }
@@ -442,6 +513,10 @@ class ZenditState:
                 "qrImages": dict(self.qr_images),
                 "faults": [vars(fault).copy() for fault in self.faults if fault.remaining > 0],
             }
+
+
+def _by_seq(record: PurchaseRecord) -> int:
+    return record.seq
 
 
 def new_topup_id() -> str:

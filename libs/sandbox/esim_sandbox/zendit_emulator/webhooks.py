@@ -15,9 +15,11 @@
 
 The body is the purchase exactly as `GET /v1/esim/purchases/{id}` shows it when the change is seen.
 Purchases advance lazily in `ZenditState`; while a webhook is configured a ticker advances them every
-TICK_SECONDS so that changes happen (and are sent) without anyone polling. Several steps inside one
-tick are seen as one change: final statuses are never missed, intermediate ones may be. Zendit's retry
-schedule is not published; a delivery that gets no 2xx is retried after RETRY_DELAYS_SECONDS.
+TICK_SECONDS so that changes happen (and are sent) without anyone polling. The state notes which
+purchases changed since the last tick (`ZenditState.status_changes`), so a tick costs what changed, not
+every purchase ever made. Several steps inside one tick are seen as one change: final statuses are
+never missed, intermediate ones may be. Zendit's retry schedule is not published; a delivery that gets
+no 2xx is retried after RETRY_DELAYS_SECONDS.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Lie:
     remaining: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     transaction_id: str
     status: str  # what the body claims
@@ -93,7 +95,6 @@ class WebhookSender:
         self.config: WebhookConfig | None = None
         self.lies: list[Lie] = []
         self.deliveries: list[Delivery] = []
-        self._seen: dict[str, str] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
@@ -114,13 +115,14 @@ class WebhookSender:
             raise WebhookUnreachable(f"HEAD {config.url} failed: {type(exc).__name__}") from None
         if not response.is_success:
             raise WebhookUnreachable(f"HEAD {config.url} answered {response.status_code}")
-        self._seen = self.state.current_statuses()  # only changes from now on are sent
+        self.state.watch_statuses()  # only changes from now on are sent
         self.config = config
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
 
     def disable(self) -> None:
         self.config = None
+        self.state.unwatch_statuses()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -138,11 +140,8 @@ class WebhookSender:
         config = self.config
         if config is None:
             return
-        now = self.state.current_statuses()
-        changed = [tid for tid, status in now.items() if self._seen.get(tid) != status]
-        self._seen = now  # purchases removed by a sandbox reset are forgotten too
-        for transaction_id in changed:
-            if now[transaction_id] in FINAL or config.intermediate:
+        for transaction_id, status in self.state.status_changes():
+            if status in FINAL or config.intermediate:
                 self.send(transaction_id)
 
     def send(self, transaction_id: str) -> Delivery | None:
