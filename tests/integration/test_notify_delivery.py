@@ -32,6 +32,9 @@ from esim_common.order_repository import create_order, get_order
 from esim_common.order_states import OrderStatus
 from esim_common.service import ServiceContext
 from esim_sandbox.smtp_capture import SmtpCapture
+from notify import emails
+from notify.compose import Draft
+from notify.sent_emails import send_once
 from tests.fixtures.notify import running_notify
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
@@ -285,6 +288,59 @@ async def test_an_email_already_sent_is_not_sent_again_but_the_delivery_is_compl
 
     assert smtp_capture.messages == []
     assert await order_status(db, txn) is OrderStatus.DELIVERED
+
+
+async def test_an_email_already_sent_is_not_even_built_again(service_settings, db, smtp_capture, monkeypatch):
+    """A redelivery after `sent` reads no QR code and writes no MIME: the build waits for sent_emails."""
+    built: list[str] = []
+
+    async def qr_png(directory, transaction_id, lpa):
+        built.append(transaction_id)
+        return await original_qr_png(directory, transaction_id, lpa)
+
+    original_qr_png = emails.qr_png
+    monkeypatch.setattr(emails, "qr_png", qr_png)
+    sent_before = await provisioned_order(db, Path(service_settings.qr_storage_dir))
+    await db.execute(
+        """INSERT INTO sent_emails (transaction_id, template, recipient, status, message_id, sent_at)
+           VALUES ($1, 'esim_delivery', 'ada@example.com', 'sent', '<earlier@example.com>', now())""",
+        sent_before,
+    )
+    fresh = await provisioned_order(db, Path(service_settings.qr_storage_dir))
+    async with running_notify(service_settings) as ctx:
+        await ctx.publisher.publish(provisioned_event(sent_before))
+        await ctx.publisher.publish(provisioned_event(fresh))
+        await wait_until(lambda: _announced(ctx, 2))
+
+    assert built == [fresh]  # the fresh order shows the spy works; the sent one was never built
+    assert [message["Message-ID"] for message in smtp_capture.messages] == [
+        f"<esim_delivery.{fresh}@example.com>"
+    ]
+
+
+async def test_an_email_that_cannot_be_built_is_recorded_failed_and_nothing_is_sent(db):
+    """A build error counts as a failed attempt: the row is claimable again, never stuck in `sending`."""
+    sent: list[EmailMessage] = []
+
+    async def send(message: EmailMessage) -> None:
+        sent.append(message)
+
+    async def broken() -> EmailMessage:
+        raise RuntimeError("the template is broken")
+
+    txn = f"txn-{uuid.uuid4().hex[:16]}"
+    with pytest.raises(RuntimeError, match="template is broken"):
+        await send_once(
+            db,
+            send,
+            Draft(recipient="ada@example.com", build=broken),
+            transaction_id=txn,
+            template="esim_delivery",
+        )
+
+    row = await db.fetchrow("SELECT status, recipient FROM sent_emails WHERE transaction_id = $1", txn)
+    assert (row["status"], row["recipient"]) == ("failed", "ada@example.com")
+    assert sent == []
 
 
 async def test_while_smtp_is_down_the_email_is_retried_and_sent_once_it_is_back(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -18,11 +19,15 @@ from contextlib import asynccontextmanager
 from email.message import EmailMessage
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope
 
 from esim_common.settings import load_settings
 from esim_sandbox.smtp_capture import TlsMode
+from notify.compose import build_message
 from notify.mailer import CERTIFICATE_REASON, EmailTransientError, SmtpConfigError, SmtpMailer, SmtpRelayError
 from notify.main import create_app
+from notify.rendering import RenderedEmail
 from tests.fixtures.smtp_capture import SmtpCertificates, StartSmtpCapture
 
 USERNAME = "shop@example.com"
@@ -277,3 +282,58 @@ async def test_auth_the_server_only_offers_over_tls_is_not_attempted_in_clear(
         await mailer(capture.port, username=USERNAME, password="right-password").send(an_email())
 
     assert capture.logins == []
+
+
+# --------------------------------------------------------------------------- SMTPUTF8
+
+
+class EnvelopeRecorder:
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    async def handle_DATA(self, server, session, envelope: Envelope) -> str:
+        self.envelopes.append(envelope)
+        return "250 OK"
+
+
+@asynccontextmanager
+async def plain_smtp(*, smtputf8: bool) -> AsyncIterator[tuple[int, EnvelopeRecorder]]:
+    recorder = EnvelopeRecorder()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(recorder, hostname="127.0.0.1", port=port, enable_SMTPUTF8=smtputf8)
+    controller.start()
+    try:
+        yield port, recorder
+    finally:
+        controller.stop()
+
+
+def email_to(address: str) -> EmailMessage:
+    return build_message(
+        RenderedEmail("Your eSIM is ready", "Scan the QR code.", None),
+        sender="shop@example.com",
+        to_address=address,
+        to_name="José",
+        message_id="<utf8-test@example.com>",
+    )
+
+
+async def test_a_non_ascii_address_travels_with_smtputf8_and_an_ascii_one_without():
+    async with plain_smtp(smtputf8=True) as (port, server):
+        await mailer(port).send(email_to("jose@bücher.example"))
+        await mailer(port).send(email_to("jose@example.com"))
+
+    utf8, ascii_only = server.envelopes
+    assert utf8.rcpt_tos == ["jose@bücher.example"] and "SMTPUTF8" in utf8.mail_options
+    assert "jose@bücher.example" in utf8.original_content.decode("utf-8")
+    assert ascii_only.rcpt_tos == ["jose@example.com"] and "SMTPUTF8" not in ascii_only.mail_options
+
+
+async def test_a_non_ascii_address_to_a_server_without_smtputf8_is_a_relay_error_as_before():
+    async with plain_smtp(smtputf8=False) as (port, server):
+        with pytest.raises(SmtpRelayError) as refused:
+            await mailer(port).send(email_to("jose@bücher.example"))
+
+    assert refused.value.reason == "smtp_relay_unsupported" and server.envelopes == []

@@ -15,6 +15,7 @@ so every mail client shows either the text or the HTML with its image, and the P
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address
@@ -32,6 +33,27 @@ class InlineImage:
     cid: str  # without angle brackets, as the HTML's `cid:` URL says it
 
 
+@dataclass(frozen=True)
+class Draft:
+    """An email that is due but not built: `build` renders it (and finds its QR code) only once
+    sent_emails says it still has to go, so a redelivered event costs no rendering or MIME work."""
+
+    recipient: str  # the To address(es), as sent_emails records them
+    build: Callable[[], Awaitable[EmailMessage]]
+
+
+def recipient(to_address: str, to_name: str = "") -> str:
+    """The To addresses of `build_message(..., to_address=, to_name=)`, parsed (and refused: a line
+    break, an unusable address) as its To header will be, so a bad address fails before the claim."""
+    headers = EmailMessage()
+    headers["To"] = _to(to_address, to_name)
+    return ", ".join(address.addr_spec for address in headers["To"].addresses)
+
+
+def _to(to_address: str, to_name: str) -> Address | str:
+    return Address(display_name=to_name, addr_spec=to_address) if to_name else to_address
+
+
 def build_message(
     rendered: RenderedEmail,
     *,
@@ -44,7 +66,7 @@ def build_message(
     message = EmailMessage()
     message["Subject"] = rendered.subject
     message["From"] = sender
-    message["To"] = Address(display_name=to_name, addr_spec=to_address) if to_name else to_address
+    message["To"] = _to(to_address, to_name)
     message["Message-ID"] = message_id
     message["Date"] = format_datetime(datetime.now(UTC))
     message.set_content(rendered.text)

@@ -1,7 +1,13 @@
-"""The emails notify sends, built from an order or an alert: the facts in, a MIME message out."""
+"""The emails notify sends, from an order or an alert: the facts in, a `Draft` out.
+
+The facts are checked here, at once (missing activation data fails before anything is claimed); the
+rendering, the QR code and the MIME message wait for `Draft.build`, which runs only when sent_emails
+says the email has not gone yet.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from email.message import EmailMessage
 from functools import partial
 from pathlib import Path
@@ -13,7 +19,7 @@ from esim_common.money import Money
 from esim_common.order_repository import Order
 from esim_common.settings import Settings
 from notify import domain
-from notify.compose import InlineImage, build_message
+from notify.compose import Draft, InlineImage, build_message, recipient
 from notify.qr import qr_png
 from notify.rendering import has_phrase, phrase, render
 
@@ -37,7 +43,7 @@ def plan(order: Order) -> str:
     )
 
 
-async def esim_delivery_email(order: Order, settings: Settings) -> EmailMessage:
+def esim_delivery_email(order: Order, settings: Settings) -> Draft:
     """The eSIM: QR code inline and attached, manual-entry data, install hints, Apple's link."""
     txn = order.transaction_id
     try:
@@ -60,18 +66,23 @@ async def esim_delivery_email(order: Order, settings: Settings) -> EmailMessage:
         "apple_link": domain.apple_setup_link(activation.lpa),
         "qr_cid": qr_cid,
     }
-    png = await qr_png(Path(settings.qr_storage_dir), txn, activation.lpa)
-    return build_message(
-        render(template, values),
-        sender=settings.smtp_from,
-        to_address=order.recipient_email,
-        to_name=domain.display_name(order.recipient_name),
-        message_id=message_id,
-        qr=InlineImage(png=png, cid=qr_cid),
-    )
+    to_name = domain.display_name(order.recipient_name)
+
+    async def build() -> EmailMessage:
+        png = await qr_png(Path(settings.qr_storage_dir), txn, activation.lpa)
+        return build_message(
+            render(template, values),
+            sender=settings.smtp_from,
+            to_address=order.recipient_email,
+            to_name=to_name,
+            message_id=message_id,
+            qr=InlineImage(png=png, cid=qr_cid),
+        )
+
+    return Draft(recipient=recipient(order.recipient_email, to_name), build=build)
 
 
-def order_failed_email(order: Order, event: OrderFailed, settings: Settings) -> EmailMessage:
+def order_failed_email(order: Order, event: OrderFailed, settings: Settings) -> Draft:
     """What happened, in plain words, and whether the customer has their money back."""
     template = domain.TEMPLATE_ORDER_FAILED
     outcome = domain.refund_outcome(order.status, order.refund_status)
@@ -82,16 +93,11 @@ def order_failed_email(order: Order, event: OrderFailed, settings: Settings) -> 
         "what_happened": phrase("what_happened", event.step),
         "refund_status": phrase("refund_status", outcome.value, amount=_amount(order)),
     }
-    return build_message(
-        render(template, values),
-        sender=settings.smtp_from,
-        to_address=order.recipient_email,
-        to_name=domain.display_name(order.recipient_name),
-        message_id=domain.message_id(order.transaction_id, template, settings.smtp_from),
-    )
+    to_name = domain.display_name(order.recipient_name)
+    return _draft(template, values, order.transaction_id, settings, order.recipient_email, to_name)
 
 
-def operator_alert_email(order: Order, event: OrderFailed, settings: Settings) -> EmailMessage:
+def operator_alert_email(order: Order, event: OrderFailed, settings: Settings) -> Draft:
     """For the operator (SERVICE_OWNER_EMAIL): which order, what failed, what to do."""
     template = domain.TEMPLATE_OPERATOR_ALERT
     advice_key = event.step if has_phrase("operator_advice", event.step) else "default"
@@ -108,15 +114,10 @@ def operator_alert_email(order: Order, event: OrderFailed, settings: Settings) -
         "refund_status": _or_missing(order.refund_status),
         "advice": phrase("operator_advice", advice_key),
     }
-    return build_message(
-        render(template, values),
-        sender=settings.smtp_from,
-        to_address=settings.service_owner_email,
-        message_id=domain.message_id(order.transaction_id, template, settings.smtp_from),
-    )
+    return _draft(template, values, order.transaction_id, settings, settings.service_owner_email)
 
 
-def operator_alert_event_email(event: OperatorAlert, order: Order | None, settings: Settings) -> EmailMessage:
+def operator_alert_event_email(event: OperatorAlert, order: Order | None, settings: Settings) -> Draft:
     """The email for an `operator.alert` (SERVICE_OWNER_EMAIL); `order` is the one it names, if known.
     Never activation or card data: only the alert's ids, codes and amounts and the order's ids are shown."""
     template = domain.alert_template(event.alert)
@@ -131,12 +132,29 @@ def operator_alert_event_email(event: OperatorAlert, order: Order | None, settin
         values |= _low_balance_values(event, facts, settings)
     else:  # needs_attention, qr_mismatch: about one order
         values |= _order_alert_values(event, order, facts)
-    return build_message(
-        render(template, values),
-        sender=settings.smtp_from,
-        to_address=settings.service_owner_email,
-        message_id=domain.message_id(event.alert_key, template, settings.smtp_from),
-    )
+    return _draft(template, values, event.alert_key, settings, settings.service_owner_email)
+
+
+def _draft(
+    template: str,
+    values: Mapping[str, str],
+    key: str,
+    settings: Settings,
+    to_address: str,
+    to_name: str = "",
+) -> Draft:
+    """An email without images; `key` is its sent_emails key (the order, or the alert)."""
+
+    async def build() -> EmailMessage:
+        return build_message(
+            render(template, values),
+            sender=settings.smtp_from,
+            to_address=to_address,
+            to_name=to_name,
+            message_id=domain.message_id(key, template, settings.smtp_from),
+        )
+
+    return Draft(recipient=recipient(to_address, to_name), build=build)
 
 
 def _low_balance_values(event: OperatorAlert, facts: dict[str, str], settings: Settings) -> dict[str, str]:

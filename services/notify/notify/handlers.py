@@ -28,6 +28,7 @@ from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
 from esim_common.service import ServiceContext
 from notify import domain, emails
+from notify.compose import Draft
 from notify.mailer import EmailRejected, EmailTransientError, SmtpRelayError
 from notify.metrics import (
     emails_total,
@@ -79,9 +80,9 @@ class Notifier:
                 await outbox.publish_pending(self._ctx.pool, self._ctx.publisher, delivery_failed_event(txn))
             return
         if decision is domain.DeliveryDecision.SEND:
-            message = await emails.esim_delivery_email(order, self._ctx.settings)
+            draft = emails.esim_delivery_email(order, self._ctx.settings)
             try:
-                await self._send_once(message, txn, domain.TEMPLATE_ESIM_DELIVERY)
+                await self._send_once(draft, txn, domain.TEMPLATE_ESIM_DELIVERY)
             except EmailTransientError as exc:
                 self._wait_for_smtp(order, exc)
             async with self._ctx.pool.acquire() as conn:
@@ -131,15 +132,15 @@ class Notifier:
         # Each email is attempted whatever happened to the other (a refused customer address must not
         # keep the operator uninformed); the first error then decides the message's fate.
         if domain.customer_is_told(event.step):
-            message = emails.order_failed_email(order, event, settings)
+            draft = emails.order_failed_email(order, event, settings)
             try:
-                await self._send_once(message, order.transaction_id, domain.TEMPLATE_ORDER_FAILED)
+                await self._send_once(draft, order.transaction_id, domain.TEMPLATE_ORDER_FAILED)
             except Exception as exc:
                 failures.append(exc)
         if domain.operator_is_alerted(event.step):
-            message = emails.operator_alert_email(order, event, settings)
+            draft = emails.operator_alert_email(order, event, settings)
             try:
-                await self._send_once(message, order.transaction_id, domain.TEMPLATE_OPERATOR_ALERT)
+                await self._send_once(draft, order.transaction_id, domain.TEMPLATE_OPERATOR_ALERT)
             except Exception as exc:
                 failures.append(exc)
         for exc in failures:
@@ -163,8 +164,8 @@ class Notifier:
         order = None
         if event.alert in domain.ORDER_ALERTS:  # the order's facts (status, Zendit id, payment) are shown
             order = await get_order(self._ctx.pool, event.transaction_id)
-        message = emails.operator_alert_event_email(event, order, self._ctx.settings)
-        await self._send_once(message, event.alert_key, domain.alert_template(event.alert))
+        draft = emails.operator_alert_event_email(event, order, self._ctx.settings)
+        await self._send_once(draft, event.alert_key, domain.alert_template(event.alert))
 
     async def on_alert_email_failed(self, event: OperatorAlert, reason: str) -> None:
         """The operator could not be emailed: this log line and counter are the alert of last resort."""
@@ -186,10 +187,10 @@ class Notifier:
             raise UnknownOrder(f"order {transaction_id} does not exist")
         return order
 
-    async def _send_once(self, message: EmailMessage, transaction_id: str, template: str) -> None:
+    async def _send_once(self, draft: Draft, transaction_id: str, template: str) -> None:
         try:
             outcome = await send_once(
-                self._ctx.pool, self._mailer.send, message, transaction_id=transaction_id, template=template
+                self._ctx.pool, self._mailer.send, draft, transaction_id=transaction_id, template=template
             )
         except EmailRejected:
             emails_total.labels(template=template, outcome="rejected").inc()

@@ -3,6 +3,8 @@
 The provisioning service stores `<transaction id>.png` under `QR_STORAGE_DIR` when no Supabase
 bucket is configured. Wherever it was stored, the code only carries the LPA string, so rendering it
 again from the order's activation data gives an equivalent image: notify never depends on the storage.
+With Supabase Storage the object is not fetched: its URL may be signed and short-lived, and a fetch
+would put a network call (and its failures) in front of every email to save ~1 ms of rendering.
 """
 
 from __future__ import annotations
@@ -24,10 +26,21 @@ log = logging.getLogger("esim.notify.qr")
 QR_BOX_SIZE = 8
 QR_BORDER = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A fixed mask: `qrcode` otherwise builds the symbol with all 8 masks and scores each, in pure Python
+# (~3 of the ~4 ms a render takes). Every mask is valid and every reader decodes it (the symbol says
+# which). Mask 3, as provisioning uses: from 60 LPA-shaped strings at this size, downscaled, blurred and
+# JPEG-compressed 12 ways, zxing-cpp read 531 of 720 with it, 515 with automatic masking. The unit test
+# reads codes made with it back.
+QR_MASK_PATTERN = 3
 
 
 def render_qr_png(lpa: str) -> bytes:
-    code = qrcode.QRCode(error_correction=ERROR_CORRECT_M, box_size=QR_BOX_SIZE, border=QR_BORDER)
+    code = qrcode.QRCode(
+        error_correction=ERROR_CORRECT_M,
+        box_size=QR_BOX_SIZE,
+        border=QR_BORDER,
+        mask_pattern=QR_MASK_PATTERN,
+    )
     code.add_data(lpa)
     code.make(fit=True)
     buffer = io.BytesIO()

@@ -5,7 +5,7 @@ made up (it installs nothing) but shaped like a real eSIM's.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
@@ -15,6 +15,7 @@ from esim_common.order_repository import Order
 from esim_common.order_states import OrderStatus
 from esim_common.settings import Settings
 from notify import domain, emails
+from notify.compose import Draft
 
 SAMPLE_TRANSACTION_ID = "txn_5a3c9e0d41b7f2a8c6e1d094"
 SAMPLE_SMDP_ADDRESS = "smdp.sample-esim.example"
@@ -126,37 +127,37 @@ def _preview_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"qr_storage_dir": _NO_QR_DIRECTORY})
 
 
-async def _esim_delivery(settings: Settings) -> EmailMessage:
-    return await emails.esim_delivery_email(sample_order(), settings)
+def _esim_delivery(settings: Settings) -> Draft:
+    return emails.esim_delivery_email(sample_order(), settings)
 
 
-async def _order_failed(settings: Settings) -> EmailMessage:
+def _order_failed(settings: Settings) -> Draft:
     event = OrderFailed(transaction_id=SAMPLE_TRANSACTION_ID, step="funding", reason="topup_declined")
     return emails.order_failed_email(_refunded_order(), event, settings)
 
 
-async def _operator_alert(settings: Settings) -> EmailMessage:
+def _operator_alert(settings: Settings) -> Draft:
     event = OrderFailed(
         transaction_id=SAMPLE_TRANSACTION_ID, step="refund", reason="refund_failed: card_declined"
     )
     return emails.operator_alert_email(_refund_failed_order(), event, settings)
 
 
-async def _operator_low_balance(settings: Settings) -> EmailMessage:
+def _operator_low_balance(settings: Settings) -> Draft:
     return emails.operator_alert_event_email(SAMPLE_WALLET_SHORT, None, settings)
 
 
-async def _operator_needs_attention(settings: Settings) -> EmailMessage:
+def _operator_needs_attention(settings: Settings) -> Draft:
     return emails.operator_alert_event_email(SAMPLE_NEEDS_ATTENTION, _needs_attention_order(), settings)
 
 
-async def _operator_qr_mismatch(settings: Settings) -> EmailMessage:
+def _operator_qr_mismatch(settings: Settings) -> Draft:
     delivered = sample_order(OrderStatus.DELIVERED).model_copy(update={"emailed_at": _NOW})
     return emails.operator_alert_event_email(SAMPLE_QR_MISMATCH, delivered, settings)
 
 
 # Each template, what it is for (shown by the preview list), and how to build it from the samples.
-SAMPLES: dict[str, tuple[str, Callable[[Settings], Awaitable[EmailMessage]]]] = {
+SAMPLES: dict[str, tuple[str, Callable[[Settings], Draft]]] = {
     domain.TEMPLATE_ESIM_DELIVERY: ("the customer's eSIM (order.provisioned)", _esim_delivery),
     domain.TEMPLATE_ORDER_FAILED: ("the customer's failure/refund email (order.failed)", _order_failed),
     domain.TEMPLATE_OPERATOR_ALERT: (
@@ -187,4 +188,4 @@ async def sample_email(template: str, settings: Settings) -> EmailMessage:
     """`template` filled with the sample data, as the service would send it (QR code rendered)."""
     if template not in SAMPLES:
         raise UnknownTemplate(template)
-    return await SAMPLES[template][1](_preview_settings(settings))
+    return await SAMPLES[template][1](_preview_settings(settings)).build()

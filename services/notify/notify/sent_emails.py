@@ -14,6 +14,10 @@ worker holding a duplicate of the same message waits, then finds `sent` and send
 possible is at-least-once on a crash: if the process dies after the server accepted the message but
 before `sent` is committed, the redelivery sends it again (same Message-ID, so clients that
 deduplicate show one). SMTP has no idempotency key, so exactly-once cannot be promised across that gap.
+
+The email is built (rendered, QR code found, MIME message made) only after the row is locked and found not
+`sent`: a redelivery of something already sent costs two statements and nothing else. A build that
+fails counts as a failed attempt (`failed`, claimed again next time).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from enum import StrEnum
 import asyncpg
 
 from esim_common.errors import RetryLater
+from notify.compose import Draft
 
 # A `failed` row is claimed again (back to `sending`) before the next attempt.
 CLAIM = """
@@ -60,23 +65,24 @@ Send = Callable[[EmailMessage], Awaitable[None]]
 async def send_once(
     pool: asyncpg.Pool,
     send: Send,
-    message: EmailMessage,
+    draft: Draft,
     *,
     transaction_id: str,
     template: str,
 ) -> SendOutcome:
-    """Send `message` unless this (order, template) was sent already; `send`'s errors propagate."""
+    """Build and send `draft` unless this (order, template) was sent already; the build's and `send`'s
+    errors propagate."""
     key = (transaction_id, template)
-    recipient = ", ".join(address.addr_spec for address in message["To"].addresses)
     async with pool.acquire() as conn:
         failure: Exception | None = None
         try:
-            await conn.execute(CLAIM, *key, recipient, timeout=LOCK_WAIT_SECONDS)
+            await conn.execute(CLAIM, *key, draft.recipient, timeout=LOCK_WAIT_SECONDS)
             async with conn.transaction():
                 row = await conn.fetchrow(LOCK, *key, timeout=LOCK_WAIT_SECONDS)
                 if row["status"] == "sent":
                     return SendOutcome.ALREADY_SENT
                 try:
+                    message = await draft.build()
                     await send(message)
                 except Exception as exc:
                     # Commit `failed` (the transaction must not roll back), then re-raise below.
