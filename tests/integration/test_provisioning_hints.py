@@ -359,6 +359,49 @@ async def test_a_hint_for_an_earlier_or_unknown_attempt_is_ignored(
     assert await service.drain("notify.order-provisioned") == []
 
 
+# ------------------------------------------------------------------------------ the first poll, with hints
+async def test_while_hints_arrive_the_first_poll_waits_3_s_and_still_delivers_an_order_whose_hint_is_lost(
+    start_provisioning, funded_order, db, zendit_emulator
+):
+    service = await start_provisioning()
+    ignored_before, completed_before = hints("ignored"), hints("completed")
+    # Any hint reaching the service shows that Zendit's webhooks are wired to us.
+    await publish_hint(service, f"txn_{uuid.uuid4().hex[:24]}", "not-ours")
+    await eventually(lambda: hints("ignored") - ignored_before == 1, within=5, what="a hint arrived")
+    txn = await funded_order()
+
+    await purchasing_a_stalled_purchase(service, zendit_emulator, txn)
+    placed = time.monotonic()
+    await eventually(
+        lambda: waiting_in_tier(service, int(domain.HINTED_FIRST_POLL_SECONDS)),
+        within=2,
+        what="the first poll parked in the 3 s tier",
+    )
+    assert await waiting_in_tier(service, 1) == 0
+    # Zendit finishes, but this purchase's webhook never comes: the poll delivers it all the same.
+    zendit_emulator.control("POST", f"purchases/{txn}/resolve", {"status": "DONE"})
+    order = await wait_for_status(db, txn, OrderStatus.PROVISIONED, within=8.0)
+
+    assert time.monotonic() - placed >= domain.HINTED_FIRST_POLL_SECONDS - 0.5
+    assert hints("completed") == completed_before  # the poll's doing, not a hint's
+    assert order.zendit_status == "DONE" and order.qr_code_url
+
+
+@pytest.mark.parametrize("last_hint_seconds_ago", [None, domain.HINTS_RECENT_SECONDS + 1])
+async def test_without_recent_hints_the_first_poll_comes_after_a_second(
+    start_provisioning, funded_order, zendit_emulator, last_hint_seconds_ago
+):
+    service = await start_provisioning()
+    if last_hint_seconds_ago is not None:
+        service.app.state.provisioner.last_hint_at = time.monotonic() - last_hint_seconds_ago
+    txn = await funded_order()
+
+    await purchasing_a_stalled_purchase(service, zendit_emulator, txn)
+
+    await eventually(lambda: waiting_in_tier(service, 1), within=2, what="the poll parked in the 1 s tier")
+    assert await waiting_in_tier(service, int(domain.HINTED_FIRST_POLL_SECONDS)) == 0
+
+
 # ------------------------------------------------------------------------------------------- failures
 async def test_a_hint_that_cannot_read_the_purchase_is_dropped_and_never_refunds(
     start_provisioning, funded_order, db, zendit_emulator, stripe_emulator

@@ -126,9 +126,9 @@ def zendit_qr_png(zendit_emulator, zendit_id: str) -> bytes:
 
 @pytest.fixture
 def our_rendering_is_broken(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our renderer encodes something else than it was given; the read-back must catch it."""
+    """Our renderer encodes something else than it was given, with any mask; the read-back must catch it."""
     render = qr.render_png
-    monkeypatch.setattr(qr, "render_png", lambda text: render(text + "BROKEN"))
+    monkeypatch.setattr(qr, "render_png", lambda text, **options: render(text + "BROKEN", **options))
 
 
 def stored_qr(service: Provisioning, txn: str) -> Path:

@@ -7,11 +7,14 @@ import pytest
 from esim_common.order_states import OrderStatus as S
 from provisioning.domain import (
     FAST_POLL_WINDOW_SECONDS,
+    HINTED_FIRST_POLL_SECONDS,
+    HINTS_RECENT_SECONDS,
     MAX_PURCHASE_ATTEMPTS,
     CheckAgain,
     DeadlinePassed,
     Outcome,
     Step,
+    hints_arrive,
     next_check,
     next_step,
     outcome_of,
@@ -97,6 +100,25 @@ def test_polling_is_about_once_a_second_for_fifteen_seconds_then_backs_off():
     assert poll_delay(3600) == 10.0
     delays = [poll_delay(t) for t in range(0, 7200, 5)]
     assert delays == sorted(delays)  # never speeds up again
+
+
+def test_with_webhook_hints_arriving_the_first_look_waits_for_the_3_s_tier_and_then_polling_is_as_usual():
+    assert HINTED_FIRST_POLL_SECONDS == 3.0  # a delay tier (1, 3, 10 s): a shorter delay rounds down to 1
+    assert poll_delay(0, hints_arrive=True) == HINTED_FIRST_POLL_SECONDS
+    assert poll_delay(2.9, hints_arrive=True) == HINTED_FIRST_POLL_SECONDS
+    assert [poll_delay(t, hints_arrive=True) for t in (3, 10, 15, 3600)] == [1.0, 1.0, 3.0, 10.0]
+    # Without hints, the contract: about every second for the first ~15 s.
+    assert [poll_delay(t, hints_arrive=False) for t in (0, 2.9, 3, 14.9)] == [1.0] * 4
+    assert next_check(0.2, 86400, hints_arrive=True) == CheckAgain(delay_seconds=3.0)
+    assert next_check(0.2, 86400) == CheckAgain(delay_seconds=1.0)
+    assert next_check(86400, 86400, hints_arrive=True) == DeadlinePassed(waited_seconds=86400)
+
+
+def test_hints_count_as_arriving_only_while_the_last_one_is_recent():
+    assert hints_arrive(None) is False  # none since the process started
+    assert hints_arrive(0.0) is True
+    assert hints_arrive(HINTS_RECENT_SECONDS - 1) is True
+    assert hints_arrive(HINTS_RECENT_SECONDS) is False
 
 
 def test_a_purchase_open_past_the_deadline_is_handed_over_instead_of_checked_again():

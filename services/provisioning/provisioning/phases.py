@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -125,10 +126,17 @@ class Provisioner:
     zendit: ZenditClient
     stripe: StripeGateway
     storage: QrStorage
+    # When a Zendit webhook hint last reached this process (time.monotonic()): `domain.hints_arrive`.
+    last_hint_at: float | None = field(default=None, init=False)
 
     # -- entry points (the consumers' handlers and failure hooks) ------------------------------------
     async def on_order_funded(self, event: OrderFunded) -> None:
-        order = await repository.must_get(self.ctx.pool, event.transaction_id)
+        # One connection for the read and, for a funded order, the attempt it starts; released before
+        # anything calls Zendit.
+        async with self.ctx.pool.acquire() as conn:
+            order = await repository.must_get(conn, event.transaction_id)
+            if domain.next_step(order.status, order.purchase_attempts) == Step.START:
+                order = await self._start_attempt(conn, order)
         await self._follow(order)
 
     async def on_failure(self, event: OrderFunded, reason: str) -> None:
@@ -177,6 +185,7 @@ class Provisioner:
 
     async def on_purchase_hint(self, hint: PurchaseUpdateHint) -> None:
         """Zendit's webhook says a purchase changed: look at it now instead of at the next poll."""
+        self.last_hint_at = time.monotonic()
         zendit_id = hint.zendit_transaction_id
         order = await get_order(self.ctx.pool, hint.transaction_id)
         if order is not None and order.status == S.PROVISIONED:
@@ -223,12 +232,9 @@ class Provisioner:
         """Do what the order's state asks of an `order.funded` delivery (see `domain.next_step`)."""
         step = domain.next_step(order.status, order.purchase_attempts)
         if step == Step.START:
-            order = await repository.start_attempt(self.ctx.pool, order.transaction_id)
+            async with self.ctx.pool.acquire() as conn:
+                order = await self._start_attempt(conn, order)
             step = domain.next_step(order.status, order.purchase_attempts)
-            if step == Step.CONTINUE:
-                log.info(
-                    "purchase attempt started", extra={"zendit_transaction_id": order.zendit_transaction_id}
-                )
         if step == Step.CONTINUE:
             await self._advance(order)
         elif step == Step.ANNOUNCE:
@@ -241,6 +247,14 @@ class Provisioner:
             await self._publish_alert(repository.needs_attention_alert(order, order.failure_reason or ""))
         elif step in (Step.IGNORE, Step.START):
             log.info("order.funded ignored", extra={"status": order.status.value})
+
+    async def _start_attempt(self, conn: asyncpg.Connection, order: Order) -> Order:
+        started = await repository.start_attempt(conn, order.transaction_id)
+        if domain.next_step(started.status, started.purchase_attempts) == Step.CONTINUE:
+            log.info(
+                "purchase attempt started", extra={"zendit_transaction_id": started.zendit_transaction_id}
+            )
+        return started
 
     async def _advance(self, order: Order) -> None:
         zendit_id = self._zendit_id(order)
@@ -322,11 +336,14 @@ class Provisioner:
         self, order: Order, purchase: Purchase | None, *, deadline_reason: str = domain.DEADLINE_REASON
     ) -> None:
         if purchase is not None and purchase.status.value != order.zendit_status:
-            await repository.record_zendit_status(
+            elapsed = await repository.record_zendit_status_and_elapsed(
                 self.ctx.pool, order.transaction_id, self._zendit_id(order), purchase.status.value
             )
-        elapsed = await repository.attempt_elapsed_seconds(self.ctx.pool, order.transaction_id)
-        decision = domain.next_check(elapsed, self.ctx.settings.purchase_deadline_seconds)
+        else:
+            elapsed = await repository.attempt_elapsed_seconds(self.ctx.pool, order.transaction_id)
+        decision = domain.next_check(
+            elapsed, self.ctx.settings.purchase_deadline_seconds, hints_arrive=self._hints_arrive()
+        )
         if isinstance(decision, domain.DeadlinePassed):
             count_outcome("deadline_exceeded")
             await self._hold_for_operator(order, deadline_reason)
@@ -349,19 +366,18 @@ class Provisioner:
         the row (and a pooled connection) while they wait. Racers may both do that work: each stores
         the same verified image under the same name, so the loser's store is harmless; only the
         winner of the lock records its URL. Storage errors raise (QrStorageError: the poll waits
-        them out); nothing has changed then but the recorded Zendit status.
+        them out); nothing has changed then but the recorded Zendit status. A look that is stale
+        already (the guarded write of DONE changes nothing) does no QR work at all (`_record_done`).
         """
-        current = await repository.must_get(self.ctx.pool, order.transaction_id)
-        if not domain.awaits_purchase(current.status, self._zendit_id(current), zendit_id):
-            return current, False  # settled meanwhile, or another attempt: no QR work for a stale look
         qr_code, url = None, ""
         if outcome == Outcome.DONE:
-            # Recorded first: an order that goes to an operator from here on is reported as DONE.
-            await repository.record_zendit_status(self.ctx.pool, order.transaction_id, zendit_id, domain.DONE)
+            moved_on = await self._record_done(order.transaction_id, zendit_id)
+            if moved_on is not None:  # settled meanwhile, or another attempt: no QR work for a stale look
+                return moved_on, False
             qr_code = await self._qr_code(purchase)
             url = await self.storage.save(order.transaction_id, qr_code.png)
         async with self.ctx.pool.acquire() as conn, conn.transaction():
-            locked = await repository.must_get(conn, order.transaction_id, lock=True)
+            locked, elapsed = await repository.lock_for_settling(conn, order.transaction_id)
             if not domain.awaits_purchase(locked.status, self._zendit_id(locked), zendit_id):
                 return locked, False
             if qr_code is not None:
@@ -377,9 +393,7 @@ class Provisioner:
         details = {"zendit_transaction_id": zendit_id, "source": source, "attempt": locked.purchase_attempts}
         if qr_code is not None:
             qr_codes_total.labels(source=qr_code.source.value).inc()
-            purchase_seconds.observe(
-                await repository.attempt_elapsed_seconds(self.ctx.pool, order.transaction_id)
-            )
+            purchase_seconds.observe(elapsed)
             log.info("esim provisioned", extra={**details, "qr_source": qr_code.source.value})
             if qr_code.zendit_disagrees:  # its operator.alert is in the outbox: announced with the order
                 operator_alerts_total.labels(reason=domain.QR_MISMATCH_REASON).inc()
@@ -392,6 +406,20 @@ class Provisioner:
         else:
             log.warning("zendit purchase FAILED", extra={**details, "reason": settled.failure_reason})
         return settled, True
+
+    async def _record_done(self, transaction_id: str, zendit_id: str) -> Order | None:
+        """Record DONE as the attempt's Zendit status (an order that goes to an operator from here on
+        is reported as DONE); the order as it is now if it no longer waits for that purchase.
+
+        The write is guarded like `domain.awaits_purchase`, so when it lands the order still waits and
+        need not be read; only when it changed nothing is the order read and asked (a row without a
+        recorded Zendit id still waits for the derived one)."""
+        if await repository.record_zendit_status(self.ctx.pool, transaction_id, zendit_id, domain.DONE):
+            return None
+        current = await repository.must_get(self.ctx.pool, transaction_id)
+        return (
+            None if domain.awaits_purchase(current.status, self._zendit_id(current), zendit_id) else current
+        )
 
     async def _deliver(
         self, conn: asyncpg.Connection, order: Order, purchase: Purchase, qr_code: QrCode, url: str
@@ -425,7 +453,7 @@ class Provisioner:
         poll waits it out, `QR_NOT_STORED_YET`).
         """
         lpa = self._lpa_of(purchase)
-        ours = self._our_verified_qr(lpa)
+        ours = await self._our_verified_qr(lpa)
         if ours is not None:
             cross_check = self.ctx.settings.zendit_qr_cross_check
             disagrees = cross_check and await self._zendit_disagrees(purchase.transaction_id, lpa)
@@ -451,7 +479,7 @@ class Provisioner:
             log.error("zendit's QR code unavailable", extra={"error": exc.message[:200]})
             png, check = None, QrCheck.UNAVAILABLE
         else:
-            check = domain.qr_check(qr.codes_in(png), lpa)
+            check = domain.qr_check(await asyncio.to_thread(qr.codes_in, png), lpa)
         zendit_qr_checks_total.labels(check="fallback", outcome=check.value).inc()
         return png, check
 
@@ -472,10 +500,11 @@ class Provisioner:
         )
 
     @staticmethod
-    def _our_verified_qr(lpa: str) -> bytes | None:
-        """Our rendering, read back as exactly `lpa`; None when that cannot be shown."""
+    async def _our_verified_qr(lpa: str) -> bytes | None:
+        """Our rendering, read back as exactly `lpa`; None when that cannot be shown. Rendered and
+        decoded in a worker thread: a few ms of CPU that would stall every other handler's I/O."""
         try:
-            return qr.lpa_qr_png(lpa)
+            return await asyncio.to_thread(qr.lpa_qr_png, lpa)
         except qr.QrDecoderMissing:
             log.error("zxing-cpp is not installed: no QR code can be read back before delivery")
             return None
@@ -497,7 +526,7 @@ class Provisioner:
             log.warning("zendit's QR code unavailable to cross-check", extra={"error": _short(exc)})
             check = QrCheck.UNAVAILABLE
         else:
-            check = domain.qr_check(qr.codes_in(png), lpa)
+            check = domain.qr_check(await asyncio.to_thread(qr.codes_in, png), lpa)
         zendit_qr_checks_total.labels(check="cross_check", outcome=check.value).inc()
         return domain.cross_check_alerts(check)
 
@@ -514,15 +543,24 @@ class Provisioner:
         )
 
     async def _announce(self, order: Order) -> None:
-        """Publish the order's order.provisioned unless it was published (and confirmed) before."""
+        """Publish the order's order.provisioned unless it was published (and confirmed) before, and
+        the cross-check's alert queued with the delivery, if any.
+
+        One unlocked read tells which of the two still need publishing: usually neither (a redelivery,
+        a late poll) or only order.provisioned; `outbox.publish_pending` takes those under their lock."""
         event = self._provisioned_event(order)
-        async with self.ctx.pool.acquire() as conn:
+        alert = repository.qr_mismatch_alert(order)
+        published = await repository.outbox_published(self.ctx.pool, [event.event_id, alert.event_id])
+        if event.event_id not in published:
             # Orders provisioned before the outbox was used for this event have no row yet.
-            await outbox.add(conn, event)
-        if not await outbox.publish_pending(self.ctx.pool, self.ctx.publisher, event):
+            async with self.ctx.pool.acquire() as conn:
+                await outbox.add(conn, event)
+        if published.get(event.event_id) or not await outbox.publish_pending(
+            self.ctx.pool, self.ctx.publisher, event
+        ):
             log.info("order.provisioned was announced already")
-        # A cross-check's alert, queued with the delivery, goes out with it (no row: nothing to do).
-        await self._publish_alert(repository.qr_mismatch_alert(order))
+        if published.get(alert.event_id) is False:  # queued and not published yet (no row: no alert)
+            await self._publish_alert(alert)
 
     async def _announce_fund_again(self, order: Order) -> None:
         if not order.stripe_payment_intent_id:
@@ -567,6 +605,10 @@ class Provisioner:
         purchase_hints_total.labels(outcome=outcome).inc()
         log_line = log.warning if outcome == "failed" else log.info
         log_line(message, extra={"zendit_transaction_id": zendit_id, "hint_outcome": outcome, **details})
+
+    def _hints_arrive(self) -> bool:
+        since = None if self.last_hint_at is None else time.monotonic() - self.last_hint_at
+        return domain.hints_arrive(since)
 
     @staticmethod
     def _zendit_id(order: Order) -> str:
