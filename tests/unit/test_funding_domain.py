@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from esim_common.money import Money
@@ -23,8 +25,10 @@ from funding.domain import (
     WaitingOrder,
     WalletBook,
     after_short,
+    batch_to_fund,
     card_expiry,
     decide_funding,
+    drives,
     fundable_in_payment_order,
     issuing_float_covers,
     may_drive,
@@ -32,8 +36,11 @@ from funding.domain import (
     next_topup_id,
     order_failure_reason,
     reserved_amount,
+    reserved_with_fresh_status,
     reserves_wallet,
+    status_unsure,
     topup_amount,
+    topup_drivers,
     topup_ids,
 )
 
@@ -110,6 +117,46 @@ def test_reserved_amount_sums_the_reserving_costs_in_the_wallet_currency():
     ]
     assert reserved_amount(orders, "USD") == usd(3715)
     assert reserved_amount([], "USD") == usd(0)
+
+
+def test_zendits_fresh_answers_replace_the_recorded_statuses_in_a_reserved_sum():
+    settled = [OrderCost(S.FUNDED, None, usd(2415)), OrderCost(S.PURCHASING, "DONE", usd(700))]
+    asked = [
+        OrderCost(S.PURCHASING, "ACCEPTED", usd(1300), "z1"),
+        OrderCost(S.PURCHASING, None, usd(900), "z2"),
+        OrderCost(S.PURCHASING, None, usd(500), "z3"),
+    ]
+    answered = [
+        replace(asked[0], zendit_status="AUTHORIZED"),
+        asked[1],
+        replace(asked[2], zendit_status="FAILED"),
+    ]
+    assert all(map(status_unsure, asked))
+    summed = reserved_amount(settled + asked, "USD")  # what the SQL sum says
+
+    fresh = reserved_with_fresh_status(summed, asked, answered)
+
+    assert fresh == reserved_amount(settled + answered, "USD") == usd(2415 + 900)
+
+
+def test_a_batch_funds_every_waiting_order_the_money_pays_for_in_payment_order():
+    wallet = book(10_000, ("a", 2_415), ("b", 2_415), ("c", 2_415), ("d", 2_415), ("e", 2_415))
+    assert batch_to_fund(wallet, "b", busy=set()) == ["a", "b", "c", "d"]  # e does not fit any more
+
+
+def test_an_order_driving_its_own_top_up_is_left_out_of_a_batch_but_keeps_its_money():
+    wallet = book(7_500, ("a", 2_415), ("busy", 2_415), ("c", 2_415), ("d", 2_415))
+    # "d" would fit in the money "busy" leaves unused; it is not given it: "busy" funds itself next.
+    assert batch_to_fund(wallet, "c", busy={"busy"}) == ["a", "c"]
+    assert batch_to_fund(wallet, "busy", busy={"busy"}) == ["a", "busy", "c"]  # deciding: its own call
+
+
+def test_the_orders_driving_an_unsettled_top_up_are_the_ones_that_started_or_took_it_over():
+    unsettled = [("tu_a", None), ("tu_b-2", None), ("tu_x", "c")]
+    assert topup_drivers(["a", "b", "c", "d", "x2"], unsettled) == {"a", "b", "c"}
+    assert topup_drivers(["a"], []) == set()
+    assert drives("tu_a-3", "a", None) and drives("tu_x", "c", "c")
+    assert not drives("tu_x", "a", "c") and not drives("tu_ab", "a", None)
 
 
 def book(available: int, *waiting: tuple[str, int], reserved: int = 0, incoming: int = 0) -> WalletBook:

@@ -1,7 +1,9 @@
 """The funding rules under random schedules (a scorecard R9 property test, on the pure rules).
 
 Orders arrive, decide (one at a time, as the wallet lock makes them), top-ups land, and Zendit debits
-purchases — in an order drawn from a seeded random generator, 300 schedules. Whatever the schedule:
+purchases — in an order drawn from a seeded random generator, 300 schedules; with batches, a decision
+that funds its order funds every waiting order the money pays for (domain.batch_to_fund), bar the ones
+whose own top-up is still open. Whatever the schedule:
 the money promised to funded orders never exceeds what the wallet holds, the wallet never goes below
 zero, every order is funded in the end, and the number of top-ups stays within
 ceil(total shortfall / ZENDIT_MIN_TOPUP) + 1 (the issue's bound).
@@ -16,7 +18,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from esim_common.money import Money
-from funding.domain import Fund, NewTopup, Short, WaitForTopup, WaitingOrder, WalletBook, decide_funding
+from funding.domain import (
+    Fund,
+    NewTopup,
+    Short,
+    WaitForTopup,
+    WaitingOrder,
+    WalletBook,
+    batch_to_fund,
+    decide_funding,
+)
 
 MIN_TOPUP = 5_000
 MAX_TOPUP = 100_000
@@ -33,38 +44,42 @@ class World:
     arrived: list[str] = field(default_factory=list)  # paid, waiting for money (payment order)
     funded: list[str] = field(default_factory=list)  # promised money, not debited by Zendit yet
     debited: list[str] = field(default_factory=list)
-    open_topups: list[int] = field(default_factory=list)
+    open_topups: list[tuple[int, str]] = field(default_factory=list)  # (amount, the order that started it)
     topups: int = 0
     topped_up: int = 0
+    batches: bool = False
 
     def book(self) -> WalletBook:
         return WalletBook(
             available=usd(self.available),
             reserved=usd(sum(self.costs[t] for t in self.funded)),
-            incoming=usd(sum(self.open_topups)),
+            incoming=usd(sum(amount for amount, _ in self.open_topups)),
             waiting=tuple(WaitingOrder(t, usd(self.costs[t])) for t in self.arrived),
         )
 
     def decide(self, txn: str) -> None:
+        book = self.book()
         decision = decide_funding(
-            self.book(), txn, usd(self.costs[txn]), can_top_up=True, min_topup=MIN_TOPUP, max_topup=MAX_TOPUP
+            book, txn, usd(self.costs[txn]), can_top_up=True, min_topup=MIN_TOPUP, max_topup=MAX_TOPUP
         )
         if isinstance(decision, Fund):
-            self.arrived.remove(txn)
-            self.funded.append(txn)
+            busy = {starter for _, starter in self.open_topups}
+            for funded in batch_to_fund(book, txn, busy) if self.batches else [txn]:
+                self.arrived.remove(funded)
+                self.funded.append(funded)
         elif isinstance(decision, NewTopup):
             assert MIN_TOPUP <= decision.amount.amount <= MAX_TOPUP
-            self.open_topups.append(decision.amount.amount)
+            self.open_topups.append((decision.amount.amount, txn))
             self.topups += 1
         else:
             assert isinstance(decision, WaitForTopup), decision
             assert not isinstance(decision, Short)
 
 
-def run(seed: int) -> World:
+def run(seed: int, *, batches: bool) -> World:
     rng = random.Random(seed)
     orders = {f"o{i:02d}": rng.choice([735, 1_300, 2_415, 4_990, 9_000]) for i in range(rng.randint(1, 40))}
-    world = World(available=rng.choice([0, 1_000, 10_000, 50_000]), costs=orders)
+    world = World(available=rng.choice([0, 1_000, 10_000, 50_000]), costs=orders, batches=batches)
     not_arrived = list(orders)
     for _ in range(20_000):
         if not (not_arrived or world.arrived or world.funded or world.open_topups):
@@ -84,7 +99,7 @@ def run(seed: int) -> World:
         elif move == "decide":
             world.decide(rng.choice(world.arrived))
         elif move == "topup_lands":
-            amount = world.open_topups.pop(rng.randrange(len(world.open_topups)))
+            amount, _ = world.open_topups.pop(rng.randrange(len(world.open_topups)))
             world.available += amount
             world.topped_up += amount
         else:
@@ -97,9 +112,10 @@ def run(seed: int) -> World:
     raise AssertionError(f"seed {seed}: the schedule did not finish")
 
 
+@pytest.mark.parametrize("batches", [False, True], ids=["one_by_one", "batches"])
 @pytest.mark.parametrize("seed", range(300))
-def test_random_schedules_never_overdraw_fund_everyone_and_bound_the_topups(seed):
-    world = run(seed)
+def test_random_schedules_never_overdraw_fund_everyone_and_bound_the_topups(seed, batches):
+    world = run(seed, batches=batches)
     total = sum(world.costs.values())
     start = world.available - world.topped_up + total
     assert sorted(world.debited) == sorted(world.costs)  # everyone funded, then bought

@@ -2,9 +2,12 @@
 
 next_step(order)          what a delivery of order.paid should do with an order in this state
 reserved_amount(orders)   the wallet money other orders were promised but Zendit has not taken yet
+                          (the repository sums it in SQL by the same rule; reserved_with_fresh_status
+                          corrects that sum with what Zendit says about the purchases we are unsure of)
 WalletBook / decide_funding   fund, wait for a top-up on its way, start one for everyone waiting, or
                           (prefunded) say how much the operator must add; money goes in payment order
 fundable_in_payment_order the waiting orders the free money pays for, first paid first
+batch_to_fund             what one decision funds: those, bar the orders busy with a top-up they drive
 topup_amount(shortfall)   the shortfall rounded up to ZENDIT_MIN_TOPUP, refused above ZENDIT_MAX_TOPUP
 topup_ids / next_topup    the deterministic ids of the top-ups an order starts, and what its top-ups say
 capture_step / intent_capture   manual capture: what order.delivered asks for, and what Stripe allows
@@ -14,7 +17,7 @@ capture_failure_record   whether a capture failure is new (alert) or recorded al
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -108,6 +111,15 @@ def reserved_amount(orders: Iterable[OrderCost], currency: str) -> Money:
         if order.cost is not None and order.cost.currency == currency and reserves_wallet(order):
             total += order.cost
     return total
+
+
+def reserved_with_fresh_status(
+    reserved: Money, asked: Iterable[OrderCost], answered: Iterable[OrderCost]
+) -> Money:
+    """`reserved` (summed over a set of orders that includes `asked`) with Zendit's fresh statuses of
+    the `asked` orders (`answered`, the same orders) in place of the ones we had recorded."""
+    currency = reserved.currency
+    return reserved - reserved_amount(asked, currency) + reserved_amount(answered, currency)
 
 
 @dataclass(frozen=True)
@@ -209,6 +221,16 @@ def fundable_in_payment_order(book: WalletBook) -> list[str]:
         left -= order.cost
         funded.append(order.transaction_id)
     return funded
+
+
+def batch_to_fund(book: WalletBook, deciding: str, busy: Collection[str]) -> list[str]:
+    """The orders a decision that funds `deciding` funds with it, in payment order: every waiting order
+    the free money pays for (fundable_in_payment_order), except the `busy` ones — those drive a top-up
+    of their own that is not settled yet (topup_drivers). A busy order keeps its place in line (its cost
+    stays set aside, so nobody behind it takes its money) and funds itself once its own delivery has
+    settled that top-up, as before batches: a batch never funds an order while its delivery still has
+    a top-up or a card to finish, which would leave them to nobody."""
+    return [t for t in fundable_in_payment_order(book) if t == deciding or t not in busy]
 
 
 # ------------------------------------------------------------------------------------ top-ups
@@ -313,16 +335,25 @@ def next_topup_id(transaction_id: str, existing: Iterable[str]) -> str | None:
 TOPUP_STALE_SECONDS = 60
 
 
+def drives(topup_id: str, transaction_id: str, driven_by: str | None) -> bool:
+    """Whether this order's deliveries drive the top-up (and settle and abandon it): it started it or
+    took it over."""
+    return topup_id in topup_ids(transaction_id) or driven_by == transaction_id
+
+
 def may_drive(
     topup_id: str, transaction_id: str, *, idle_seconds: float, driven_by: str | None = None
 ) -> bool:
     """Whether this order moves the top-up forward itself (it started it, took it over, or the top-up
     has stalled), or waits for the order that drives it."""
-    return (
-        topup_id in topup_ids(transaction_id)
-        or driven_by == transaction_id
-        or idle_seconds >= TOPUP_STALE_SECONDS
-    )
+    return drives(topup_id, transaction_id, driven_by) or idle_seconds >= TOPUP_STALE_SECONDS
+
+
+def topup_drivers(candidates: Iterable[str], unsettled: Sequence[tuple[str, str | None]]) -> set[str]:
+    """The `candidates` that drive one of the `unsettled` top-ups, given as (id, driven_by)."""
+    ids = {topup_id for topup_id, _ in unsettled}
+    takers = {driven_by for _, driven_by in unsettled if driven_by is not None}
+    return {t for t in candidates if t in takers or any(i in ids for i in topup_ids(t))}
 
 
 def order_failure_reason(status: TopupStatus, topup_reason: str | None) -> str:

@@ -15,9 +15,25 @@ top-up, not one each. The reads come before the balance on purpose: a purchase t
 a top-up seen as succeeded is certainly in the balance read after it (one seen open may be counted
 twice: the order then waits a second longer).
 
-order.funded is written to the outbox with the move to `funded` and published after the commit; a
-redelivery publishes it only if that publish was lost. In prefunded mode one re-check that finds money
-funds every waiting order it pays for, in payment order, and announces them all.
+What other orders reserve is summed in SQL by the rule of domain.reserves_wallet
+(`repository.SELECT_RESERVATIONS`); only the few purchases whose hold we have not seen are loaded, to
+ask Zendit about them before money is added.
+
+A decision that funds its order funds with it every other waiting order the free money pays for, in
+payment order (domain.batch_to_fund), in both modes: under a backlog, one pass through the lock and one
+balance read serve many orders. Each is moved to `funded` with its order.funded in the outbox, in that
+transaction, and the deciding delivery publishes them after the commit. Every one of them was moved to
+funding by its own order.paid delivery, which is still under way (running, or due back from a delay or
+retry tier): it finds the order funded — at its first look, or under the lock — and, without the lock
+or a Zendit call, publishes its order.funded only if the batch's publish was lost (the outbox row is
+locked while it is published, so never twice). A failure path that loses the race to a batch refunds
+nothing and announces the order instead (handlers.funding_failed). An order that drives a top-up not
+settled yet (open, or its card still active) is left out, its cost still set aside: its own delivery
+settles that top-up first (settle_interrupted, or the failure path's abandon), so no top-up or card is
+left without the order that drives it; orders that only joined a top-up wait for it without touching
+it, and are batched like any other.
+
+order.funded is published after the commit; a redelivery publishes it only if that publish was lost.
 
 Every step is idempotent; a redelivery resumes wherever the previous delivery stopped.
 """
@@ -134,8 +150,8 @@ class FundOrder:
         txn = event.transaction_id
         order = await self._enter_funding(await self._order(txn))
         step = domain.next_step(order.status, ever_funded=order.funded_at is not None)
-        if step == Step.ANNOUNCE:
-            return await self._announce(txn)
+        if step == Step.ANNOUNCE:  # funded already (maybe by another order's batch): no lock, no Zendit
+            return await self.announce(txn)
         if step == Step.NOTHING:
             log.info("order is past funding; nothing to do", extra={"status": order.status.value})
             return None
@@ -148,15 +164,19 @@ class FundOrder:
         cost = order.zendit_cost_money or await self._record_cost(order)
         if self._mode == FundingMode.PREFUNDED:
             return await self._fund_prefunded(txn, cost)
-        await self._topups.settle_interrupted(txn)
-        await self._wait_while_topup_on_its_way(txn)
+        covering = await repo.covering_topups(self._pool(), txn)
+        if await self._topups.settle_interrupted(txn, covering):
+            covering = await repo.covering_topups(self._pool(), txn)  # it moved some of them on
+        self._wait_while_topup_on_its_way(txn, covering)
         # Each pass funds the order, waits, or drives one top-up; next_topup_id bounds the top-ups.
         for _ in range(domain.MAX_TOPUPS_PER_ORDER + 1):
             decision = await self._decide(txn, cost, can_top_up=True)
             if decision.moved_on:
                 return None
-            if decision.funded or decision.already_funded:
-                return await self._announce(txn)
+            if decision.funded:
+                return await self._announce_batch(decision.funded)
+            if decision.already_funded:
+                return await self.announce(txn)
             if decision.drive is None:
                 raise CheckAgainLater(TOPUP_WAIT_SECONDS, f"waiting for top-up {decision.wait_for}")
             await self._topups.finish(decision.drive, txn)
@@ -171,10 +191,10 @@ class FundOrder:
             if awaiting == 0:
                 wallet_shortfall.clear()
 
-    async def _wait_while_topup_on_its_way(self, transaction_id: str) -> None:
+    @staticmethod
+    def _wait_while_topup_on_its_way(transaction_id: str, covering: list[WalletTopup]) -> None:
         """An order that joined a top-up someone else drives checks, without the wallet lock or a Zendit
         call, whether it is still on its way: a burst of waiting orders costs one cheap query each."""
-        covering = await repo.covering_topups(self._pool(), transaction_id)
         if covering and covering[-1].status.is_open:
             latest = covering[-1]
             if not domain.may_drive(
@@ -200,9 +220,14 @@ class FundOrder:
         ):
             try:
                 async with self._pool().acquire() as conn:
-                    await transition(conn, order.transaction_id, S.FUNDING, reason="order.paid received")
+                    moved = await transition(
+                        conn, order.transaction_id, S.FUNDING, reason="order.paid received"
+                    )
             except IllegalTransition:
                 pass  # a concurrent delivery got further; the guard looks at where the order is now
+            else:
+                if moved.changed:  # moved from the state just read; what funding reads of it is unchanged
+                    return order.model_copy(update={"status": S.FUNDING})
             return await self._order(order.transaction_id)
         return order
 
@@ -216,23 +241,23 @@ class FundOrder:
         return (await self._order(order.transaction_id)).zendit_cost_money or cost
 
     async def _decide(self, transaction_id: str, cost: Money, *, can_top_up: bool) -> Decision:
-        """Under the wallet lock: fund the order, or say what it waits for (see the module docstring)."""
+        """Under the wallet lock: fund the order (with every waiting order the money pays for), or say
+        what it waits for (see the module docstring)."""
         async with self._pool().acquire() as conn, conn.transaction():
             await conn.execute(repo.LOCK_WALLET)
             order = await get_order(conn, transaction_id, lock=True)
             assert order is not None  # loaded a moment ago; orders are never deleted
-            if order.status == S.FUNDED:
+            if order.status == S.FUNDED:  # funded by another order's batch: no balance needed
                 return Decision(already_funded=True)
             if order.status not in (S.FUNDING, S.AWAITING_FUNDS):
                 log.info("order left funding meanwhile", extra={"status": order.status.value})
                 return Decision(moved_on=True)
             if not can_top_up:
                 await repo.mark_funds_checked(conn, transaction_id)
-            others = await repo.reserving_orders(conn, exclude=transaction_id)
+            reservations = await repo.reservations(conn, exclude=transaction_id)
             waiting = await repo.waiting_orders(conn)
             # Prefunded mode drives no top-up: one left open by an earlier issuing_card run is not coming.
             on_the_way = await repo.open_topups(conn) if can_top_up else []
-            covering = await repo.covering_topups(conn, transaction_id)
             balance = (await self._zendit.get_balance()).available
             wallet_available.labels(currency=balance.currency).set(balance.amount)
             if balance.currency != cost.currency:
@@ -242,7 +267,7 @@ class FundOrder:
             on_the_way = [t for t in on_the_way if t.currency == balance.currency]
             book = WalletBook(
                 available=balance,
-                reserved=domain.reserved_amount(others, balance.currency),
+                reserved=reservations.reserved(balance.currency),
                 incoming=sum(
                     (t.money for t in on_the_way),
                     Money.zero(balance.currency),
@@ -254,19 +279,16 @@ class FundOrder:
                 ),
             )
             decision = self._decision(book, transaction_id, cost, can_top_up)
-            if isinstance(decision, domain.NewTopup | domain.Short) and any(
-                map(domain.status_unsure, others)
-            ):
+            if isinstance(decision, domain.NewTopup | domain.Short) and reservations.unsure:
                 # Before money is added (or the operator asked for it): purchases placed since we last
                 # looked may be held by Zendit already, i.e. counted twice. Ask, and decide again.
                 # The balance is read again after the statuses, as at the top: a purchase held in between
                 # is then counted twice (safe), never not at all.
-                others = await self._with_fresh_purchase_status(others)
+                answered = await self._with_fresh_purchase_status(reservations.unsure)
                 balance = (await self._zendit.get_balance()).available
                 wallet_available.labels(currency=balance.currency).set(balance.amount)
-                book = replace(
-                    book, available=balance, reserved=domain.reserved_amount(others, balance.currency)
-                )
+                reserved = domain.reserved_with_fresh_status(book.reserved, reservations.unsure, answered)
+                book = replace(book, available=balance, reserved=reserved)
                 decision = self._decision(book, transaction_id, cost, can_top_up)
             log.info(
                 "funding decision",
@@ -280,17 +302,8 @@ class FundOrder:
                 },
             )
             if isinstance(decision, domain.Fund):
-                batch = [transaction_id]
-                if not can_top_up:  # prefunded: one re-check resumes every waiting order it pays for
-                    statuses = {w.transaction_id: w.status for w in waiting}
-                    batch = [
-                        t
-                        for t in domain.fundable_in_payment_order(book)
-                        if t == transaction_id or statuses.get(t) == S.AWAITING_FUNDS
-                    ]
-                for funded in batch:
-                    await self._mark_funded(conn, funded)
-                return Decision(funded=tuple(batch), awaiting=await self._awaiting(conn, can_top_up))
+                funded = await self._fund_batch(conn, book, transaction_id, waiting)
+                return Decision(funded=funded, awaiting=await self._awaiting(conn, can_top_up))
             if isinstance(decision, domain.WaitForTopup):
                 latest = on_the_way[-1]
                 if not await repo.join_topup(conn, latest.id, transaction_id):
@@ -298,11 +311,7 @@ class FundOrder:
                 drive = domain.may_drive(
                     latest.id, transaction_id, idle_seconds=latest.idle_seconds, driven_by=latest.driven_by
                 )
-                if (
-                    drive
-                    and latest.id not in domain.topup_ids(transaction_id)
-                    and latest.driven_by != transaction_id
-                ):
+                if drive and not domain.drives(latest.id, transaction_id, latest.driven_by):
                     await repo.take_over_topup(conn, latest.id, transaction_id)
                     log.warning("taking over a stalled top-up", extra={"topup_id": latest.id})
                 return Decision(wait_for=latest.id, drive=latest.id if drive else None)
@@ -318,7 +327,53 @@ class FundOrder:
                     short = decision.amount_to_add
                     await self._alert_shortage(conn, transaction_id, short, book.available, awaiting)
                 return Decision(short=decision.amount_to_add, awaiting=awaiting)
+            covering = await repo.covering_topups(conn, transaction_id)
             return Decision(drive=await self._start_topup(conn, transaction_id, covering, decision.amount))
+
+    async def _fund_batch(
+        self, conn: asyncpg.Connection, book: WalletBook, transaction_id: str, waiting: list[repo.Waiting]
+    ) -> tuple[str, ...]:
+        """Fund this order and every other waiting order the money pays for (domain.batch_to_fund), in
+        payment order, each → funded with its order.funded in the outbox (this transaction).
+
+        Safe for the others: each was moved to funding by its own order.paid delivery, which is still
+        under way (running, or due back from a delay or retry tier) and announces it if the publish
+        after this commit is lost (Step.ANNOUNCE, or `already_funded` when it is queued for the lock).
+        An order that drives a top-up not settled yet is left to fund itself (batch_to_fund)."""
+        fundable = domain.fundable_in_payment_order(book)
+        others = [t for t in fundable if t != transaction_id]
+        busy = domain.topup_drivers(others, await repo.unsettled_topups_of(conn, others)) if others else set()
+        batch = domain.batch_to_fund(book, transaction_id, busy)
+        funded = [t for t in batch if await self._move_to_funded(conn, t)]
+        by_id = {w.transaction_id: w for w in waiting}
+        topups = await repo.latest_succeeded_topups(conn, funded)
+        await repo.add_announcements(
+            conn,
+            [
+                OrderFunded(
+                    transaction_id=t,
+                    offer_id=by_id[t].offer_id,
+                    zendit_cost=by_id[t].cost,
+                    topup_id=topups.get(t),
+                )
+                for t in funded
+            ],
+        )
+        if busy:
+            log.info("orders driving a top-up fund themselves", extra={"count": len(busy)})
+        return tuple(funded)
+
+    @staticmethod
+    async def _move_to_funded(conn: asyncpg.Connection, transaction_id: str) -> bool:
+        """→ funded; False when the order left funding meanwhile (its failure path took it without the
+        wallet lock). Its cost then stays unspent in this decision: safe, the next one counts it again."""
+        try:
+            moved = await transition(conn, transaction_id, S.FUNDED, reason="the wallet covers it")
+        except IllegalTransition as exc:
+            left_for = exc.current.value if exc.current else None
+            log.info("not funded: it left funding meanwhile", extra={"status": left_for})
+            return False
+        return bool(moved.changed)
 
     def _decision(
         self, book: WalletBook, transaction_id: str, cost: Money, can_top_up: bool
@@ -395,9 +450,9 @@ class FundOrder:
         if decision.funded or decision.already_funded:
             if decision.awaiting == 0:
                 wallet_shortfall.labels(currency=cost.currency).set(0)
-            for funded in decision.funded or (transaction_id,):
-                await self._announce(funded)
-            return None
+            if decision.funded:
+                return await self._announce_batch(decision.funded)
+            return await self.announce(transaction_id)
         if decision.short is not None:
             wallet_shortfall.labels(currency=decision.short.currency).set(decision.short.amount)
         raise CheckAgainLater(self._recheck_seconds, "waiting for the operator to fund the wallet")
@@ -445,14 +500,13 @@ class FundOrder:
                 "wallet_short alert already queued; not queued again", extra={"alert_key": alert.alert_key}
             )
 
-    async def _mark_funded(self, conn: asyncpg.Connection, transaction_id: str) -> None:
-        """→ funded, with its order.funded in the outbox (same transaction)."""
-        await transition(conn, transaction_id, S.FUNDED, reason="the wallet covers it")
-        await repo.add_announcement(conn, await self._funded_event(conn, transaction_id))
-
-    async def _announce(self, transaction_id: str) -> None:
+    async def announce(self, transaction_id: str) -> None:
         """Publish the order's order.funded that nobody has published yet (the outbox row stays locked
         until the broker confirms, so two deliveries cannot both publish it)."""
+        if await repo.all_announced(self._pool(), transaction_id):
+            # The usual case for an order funded in another order's batch: that delivery published it.
+            crash_here("funding.before_ack")
+            return
         async with self._pool().acquire() as conn, conn.transaction():
             pending = await repo.unpublished_announcements(conn, transaction_id)
             if not pending and not await repo.has_announcement(conn, transaction_id):
@@ -463,6 +517,30 @@ class FundOrder:
                 await self._publisher.publish(event)
                 await repo.mark_announced(conn, event.event_id)
                 log.info("order funded", extra={"topup_id": event.topup_id})
+        crash_here("funding.before_ack")  # announced; the message is not acknowledged yet
+
+    async def _announce_batch(self, funded: tuple[str, ...]) -> None:
+        """After the commit that funded them: publish the batch's order.funded events, in one
+        transaction holding their rows until each is confirmed. A row another delivery holds is skipped
+        (that delivery is publishing it); one not published here is published by its order's own
+        delivery. The ones confirmed before a failed publish are stamped, so they do not go out twice."""
+        failed: Exception | None = None
+        async with self._pool().acquire() as conn, conn.transaction():
+            published = []
+            for event in await repo.unpublished_announcements_of(conn, funded):
+                try:
+                    await self._publisher.publish(event)
+                except Exception as exc:  # raised below, once the ones confirmed are stamped
+                    failed = exc
+                    break
+                published.append(event.event_id)
+                log.info(
+                    "order funded",
+                    extra={"funded_transaction_id": event.transaction_id, "topup_id": event.topup_id},
+                )
+            await repo.mark_all_announced(conn, published)
+        if failed is not None:
+            raise failed
         crash_here("funding.before_ack")  # announced; the message is not acknowledged yet
 
     async def _funded_event(self, conn: asyncpg.Connection, transaction_id: str) -> OrderFunded:

@@ -12,6 +12,7 @@ from esim_common.compensation import fail_and_refund
 from esim_common.consumer import consume
 from esim_common.events import OrderDelivered, OrderPaid
 from esim_common.order_states import OrderStatus
+from esim_common.orders import IllegalTransition
 from esim_common.providers.stripe import StripeGateway
 from esim_common.service import ServiceContext
 from funding.capture import CapturePayment
@@ -30,17 +31,7 @@ def register(
         await fund_order(event)
 
     async def on_funding_failed(event: OrderPaid, reason: str) -> None:
-        """Funding failed for good: close its top-ups, then refund the customer once and announce it."""
-        await fund_order.give_up(event.transaction_id, reason)
-        await fail_and_refund(
-            pool=ctx.pool,
-            stripe=stripe,
-            publisher=ctx.publisher,
-            transaction_id=event.transaction_id,
-            failed_state=OrderStatus.TOPUP_FAILED,
-            step="funding",
-            reason=reason,
-        )
+        await funding_failed(ctx, fund_order, stripe, event, reason)
 
     consume(ctx.broker, ctx.topology, QUEUE, OrderPaid, on_order_paid, on_failure=on_funding_failed)
     consume(
@@ -51,3 +42,30 @@ def register(
         capture.on_order_delivered,
         on_failure=capture.on_capture_failed,
     )
+
+
+async def funding_failed(
+    ctx: ServiceContext, fund_order: FundOrder, stripe: StripeGateway, event: OrderPaid, reason: str
+) -> None:
+    """Funding failed for good: close its top-ups, then refund the customer once and announce it.
+
+    Unless another order's decision funded it meanwhile (a batch funds every waiting order the money
+    pays for, without this order's lock): then it is not refunded, and this delivery, the last of the
+    order's order.paid, makes sure its order.funded goes out (the batch's own publish may have been lost)."""
+    await fund_order.give_up(event.transaction_id, reason)
+    try:
+        status = await fail_and_refund(
+            pool=ctx.pool,
+            stripe=stripe,
+            publisher=ctx.publisher,
+            transaction_id=event.transaction_id,
+            failed_state=OrderStatus.TOPUP_FAILED,
+            step="funding",
+            reason=reason,
+        )
+    except IllegalTransition as exc:  # funded between the refund's look at the order and its move
+        if exc.current != OrderStatus.FUNDED:
+            raise
+        status = exc.current
+    if status == OrderStatus.FUNDED:
+        await fund_order.announce(event.transaction_id)

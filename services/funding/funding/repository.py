@@ -20,6 +20,7 @@ from esim_common.order_states import OrderStatus
 from esim_common.providers.stripe import IssuedCard
 from funding.domain import (
     RESERVING_STATES,
+    ZENDIT_HOLDS_OR_RELEASED,
     CaptureFailureRecord,
     OrderCost,
     TopupStatus,
@@ -64,18 +65,51 @@ class WalletTopup(BaseModel):
         return Money(self.amount, self.currency)
 
 
-SELECT_RESERVING = """
-    SELECT status, zendit_status, zendit_cost, zendit_cost_currency, zendit_transaction_id
-      FROM esim_purchases
-     WHERE status = ANY($1::text[]) AND transaction_id <> $2
+# What other orders reserve (domain.reserves_wallet: a reserving status, and no Zendit status that
+# says Zendit holds or released the cost; NULL is neither), summed per currency, plus the few purchases
+# among them whose hold we have not seen (domain.status_unsure: purchasing, placed). One statement, so
+# that the sum and those rows come from one snapshot: the sum is corrected by Zendit's answers about
+# exactly these rows (domain.reserved_with_fresh_status). $1 RESERVING_STATES, $2 the deciding order,
+# $3 ZENDIT_HOLDS_OR_RELEASED, $4 'purchasing'.
+SELECT_RESERVATIONS = """
+    WITH reserving AS (
+        SELECT status, zendit_status, zendit_cost, zendit_cost_currency, zendit_transaction_id
+          FROM esim_purchases
+         WHERE status = ANY($1::text[]) AND transaction_id <> $2
+           AND (zendit_status IS NULL OR zendit_status <> ALL($3::text[]))
+    )
+    SELECT true AS total, zendit_cost_currency, sum(zendit_cost)::bigint AS zendit_cost,
+           NULL::text AS status, NULL::text AS zendit_status, NULL::text AS zendit_transaction_id
+      FROM reserving
+     WHERE zendit_cost IS NOT NULL AND zendit_cost_currency IS NOT NULL
+     GROUP BY zendit_cost_currency
+    UNION ALL
+    SELECT false, zendit_cost_currency, zendit_cost, status, zendit_status, zendit_transaction_id
+      FROM reserving
+     WHERE status = $4 AND zendit_transaction_id IS NOT NULL
 """
 
 # Orders waiting for money, in payment order (the wallet decision reads them under the wallet lock).
 SELECT_WAITING = """
-    SELECT transaction_id, status, zendit_cost, zendit_cost_currency
+    SELECT transaction_id, status, offer_id, zendit_cost, zendit_cost_currency
       FROM esim_purchases
      WHERE status IN ('funding', 'awaiting_funds') AND zendit_cost IS NOT NULL
      ORDER BY paid_at NULLS LAST, transaction_id
+"""
+# The top-ups naming any of these orders that are not settled yet: open, or their card still active.
+# Their drivers are left out of another order's batch (domain.batch_to_fund). An order that drives a
+# top-up is always among its order_ids: it started it with itself in them, or joined before taking over.
+SELECT_UNSETTLED_TOPUPS_OF = """
+    SELECT t.id, t.driven_by
+      FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
+     WHERE t.order_ids && $1::text[]
+       AND (t.status IN ('pending', 'card_created', 'submitted') OR c.active)
+"""
+# The succeeded top-ups naming any of these orders, oldest first (order.funded names the latest).
+SELECT_SUCCEEDED_TOPUPS_OF = """
+    SELECT id, order_ids FROM wallet_topups
+     WHERE order_ids && $1::text[] AND status = 'succeeded'
+     ORDER BY created_at, id
 """
 SELECT_OPEN_TOPUPS = """
     SELECT t.*, c.active AS card_active, extract(epoch FROM now() - t.updated_at)::float8 AS idle_seconds
@@ -175,25 +209,47 @@ MARK_CARD_CANCELLED = """
 """
 
 
-async def reserving_orders(conn: asyncpg.Connection, *, exclude: str) -> list[OrderCost]:
-    rows = await conn.fetch(SELECT_RESERVING, [s.value for s in RESERVING_STATES], exclude)
-    return [
-        OrderCost(
-            status=OrderStatus(row["status"]),
-            zendit_status=row["zendit_status"],
-            cost=Money(row["zendit_cost"], row["zendit_cost_currency"].strip())
-            if row["zendit_cost"] is not None and row["zendit_cost_currency"]
-            else None,
-            zendit_transaction_id=row["zendit_transaction_id"],
-        )
-        for row in rows
-    ]
+@dataclass(frozen=True)
+class Reservations:
+    """What the other orders reserve of the wallet, read in one statement (SELECT_RESERVATIONS)."""
+
+    totals: dict[str, int]  # currency → minor units, as domain.reserved_amount sums them
+    unsure: list[OrderCost]  # the reserving purchases whose hold we have not seen (domain.status_unsure)
+
+    def reserved(self, currency: str) -> Money:
+        return Money(self.totals.get(currency, 0), currency)
+
+
+async def reservations(conn: asyncpg.Connection, *, exclude: str) -> Reservations:
+    rows = await conn.fetch(
+        SELECT_RESERVATIONS,
+        [s.value for s in RESERVING_STATES],
+        exclude,
+        sorted(ZENDIT_HOLDS_OR_RELEASED),
+        OrderStatus.PURCHASING.value,
+    )
+    return Reservations(
+        totals={row["zendit_cost_currency"].strip(): row["zendit_cost"] for row in rows if row["total"]},
+        unsure=[_order_cost(row) for row in rows if not row["total"]],
+    )
+
+
+def _order_cost(row: asyncpg.Record) -> OrderCost:
+    return OrderCost(
+        status=OrderStatus(row["status"]),
+        zendit_status=row["zendit_status"],
+        cost=Money(row["zendit_cost"], row["zendit_cost_currency"].strip())
+        if row["zendit_cost"] is not None and row["zendit_cost_currency"]
+        else None,
+        zendit_transaction_id=row["zendit_transaction_id"],
+    )
 
 
 @dataclass(frozen=True)
 class Waiting:
     transaction_id: str
     status: OrderStatus
+    offer_id: str
     cost: Money
 
 
@@ -203,10 +259,31 @@ async def waiting_orders(conn: asyncpg.Connection) -> list[Waiting]:
         Waiting(
             transaction_id=row["transaction_id"],
             status=OrderStatus(row["status"]),
+            offer_id=row["offer_id"],
             cost=Money(row["zendit_cost"], row["zendit_cost_currency"].strip()),
         )
         for row in await conn.fetch(SELECT_WAITING)
     ]
+
+
+async def unsettled_topups_of(
+    conn: asyncpg.Connection, transaction_ids: Sequence[str]
+) -> list[tuple[str, str | None]]:
+    """(id, driven_by) of the open or card-active top-ups that name any of these orders."""
+    if not transaction_ids:
+        return []
+    rows = await conn.fetch(SELECT_UNSETTLED_TOPUPS_OF, list(transaction_ids))
+    return [(row["id"], row["driven_by"]) for row in rows]
+
+
+async def latest_succeeded_topups(conn: asyncpg.Connection, transaction_ids: Sequence[str]) -> dict[str, str]:
+    """For each of these orders that a succeeded top-up names: the latest such top-up's id."""
+    wanted = set(transaction_ids)
+    latest: dict[str, str] = {}
+    for row in await conn.fetch(SELECT_SUCCEEDED_TOPUPS_OF, list(transaction_ids)):
+        for txn in wanted.intersection(row["order_ids"]):
+            latest[txn] = row["id"]  # oldest first: the last one seen is the latest
+    return latest
 
 
 async def open_topups(conn: asyncpg.Connection) -> list[WalletTopup]:
@@ -347,16 +424,55 @@ SELECT_UNPUBLISHED_FUNDED = """
      ORDER BY created_at
        FOR UPDATE
 """
+# A batch's announcements, published by the deciding delivery: the rows that order's own delivery is
+# publishing right now are skipped (it publishes them; if it fails, its retry does).
+SELECT_UNPUBLISHED_FUNDED_OF = """
+    SELECT payload::text FROM outbox
+     WHERE transaction_id = ANY($1::text[]) AND routing_key = 'order.funded' AND published_at IS NULL
+     ORDER BY created_at, array_position($1::text[], transaction_id)
+       FOR UPDATE SKIP LOCKED
+"""
 HAS_FUNDED = """
     SELECT EXISTS (SELECT 1 FROM outbox WHERE transaction_id = $1 AND routing_key = 'order.funded')
 """
+# Without a lock: published_at is set only after the broker confirmed, so "there is one and every one
+# is published" stays true; anything else takes the locked path.
+ALL_FUNDED_PUBLISHED = """
+    SELECT bool_and(published_at IS NOT NULL) IS TRUE FROM outbox
+     WHERE transaction_id = $1 AND routing_key = 'order.funded'
+"""
 MARK_ANNOUNCED = "UPDATE outbox SET published_at = now() WHERE event_id = $1"
+MARK_ALL_ANNOUNCED = "UPDATE outbox SET published_at = now() WHERE event_id = ANY($1::uuid[])"
 
 
 async def add_announcement(conn: asyncpg.Connection, event: OrderFunded) -> None:
-    await conn.execute(
-        INSERT_ANNOUNCEMENT, event.event_id, event.routing_key, event.transaction_id, event.model_dump_json()
+    await add_announcements(conn, [event])
+
+
+async def add_announcements(conn: asyncpg.Connection, events: Sequence[OrderFunded]) -> None:
+    await conn.executemany(
+        INSERT_ANNOUNCEMENT,
+        [(e.event_id, e.routing_key, e.transaction_id, e.model_dump_json()) for e in events],
     )
+
+
+async def unpublished_announcements_of(
+    conn: asyncpg.Connection, transaction_ids: Sequence[str]
+) -> list[OrderFunded]:
+    """These orders' unpublished order.funded events that nobody else holds, locked until the
+    transaction ends."""
+    rows = await conn.fetch(SELECT_UNPUBLISHED_FUNDED_OF, list(transaction_ids))
+    return [OrderFunded.model_validate_json(row["payload"]) for row in rows]
+
+
+async def all_announced(conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str) -> bool:
+    """The order has an order.funded and every one of them is published."""
+    return bool(await conn.fetchval(ALL_FUNDED_PUBLISHED, transaction_id))
+
+
+async def mark_all_announced(conn: asyncpg.Connection, event_ids: Sequence[uuid.UUID]) -> None:
+    if event_ids:
+        await conn.execute(MARK_ALL_ANNOUNCED, list(event_ids))
 
 
 async def unpublished_announcements(conn: asyncpg.Connection, transaction_id: str) -> list[OrderFunded]:

@@ -81,13 +81,21 @@ class TopupPhases:
         self._allowed_categories = tuple(allowed_categories)
         self._allowed_merchant_countries = tuple(allowed_merchant_countries)
 
-    async def settle_interrupted(self, transaction_id: str) -> None:
+    async def settle_interrupted(self, transaction_id: str, covering: Sequence[WalletTopup]) -> bool:
         """Finish this order's top-ups that a crash or a transient error interrupted, and cancel any
-        card still active. Runs before the balance check: a submitted top-up may already have paid."""
-        own_ids = domain.topup_ids(transaction_id)
-        for topup in await repo.topups_driven_by(self._pool(), transaction_id, own_ids):
-            if topup.status.is_open or topup.card_active:
+        card still active. Runs before the balance check: a submitted top-up may already have paid.
+
+        `covering` are the top-ups naming the order (repo.covering_topups): the ones it drives are among
+        them (it started them with itself in order_ids, or joined before taking over). True when it
+        finished any."""
+        settled = False
+        for topup in covering:
+            if domain.drives(topup.id, transaction_id, topup.driven_by) and (
+                topup.status.is_open or topup.card_active
+            ):
                 await self.finish(topup.id, transaction_id)
+                settled = True
+        return settled
 
     async def finish(self, topup_id: str, transaction_id: str) -> WalletTopup:
         """Drive a top-up from wherever it is to a final status; a failed one raises FailPermanently."""
