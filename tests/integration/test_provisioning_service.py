@@ -198,6 +198,18 @@ def zendit_posts() -> float:
     )
 
 
+def zendit_gets() -> float:
+    """Purchase GETs sent to Zendit by this process so far, whatever their outcome."""
+    return sum(
+        REGISTRY.get_sample_value(
+            "esim_provider_calls_total",
+            {"provider": "zendit", "endpoint": "GET /esim/purchases/{id}", "outcome": outcome},
+        )
+        or 0.0
+        for outcome in ("ok", "not_found", "transient_error", "permanent_error")
+    )
+
+
 def decode(png: bytes) -> list[str]:
     return [r.text for r in zxingcpp.read_barcodes(PIL.Image.open(io.BytesIO(png)))]
 
@@ -212,12 +224,15 @@ async def test_a_funded_order_buys_one_esim_and_stores_a_qr_code_that_decodes_to
 ):
     service = await start_provisioning()
     txn = await funded_order()
+    gets_before, posts_before = zendit_gets(), zendit_posts()
 
     await service.publish_funded(txn)
     order = await wait_for_status(db, txn, OrderStatus.PROVISIONED)
     announced = await wait_for_messages(service, "notify.order-provisioned", 1)
 
     assert zendit_purchases(zendit_emulator, txn) == [txn]
+    # One GET (404, under the row lock) before the one POST, one GET that finds it DONE: no look twice.
+    assert (zendit_gets() - gets_before, zendit_posts() - posts_before) == (2, 1)
     qr_file = Path(service.settings.qr_storage_dir) / f"{txn}.png"
     lpa = expected_lpa(zendit_emulator, txn)
     assert decode(qr_file.read_bytes()) == [lpa]

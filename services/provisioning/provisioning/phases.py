@@ -287,6 +287,10 @@ class Provisioner:
 
     async def _current_purchase(self, order: Order) -> Purchase:
         zendit_id = self._zendit_id(order)
+        if order.zendit_status is None:
+            # Never seen at Zendit: `_place` looks (GET) under the row lock before it may POST, so a
+            # look without the lock first would be the same GET twice for every new purchase.
+            return await self._place(order, zendit_id)
         found = await self._look_up(zendit_id)
         return found if found is not None else await self._place(order, zendit_id)
 
