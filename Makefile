@@ -7,7 +7,7 @@ ifeq ($(UV),)
 UV := python3 -m uv
 endif
 
-.PHONY: help setup services migrate run sandbox test test-unit check bench bench-pipeline clean
+.PHONY: help setup services tools migrate run sandbox test test-unit check bench bench-pipeline clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ setup:  ## create .venv from uv.lock (installs uv first if missing)
 services:  ## make sure RabbitMQ and PostgreSQL answer (starts the local ones)
 	scripts/ensure-services.sh
 
+tools:  ## make sure the tools the tests call are installed (promtool, from Debian's prometheus package)
+	scripts/ensure-tools.sh
+
 migrate: setup services  ## create the database if needed and apply deploy/migrations
 	$(UV) run --frozen esim-migrate --create-database
 
@@ -29,7 +32,7 @@ run: migrate  ## run the whole system in the sandbox, push one sample order thro
 sandbox: setup  ## only the emulators (Stripe, Zendit, SMTP capture) on their default ports
 	$(UV) run --frozen python -m esim_sandbox
 
-test: setup services  ## the whole suite on the real broker and database
+test: setup services tools  ## the whole suite on the real broker and database
 	$(UV) run --frozen pytest
 
 test-unit: setup  ## only the fast tests that need no broker or database
