@@ -47,3 +47,23 @@ async def test_a_service_whose_database_is_gone_reports_unhealthy(service_settin
         await ctx.stop()
         await delete_from_url(service_settings.amqp_url, ctx.topology)
     assert health.status_code == 503 and health.json()["database"] is False
+
+
+async def test_the_start_up_line_names_every_queue_the_service_consumes(service_settings, caplog):
+    """FastStream's per-subscriber start-up line is DEBUG; ours says which queues this process consumes."""
+    from esim_common.consumer import consume
+    from esim_common.events import OrderPaid
+
+    async def handler(event: OrderPaid) -> None:
+        return None
+
+    caplog.set_level("INFO", logger="esim.service")
+    ctx = ServiceContext.build("shell-test", service_settings)
+    consume(ctx.broker, ctx.topology, "funding.order-paid", OrderPaid, handler)
+    await ctx.start()
+    try:
+        [started] = [r for r in caplog.records if r.getMessage() == "service started"]
+    finally:
+        await ctx.stop()
+        await delete_from_url(service_settings.amqp_url, ctx.topology)
+    assert started.consuming == [f"{service_settings.topology_prefix}funding.order-paid"]

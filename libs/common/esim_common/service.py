@@ -28,6 +28,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
+from faststream.rabbit.subscriber import RabbitSubscriber
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from esim_common import crash_points
@@ -87,7 +88,10 @@ class ServiceContext:
             statement_cache_size=self.settings.database_statement_cache_size,
         )
         await self.broker.start()
-        log.info("service started", extra={"service": self.name})
+        # FastStream's own "waiting for messages" line per subscriber is DEBUG (create_broker): say here
+        # which queues this process consumes, so a missing subscription shows in the start-up line.
+        queues = sorted(s.queue.name for s in self.broker.subscribers if isinstance(s, RabbitSubscriber))
+        log.info("service started", extra={"service": self.name, "consuming": queues})
 
     async def stop(self) -> None:
         await self.broker.stop()
