@@ -10,6 +10,7 @@ the 10 s delay tier: the attempt is made to look 200 s old, past the fast-pollin
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +22,7 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from esim_common.consumer import MessageRouter
 from esim_common.events import PurchaseUpdateHint
 from esim_common.order_repository import create_order, record
 from esim_common.order_states import OrderStatus
@@ -160,6 +162,42 @@ async def waiting_in_tier(service: Provisioning, delay: int) -> int:
         tier = service.ctx.topology.queue(POLL_QUEUE).retry_tier(delay)
         queue = await channel.declare_queue(tier, passive=True)
         return int(queue.declaration_result.message_count or 0)
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """A message a consumer parked with CheckAgainLater, and the delay tier the router chose for it."""
+
+    queue: str
+    transaction_id: str
+    tier_seconds: int
+
+
+@pytest.fixture
+def deferrals(monkeypatch: pytest.MonkeyPatch) -> list[Deferral]:
+    """Every deferral of this process's consumers, noted as the router publishes it: the tier a poll
+    was parked in, read from the decision itself and not from a queue its consumer may have emptied."""
+    noted: list[Deferral] = []
+    park = MessageRouter.check_again_later
+
+    async def noting(self: MessageRouter, message, delay_seconds: float) -> int:
+        tier = await park(self, message, delay_seconds)
+        noted.append(Deferral(self.queue.name, json.loads(message.body)["transaction_id"], tier))
+        return tier
+
+    monkeypatch.setattr(MessageRouter, "check_again_later", noting)
+    return noted
+
+
+async def first_poll_tier(service: Provisioning, deferrals: list[Deferral], txn: str) -> int:
+    """The delay tier the order's first poll was parked in."""
+    queue = service.queue(POLL_QUEUE)
+
+    def tiers() -> list[int]:
+        return [d.tier_seconds for d in deferrals if (d.queue, d.transaction_id) == (queue, txn)]
+
+    await eventually(tiers, within=5, what="the first poll parked")
+    return tiers()[0]
 
 
 def zendit_status(zendit_emulator, zendit_id: str) -> str | None:
@@ -361,7 +399,7 @@ async def test_a_hint_for_an_earlier_or_unknown_attempt_is_ignored(
 
 # ------------------------------------------------------------------------------ the first poll, with hints
 async def test_while_hints_arrive_the_first_poll_waits_3_s_and_still_delivers_an_order_whose_hint_is_lost(
-    start_provisioning, funded_order, db, zendit_emulator
+    start_provisioning, funded_order, db, zendit_emulator, deferrals
 ):
     service = await start_provisioning()
     ignored_before, completed_before = hints("ignored"), hints("completed")
@@ -372,12 +410,7 @@ async def test_while_hints_arrive_the_first_poll_waits_3_s_and_still_delivers_an
 
     await purchasing_a_stalled_purchase(service, zendit_emulator, txn)
     placed = time.monotonic()
-    await eventually(
-        lambda: waiting_in_tier(service, int(domain.HINTED_FIRST_POLL_SECONDS)),
-        within=2,
-        what="the first poll parked in the 3 s tier",
-    )
-    assert await waiting_in_tier(service, 1) == 0
+    assert await first_poll_tier(service, deferrals, txn) == domain.HINTED_FIRST_POLL_SECONDS
     # Zendit finishes, but this purchase's webhook never comes: the poll delivers it all the same.
     zendit_emulator.control("POST", f"purchases/{txn}/resolve", {"status": "DONE"})
     order = await wait_for_status(db, txn, OrderStatus.PROVISIONED, within=8.0)
@@ -389,7 +422,7 @@ async def test_while_hints_arrive_the_first_poll_waits_3_s_and_still_delivers_an
 
 @pytest.mark.parametrize("last_hint_seconds_ago", [None, domain.HINTS_RECENT_SECONDS + 1])
 async def test_without_recent_hints_the_first_poll_comes_after_a_second(
-    start_provisioning, funded_order, zendit_emulator, last_hint_seconds_ago
+    start_provisioning, funded_order, zendit_emulator, deferrals, last_hint_seconds_ago
 ):
     service = await start_provisioning()
     if last_hint_seconds_ago is not None:
@@ -398,8 +431,7 @@ async def test_without_recent_hints_the_first_poll_comes_after_a_second(
 
     await purchasing_a_stalled_purchase(service, zendit_emulator, txn)
 
-    await eventually(lambda: waiting_in_tier(service, 1), within=2, what="the poll parked in the 1 s tier")
-    assert await waiting_in_tier(service, int(domain.HINTED_FIRST_POLL_SECONDS)) == 0
+    assert await first_poll_tier(service, deferrals, txn) == domain.FAST_POLL_SECONDS
 
 
 # ------------------------------------------------------------------------------------------- failures

@@ -1,10 +1,11 @@
 """How many statements provisioning sends to Postgres for one happy-path order, step by step.
 
 Each round trip costs CPU in the service and in Postgres; the pipeline is CPU-bound (bench/README.md).
-The handlers are called directly on a started service (real Postgres, broker and emulators), and every
-statement on an asyncpg connection is counted while one handler runs: nothing else uses the database
-meanwhile (no message is queued for the service's consumers). BEGIN and COMMIT count: each is a round
-trip. The budgets are upper bounds, so that a later saving does not break them.
+The handlers are called directly on a started service (real Postgres, broker and emulators), and the
+statements one handler call sends on any asyncpg connection are counted. Only that call's: the step
+marks its own task's context (a ContextVar, inherited by the tasks it starts), so a hint or poll the
+service's consumers handle meanwhile is not counted. BEGIN and COMMIT count: each is a round trip. The
+budgets are upper bounds, so that a later saving does not break them.
 
 Before merging reads and writes (one per step, see `provisioning.repository`) the same order took
 12 + 21 + 8 statements settled by a hint, 12 + 21 settled by the poll.
@@ -12,8 +13,10 @@ Before merging reads and writes (one per step, see `provisioning.repository`) th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -46,22 +49,26 @@ SETTLE = 13
 SETTLED_ALREADY = 2
 
 
+# The statements of the step open in this task's context (None: not counted).
+_STEP: ContextVar[list[str] | None] = ContextVar("statements_of_the_step", default=None)
+
+
 @dataclass
 class StatementCounter:
-    """Counts the statements sent on any asyncpg connection of this process while `step` is open."""
+    """Counts the statements sent on any asyncpg connection by the code run inside `step` (and the
+    tasks it starts), whatever else runs meanwhile."""
 
-    counting: bool = False
-    statements: list[str] = field(default_factory=list)
     steps: dict[str, list[str]] = field(default_factory=dict)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
-        self.statements, self.counting = [], True
+        statements: list[str] = []
+        token = _STEP.set(statements)
         try:
             yield
         finally:
-            self.counting = False
-            self.steps[name] = self.statements
+            _STEP.reset(token)
+            self.steps[name] = statements
 
     def within(self, budgets: dict[str, int]) -> None:
         counts = {name: len(statements) for name, statements in self.steps.items()}
@@ -78,12 +85,37 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> StatementCounter:
         original = getattr(asyncpg.Connection, name)
 
         def counted(self, query, *args, __original=original, **kwargs):
-            if counter.counting:
-                counter.statements.append(" ".join(str(query).split())[:60])
+            if (step := _STEP.get()) is not None:
+                step.append(" ".join(str(query).split())[:60])
             return __original(self, query, *args, **kwargs)
 
         monkeypatch.setattr(asyncpg.Connection, name, counted)
     return counter
+
+
+async def test_the_counter_counts_the_steps_statements_and_not_those_of_other_tasks(db, statements):
+    """A consumer's task (started before the step, like the service's) is not counted."""
+    others_done = 0
+
+    async def another_consumer() -> None:
+        nonlocal others_done
+        while True:
+            await db.fetchval("SELECT 1")
+            others_done += 1
+
+    other = asyncio.create_task(another_consumer())
+    try:
+        await eventually(lambda: others_done > 0, within=5, what="the other task runs")
+        async with db.acquire() as conn:  # acquired and released (a reset statement) outside the step
+            with statements.step("one statement"):
+                await conn.fetchval("SELECT 2")
+                before = others_done
+                await eventually(lambda: others_done > before, within=5, what="the other task ran meanwhile")
+    finally:
+        other.cancel()
+        await asyncio.gather(other, return_exceptions=True)
+
+    assert statements.steps == {"one statement": ["SELECT 2"]}
 
 
 async def placed_and_waiting(provisioner, funded_order, zendit_emulator, statements):

@@ -29,12 +29,13 @@ import zxingcpp
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from esim_common.errors import FailPermanently
+from esim_common.errors import CheckAgainLater, FailPermanently
 from esim_common.events import OrderFunded
 from esim_common.money import Money
 from esim_common.order_repository import Order, create_order, get_order, record
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
+from esim_common.providers.zendit import Purchase, ZenditClient
 from esim_common.service import ServiceContext
 from esim_common.settings import Settings
 from esim_common.topology import delete, esim_topology
@@ -406,6 +407,52 @@ async def test_a_zendit_outage_while_polling_is_waited_out_rather_than_failed(
     assert zendit_purchases(zendit_emulator, txn) == [txn]
 
 
+@dataclass
+class LockProbingZendit:
+    """The service's Zendit client, noting for each purchase GET whether the order's row was locked
+    meanwhile (a GET under the lock holds the row and a pooled connection while Zendit answers)."""
+
+    inner: ZenditClient
+    pool: asyncpg.Pool
+    row_locked: list[bool] = field(default_factory=list)
+
+    async def get_purchase(self, transaction_id: str) -> Purchase:
+        self.row_locked.append(await row_is_locked(self.pool, transaction_id))
+        return await self.inner.get_purchase(transaction_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_poll_after_a_zendit_error_looks_without_the_row_lock_before_it_places_the_purchase(
+    start_provisioning, funded_order, db, zendit_emulator
+):
+    """Only the delivery that has just started the attempt looks under the row lock alone. A later poll
+    with no Zendit status recorded (the last look met a Zendit error) looks without the lock first: in
+    a Zendit brownout, slow GETs must not hold rows and pooled connections from healthy orders."""
+    service = await start_provisioning()
+    provisioner = service.app.state.provisioner
+    zendit = LockProbingZendit(provisioner.zendit, db)
+    provisioner.zendit = zendit
+    txn = await funded_order()
+    event = OrderFunded(transaction_id=txn, offer_id=OFFER, zendit_cost=COST)
+    zendit_emulator.control("POST", "faults", {"endpoint": "get_purchase", "status": 503, "count": 1})
+
+    with pytest.raises(CheckAgainLater):  # starts the attempt; its one GET, under the lock, meets a 503
+        await provisioner.on_order_funded(event)
+    first_delivery, zendit.row_locked = zendit.row_locked, []
+    after_the_error = await order_of(db, txn)
+    zendit_emulator.control("POST", "purchase_stalls", {"count": 1})
+    with pytest.raises(CheckAgainLater):  # the next poll: looks (404), then places it under the lock
+        await provisioner.on_order_funded(event)
+
+    assert after_the_error.status == OrderStatus.PURCHASING and after_the_error.zendit_status is None
+    assert zendit_emulator.control("GET", "state")["faults"] == []  # the 503 was met
+    assert first_delivery == [True]
+    assert zendit.row_locked == [False, True]
+    assert zendit_purchases(zendit_emulator, txn) == [txn]
+
+
 # ------------------------------------------------------------------------------------------- failures
 async def test_a_failed_purchase_is_refunded_exactly_once_and_announced_as_failed(
     start_provisioning, funded_order, db, zendit_emulator, stripe_emulator
@@ -550,15 +597,20 @@ class LockProbingStorage:
     row_locked: list[bool] = field(default_factory=list)
 
     async def save(self, name: str, png: bytes) -> str:
-        async with self.pool.acquire() as conn, conn.transaction():
-            try:
-                await conn.execute(
-                    "SELECT 1 FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE NOWAIT", name
-                )
-                self.row_locked.append(False)
-            except asyncpg.LockNotAvailableError:
-                self.row_locked.append(True)
+        self.row_locked.append(await row_is_locked(self.pool, name))
         return await self.inner.save(name, png)
+
+
+async def row_is_locked(pool: asyncpg.Pool, txn: str) -> bool:
+    """Whether another transaction holds the order's row lock just now."""
+    async with pool.acquire() as conn, conn.transaction():
+        try:
+            await conn.execute(
+                "SELECT 1 FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE NOWAIT", txn
+            )
+        except asyncpg.LockNotAvailableError:
+            return True
+        return False
 
 
 async def test_the_qr_code_is_stored_before_the_orders_row_is_locked(start_provisioning, funded_order, db):

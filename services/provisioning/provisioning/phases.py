@@ -1,7 +1,9 @@
 """The purchase of one order as resumable phases; every redelivery picks up where the last one stopped.
 
     start      funded → purchasing, attempt n with Zendit id `<txn>` / `<txn>-r<n>` (one transaction)
-    look       GET the purchase; 404 → place it: lock the row, GET again, POST (never POST otherwise)
+    look       GET the purchase; 404 → place it: lock the row, GET again, POST (never POST otherwise).
+               Only the delivery that has just started the attempt skips the first GET (nothing can
+               be there yet but what the GET under the lock sees)
     wait       not final → record its status, CheckAgainLater (the consumer is free meanwhile);
                past PURCHASE_DEADLINE_SECONDS → needs_attention + operator alert (never refunded)
     complete   a final purchase settles the order under its row lock, once (`_complete`):
@@ -133,11 +135,12 @@ class Provisioner:
     async def on_order_funded(self, event: OrderFunded) -> None:
         # One connection for the read and, for a funded order, the attempt it starts; released before
         # anything calls Zendit.
+        just_started = False
         async with self.ctx.pool.acquire() as conn:
             order = await repository.must_get(conn, event.transaction_id)
             if domain.next_step(order.status, order.purchase_attempts) == Step.START:
-                order = await self._start_attempt(conn, order)
-        await self._follow(order)
+                order, just_started = await self._start_attempt(conn, order)
+        await self._follow(order, just_started=just_started)
 
     async def on_failure(self, event: OrderFunded, reason: str) -> None:
         """The failure path: refund once when the order says Zendit will not deliver (purchase_failed);
@@ -228,15 +231,16 @@ class Provisioner:
         self._count_hint("failed", "purchase hint dropped", hint.zendit_transaction_id, reason=reason)
 
     # -- phases --------------------------------------------------------------------------------------
-    async def _follow(self, order: Order) -> None:
-        """Do what the order's state asks of an `order.funded` delivery (see `domain.next_step`)."""
+    async def _follow(self, order: Order, *, just_started: bool = False) -> None:
+        """Do what the order's state asks of an `order.funded` delivery (see `domain.next_step`);
+        `just_started`: this delivery has just started the attempt (`_current_purchase`)."""
         step = domain.next_step(order.status, order.purchase_attempts)
         if step == Step.START:
             async with self.ctx.pool.acquire() as conn:
-                order = await self._start_attempt(conn, order)
+                order, just_started = await self._start_attempt(conn, order)
             step = domain.next_step(order.status, order.purchase_attempts)
         if step == Step.CONTINUE:
-            await self._advance(order)
+            await self._advance(order, just_started=just_started)
         elif step == Step.ANNOUNCE:
             await self._announce(order)
         elif step == Step.FUND_AGAIN:
@@ -248,18 +252,19 @@ class Provisioner:
         elif step in (Step.IGNORE, Step.START):
             log.info("order.funded ignored", extra={"status": order.status.value})
 
-    async def _start_attempt(self, conn: asyncpg.Connection, order: Order) -> Order:
-        started = await repository.start_attempt(conn, order.transaction_id)
-        if domain.next_step(started.status, started.purchase_attempts) == Step.CONTINUE:
+    async def _start_attempt(self, conn: asyncpg.Connection, order: Order) -> tuple[Order, bool]:
+        """The order after `repository.start_attempt`, and whether this call started its attempt."""
+        started, by_us = await repository.start_attempt(conn, order.transaction_id)
+        if by_us:
             log.info(
                 "purchase attempt started", extra={"zendit_transaction_id": started.zendit_transaction_id}
             )
-        return started
+        return started, by_us
 
-    async def _advance(self, order: Order) -> None:
+    async def _advance(self, order: Order, *, just_started: bool = False) -> None:
         zendit_id = self._zendit_id(order)
         try:
-            purchase = await self._current_purchase(order)
+            purchase = await self._current_purchase(order, just_started=just_started)
         except ZenditTransientError as exc:
             log.warning("zendit unavailable, looking again later", extra={"error": exc.message[:200]})
             await self._wait(order, None)
@@ -285,11 +290,17 @@ class Provisioner:
         # Whoever settled it, the poll carries on from the new state: announce, fund again, or refund.
         await self._follow(settled)
 
-    async def _current_purchase(self, order: Order) -> Purchase:
+    async def _current_purchase(self, order: Order, *, just_started: bool) -> Purchase:
+        """The attempt's purchase at Zendit, placed first if Zendit has none (`_place`).
+
+        Looked up without the row lock first, so that a slow Zendit (a brownout: GETs that take the
+        whole HTTP timeout) holds neither the row nor a pooled connection. Only the delivery that has
+        just started the attempt goes straight to `_place`, whose GET under the lock is then the one
+        look: nothing but a racing duplicate can have placed it yet, and that GET sees it. A missing
+        zendit_status is not enough to skip the look: a poll after a Zendit error records none.
+        """
         zendit_id = self._zendit_id(order)
-        if order.zendit_status is None:
-            # Never seen at Zendit: `_place` looks (GET) under the row lock before it may POST, so a
-            # look without the lock first would be the same GET twice for every new purchase.
+        if just_started:
             return await self._place(order, zendit_id)
         found = await self._look_up(zendit_id)
         return found if found is not None else await self._place(order, zendit_id)
@@ -476,14 +487,15 @@ class Provisioner:
         """Zendit's image of the purchase and how it reads; (None, None) when nothing can be decoded."""
         if not qr.can_decode():
             return None, None
+        png: bytes | None
         try:
-            png = await self.zendit.get_qrcode(purchase.transaction_id)  # transient: raised, waited out
+            image = await self.zendit.get_qrcode(purchase.transaction_id)  # transient: raised, waited out
         except ZenditPermanentError as exc:
             # Zendit has no image for us: as good as one that does not read (an operator, no refund).
             log.error("zendit's QR code unavailable", extra={"error": exc.message[:200]})
             png, check = None, QrCheck.UNAVAILABLE
         else:
-            check = domain.qr_check(await asyncio.to_thread(qr.codes_in, png), lpa)
+            png, check = image, domain.qr_check(await asyncio.to_thread(qr.codes_in, image), lpa)
         zendit_qr_checks_total.labels(check="fallback", outcome=check.value).inc()
         return png, check
 

@@ -56,21 +56,22 @@ async def must_get(
     return order
 
 
-async def start_attempt(conn: asyncpg.Connection, transaction_id: str) -> Order:
+async def start_attempt(conn: asyncpg.Connection, transaction_id: str) -> tuple[Order, bool]:
     """funded → purchasing with the next attempt's Zendit id, under the row lock (its own transaction).
 
-    Returns the order as it is afterwards; when another worker got there first (a duplicate message)
-    the order is returned unchanged and the caller just follows its state.
+    Returns the order as it is afterwards and whether this call started the attempt; when another
+    worker got there first (a duplicate message) the order is returned unchanged, with False, and the
+    caller just follows its state.
     """
     async with conn.transaction():
         order = await must_get(conn, transaction_id, lock=True)
         if order.status != S.FUNDED:
-            return order
+            return order, False
         attempt = order.purchase_attempts + 1
         zendit_id = zendit_transaction_id(transaction_id, attempt)
         await transition(conn, transaction_id, S.PURCHASING, reason=f"zendit purchase {zendit_id}")
         # zendit_status is cleared: the previous attempt's FAILED says nothing about this one.
-        return await _updated(conn, START_ATTEMPT_FACTS, transaction_id, zendit_id, attempt)
+        return await _updated(conn, START_ATTEMPT_FACTS, transaction_id, zendit_id, attempt), True
 
 
 async def attempt_elapsed_seconds(pool: asyncpg.Pool, transaction_id: str) -> float:
