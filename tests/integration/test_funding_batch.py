@@ -11,6 +11,7 @@ The SQL sum of reservations is compared with the domain rule on a mixed set of r
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from esim_common import compensation
 from esim_common.events import Event, OrderFunded, OrderPaid
 from esim_common.money import Money
 from esim_common.order_repository import create_order, get_order
@@ -33,6 +35,7 @@ from tests.fixtures.funding import (
     approved_charges,
     cards_for,
     leave_stalled_topup,
+    leave_stalled_topup_with_card,
     rows,
     set_wallet,
 )
@@ -213,26 +216,28 @@ async def test_a_batch_publish_skips_an_order_funded_its_own_delivery_is_publish
 # ------------------------------------------------------------------------------------ top-ups
 
 
-async def test_a_batch_leaves_out_an_order_driving_its_own_top_up_which_then_settles_it_and_funds_itself(
+async def test_a_batch_leaves_out_the_orders_busy_with_a_top_up_and_its_driver_then_settles_it_and_funds(
     funding, paid_order, zendit_emulator, stripe_emulator
 ):
-    set_wallet(zendit_emulator, 3 * COST.amount + 100)
-    a, busy, joined, d = [await paid_order() for _ in range(4)]
+    set_wallet(zendit_emulator, 4 * COST.amount + 100)
+    a, busy, joined, d, e = [await paid_order() for _ in range(5)]
     topup_id = await leave_stalled_topup(funding.pool, txn=busy.transaction_id, amount=50_00)
-    # `joined` waits for busy's top-up without driving it: it can be funded by a batch like any other.
+    # `joined` waits for busy's top-up (open): left to its own delivery too, which would take the top-up
+    # over should it stall.
     await funding.pool.execute(
         "UPDATE wallet_topups SET order_ids = order_ids || $2::text WHERE id = $1",
         topup_id,
         joined.transaction_id,
     )
-    await in_flight(funding, joined, d)
+    await in_flight(funding, joined, d, e)
 
     await funding.deliver(a)
     await funding.wait_handled(1)
 
-    # busy keeps its place: d, who would fit in the money busy's cost leaves, is not given it.
-    assert await statuses(funding, a, busy, joined, d) == [S.FUNDED, S.FUNDING, S.FUNDED, S.FUNDING]
-    assert announced(await funding.messages("provisioning.order-funded")) == txns(a, joined)
+    # busy and joined keep their places: e, who would fit in the money their costs leave, is not given it.
+    left_to_themselves = [S.FUNDED, S.FUNDING, S.FUNDING, S.FUNDED, S.FUNDING]
+    assert await statuses(funding, a, busy, joined, d, e) == left_to_themselves
+    assert announced(await funding.messages("provisioning.order-funded")) == txns(a, d)
     [topup] = await rows(funding.pool, "SELECT status FROM wallet_topups WHERE id = $1", topup_id)
     assert topup["status"] == "pending"
 
@@ -244,7 +249,43 @@ async def test_a_batch_leaves_out_an_order_driving_its_own_top_up_which_then_set
     [card] = cards_for(stripe_emulator, topup_id)
     assert topup["status"] == "succeeded" and card["status"] == "canceled"
     assert len(approved_charges(stripe_emulator, card["id"])) == 1
-    assert busy.transaction_id in announced(await funding.messages("provisioning.order-funded"))
+    # The top-up settled, joined is no longer busy: busy's decision funds it (and e) with itself.
+    assert await statuses(funding, joined, e) == [S.FUNDED, S.FUNDED]
+    assert announced(await funding.messages("provisioning.order-funded")) == txns(busy, joined, e)
+
+
+async def test_a_stalled_top_up_whose_driver_is_gone_is_taken_over_by_an_order_that_joined_it(
+    funding, paid_order, platform_card, zendit_emulator, stripe_emulator
+):
+    # The wallet covers a, driver and joined: no batch may fund joined while the top-up it joined is
+    # open, or nobody would ever settle that top-up (driver's delivery is in the DLQ) nor its card.
+    set_wallet(zendit_emulator, 3 * COST.amount + 100)
+    a, driver, joined = [await paid_order() for _ in range(3)]
+    card = await platform_card(f"tu_{driver.transaction_id}", 50_00)
+    topup_id = await leave_stalled_topup_with_card(
+        funding.pool, card, txn=driver.transaction_id, amount=50_00
+    )
+    await funding.pool.execute(
+        "UPDATE wallet_topups SET order_ids = order_ids || $2::text WHERE id = $1",
+        topup_id,
+        joined.transaction_id,
+    )
+    await in_flight(funding, joined)
+
+    await funding.deliver(a)
+    await funding.wait_handled(1)
+    assert await statuses(funding, a, driver, joined) == [S.FUNDED, S.FUNDING, S.FUNDING]
+
+    await funding.deliver(joined)  # its own delivery: takes the stalled top-up over, settles it, funds
+    await funding.wait_status(joined.transaction_id, S.FUNDED)
+
+    [topup] = await rows(funding.pool, "SELECT status, driven_by FROM wallet_topups WHERE id = $1", topup_id)
+    assert topup == {"status": "succeeded", "driven_by": joined.transaction_id}
+    [found] = cards_for(stripe_emulator, topup_id)
+    assert found["id"] == card.id and found["status"] == "canceled"
+    assert len(approved_charges(stripe_emulator, card.id)) == 1
+    [(active,)] = await funding.pool.fetch("SELECT active FROM issuing_cards WHERE card_id = $1", card.id)
+    assert active is False
 
 
 async def test_an_order_that_only_joined_a_top_up_leaves_it_to_the_order_driving_it(
@@ -297,6 +338,105 @@ async def test_an_order_funded_by_a_batch_while_its_own_delivery_fails_is_announ
     assert stripe_emulator.state.find("refund", payment_intent=event.payment_intent_id) == []
     assert announced(await funding.messages("provisioning.order-funded")) == [event.transaction_id]
     assert await funding.messages("notify.order-failed") == []
+
+
+@pytest.mark.parametrize("moved_on_to", [S.PURCHASING, S.PROVISIONED, S.DELIVERED])
+async def test_an_order_a_batch_funded_and_provisioning_moved_on_is_neither_refunded_nor_retried(
+    funding, paid_order, stripe_gateway, stripe_emulator, monkeypatch, caplog, moved_on_to
+):
+    event = await paid_order()
+    txn = event.transaction_id
+    async with funding.pool.acquire() as conn:
+        await transition(conn, txn, S.FUNDING)
+    # The refund reads the order in funding; before its move to topup_failed, a batch funds the order
+    # and provisioning moves it on: the guarded move then finds it there.
+    read_in_funding = await get_order(funding.pool, txn)
+    async with funding.pool.acquire() as conn:
+        for status in (S.FUNDED, S.PURCHASING, S.PROVISIONED, S.DELIVERED):
+            await transition(conn, txn, status)
+            if status == moved_on_to:
+                break
+
+    async def stale_read(pool: object, transaction_id: str, **_: object) -> object:
+        return read_in_funding
+
+    monkeypatch.setattr(compensation, "get_order", stale_read)
+    fund_order = funding.app.state.fund_order
+    caplog.set_level(logging.INFO, logger="esim.funding")
+
+    await handlers.funding_failed(funding.ctx, fund_order, stripe_gateway, event, "retries_exhausted")
+
+    assert (await get_order(funding.pool, txn)).status == moved_on_to
+    assert stripe_emulator.state.find("refund", payment_intent=event.payment_intent_id) == []
+    assert await funding.messages("provisioning.order-funded") == []  # announced only while funded
+    assert await funding.messages("notify.order-failed") == []
+    [said] = [r for r in caplog.records if r.getMessage().startswith("not refunded")]
+    assert said.levelname == "INFO" and said.status == moved_on_to.value
+
+
+# ------------------------------------------------------------------------------------ entering funding
+
+
+async def test_a_delivery_that_read_awaiting_funds_does_not_move_back_an_order_already_being_bought(
+    funding, paid_order, zendit_emulator, monkeypatch
+):
+    set_wallet(zendit_emulator, 10 * COST.amount)
+    event = await paid_order()
+    txn = event.transaction_id
+    async with funding.pool.acquire() as conn:  # left in awaiting_funds (by prefunded mode, say)
+        await transition(conn, txn, S.FUNDING)
+        await transition(conn, txn, S.AWAITING_FUNDS)
+    fund_order = funding.app.state.fund_order
+    read = fund_order._order
+
+    async def read_then_overtaken(transaction_id: str) -> object:
+        """The delivery reads awaiting_funds; then a batch funds the order and provisioning starts
+        buying it, before the delivery moves it to funding."""
+        order = await read(transaction_id)
+        monkeypatch.setattr(fund_order, "_order", read)
+        async with funding.pool.acquire() as conn:
+            await transition(conn, transaction_id, S.FUNDED)
+            await transition(conn, transaction_id, S.PURCHASING)
+        return order
+
+    monkeypatch.setattr(fund_order, "_order", read_then_overtaken)
+
+    await fund_order(event)
+
+    assert (await get_order(funding.pool, txn)).status == S.PURCHASING
+    moves = await rows(
+        funding.pool, "SELECT from_status, to_status FROM order_transitions WHERE transaction_id = $1", txn
+    )
+    assert {"from_status": "purchasing", "to_status": "funding"} not in moves
+    assert await funding.messages("provisioning.order-funded") == []
+
+
+async def test_entering_funding_moves_only_from_the_status_read_and_records_the_move(db):
+    async with db.acquire() as conn:
+        await create_order(
+            conn,
+            transaction_id="t-enter",
+            offer_id="OFFER",
+            price=Money(3_900, "USD"),
+            zendit_cost=COST,
+            recipient_email="ada@example.com",
+            recipient_name="Ada Lovelace",
+        )
+        await transition(conn, "t-enter", S.PAID)
+        assert not await repo.enter_funding(conn, "t-enter", S.AWAITING_FUNDS, reason="stale read")
+        assert await repo.enter_funding(conn, "t-enter", S.PAID, reason="order.paid received")
+        assert not await repo.enter_funding(conn, "t-enter", S.PAID, reason="a second delivery")
+        with pytest.raises(ValueError):
+            await repo.enter_funding(conn, "t-enter", S.DELIVERED, reason="never from there")
+        order = await get_order(conn, "t-enter")
+        moves = await conn.fetch(
+            "SELECT from_status, to_status, reason FROM order_transitions WHERE transaction_id = $1"
+            " ORDER BY id",
+            "t-enter",
+        )
+    assert order.status == S.FUNDING
+    assert [tuple(m) for m in moves][-1] == ("paid", "funding", "order.paid received")
+    assert [tuple(m)[:2] for m in moves].count(("paid", "funding")) == 1
 
 
 # ------------------------------------------------------------------------------------ the SQL
@@ -382,11 +522,17 @@ async def test_the_drivers_of_unsettled_top_ups_are_found_through_their_orders(d
     await topup("tu_declined", "declined", ["declined"], card_active=True)  # its card not cancelled yet
     await topup("tu_done", "succeeded", ["done", "joined"], card_active=False)
     await topup("tu_failed", "failed", ["failed"])
+    await topup("tu_open_joined", "submitted", ["starter", "waits"])
     async with db.acquire() as conn:
-        names = ["open", "joined", "declined", "done", "failed", "other"]
+        names = ["open", "joined", "declined", "done", "failed", "waits", "other"]
         unsettled = await repo.unsettled_topups_of(conn, names)
         latest = await repo.latest_succeeded_topups(conn, names)
 
-    assert sorted(unsettled) == [("tu_declined", None), ("tu_open", None)]
-    assert domain.topup_drivers(names, unsettled) == {"open", "declined"}  # "joined" only waits
+    assert sorted(unsettled, key=lambda t: t.id) == [
+        domain.UnsettledTopup("tu_declined", None, ("declined",), is_open=False),
+        domain.UnsettledTopup("tu_open", None, ("open", "joined"), is_open=True),
+        domain.UnsettledTopup("tu_open_joined", None, ("starter", "waits"), is_open=True),
+    ]
+    # "joined" and "waits" joined a top-up still open; "declined" drives one whose card is active.
+    assert domain.busy_with_topups(names, unsettled) == {"open", "joined", "declined", "waits"}
     assert latest == {"done": "tu_done", "joined": "tu_done"}

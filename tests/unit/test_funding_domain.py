@@ -21,17 +21,20 @@ from funding.domain import (
     TopupsExhausted,
     TopupStatus,
     TopupView,
+    UnsettledTopup,
     WaitForTopup,
     WaitingOrder,
     WalletBook,
     after_short,
     batch_to_fund,
+    busy_with_topups,
     card_expiry,
     decide_funding,
     drives,
     fundable_in_payment_order,
     issuing_float_covers,
     may_drive,
+    may_take_over,
     next_step,
     next_topup_id,
     order_failure_reason,
@@ -40,7 +43,6 @@ from funding.domain import (
     reserves_wallet,
     status_unsure,
     topup_amount,
-    topup_drivers,
     topup_ids,
 )
 
@@ -151,12 +153,24 @@ def test_an_order_driving_its_own_top_up_is_left_out_of_a_batch_but_keeps_its_mo
     assert batch_to_fund(wallet, "busy", busy={"busy"}) == ["a", "busy", "c"]  # deciding: its own call
 
 
-def test_the_orders_driving_an_unsettled_top_up_are_the_ones_that_started_or_took_it_over():
-    unsettled = [("tu_a", None), ("tu_b-2", None), ("tu_x", "c")]
-    assert topup_drivers(["a", "b", "c", "d", "x2"], unsettled) == {"a", "b", "c"}
-    assert topup_drivers(["a"], []) == set()
+def test_the_orders_busy_with_a_top_up_drive_an_unsettled_one_or_joined_an_open_one():
+    unsettled = [
+        UnsettledTopup("tu_a", None, ("a", "j"), is_open=True),  # j joined it: waits, rescues if it stalls
+        UnsettledTopup("tu_b-2", None, ("b", "k"), is_open=False),  # final, card active: b cancels it
+        UnsettledTopup("tu_x", "c", ("x", "c"), is_open=False),
+    ]
+    assert busy_with_topups(["a", "b", "c", "d", "j", "k", "x2"], unsettled) == {"a", "b", "c", "j"}
+    assert busy_with_topups(["a"], []) == set()
     assert drives("tu_a-3", "a", None) and drives("tu_x", "c", "c")
     assert not drives("tu_x", "a", "c") and not drives("tu_ab", "a", None)
+
+
+def test_an_order_takes_over_only_a_stalled_top_up_someone_else_drives():
+    stale, fresh = TOPUP_STALE_SECONDS, TOPUP_STALE_SECONDS - 1
+    assert may_take_over("tu_other", "t", idle_seconds=stale, driven_by=None)
+    assert not may_take_over("tu_other", "t", idle_seconds=fresh, driven_by=None)
+    assert not may_take_over("tu_t", "t", idle_seconds=stale, driven_by=None)  # its own: it drives it
+    assert not may_take_over("tu_other", "t", idle_seconds=stale, driven_by="t")  # taken over already
 
 
 def book(available: int, *waiting: tuple[str, int], reserved: int = 0, incoming: int = 0) -> WalletBook:

@@ -7,7 +7,8 @@ reserved_amount(orders)   the wallet money other orders were promised but Zendit
 WalletBook / decide_funding   fund, wait for a top-up on its way, start one for everyone waiting, or
                           (prefunded) say how much the operator must add; money goes in payment order
 fundable_in_payment_order the waiting orders the free money pays for, first paid first
-batch_to_fund             what one decision funds: those, bar the orders busy with a top-up they drive
+batch_to_fund             what one decision funds: those, bar the orders busy with a top-up
+                          (busy_with_topups: they drive one not settled, or joined one still open)
 topup_amount(shortfall)   the shortfall rounded up to ZENDIT_MIN_TOPUP, refused above ZENDIT_MAX_TOPUP
 topup_ids / next_topup    the deterministic ids of the top-ups an order starts, and what its top-ups say
 capture_step / intent_capture   manual capture: what order.delivered asks for, and what Stripe allows
@@ -226,10 +227,10 @@ def fundable_in_payment_order(book: WalletBook) -> list[str]:
 def batch_to_fund(book: WalletBook, deciding: str, busy: Collection[str]) -> list[str]:
     """The orders a decision that funds `deciding` funds with it, in payment order: every waiting order
     the free money pays for (fundable_in_payment_order), except the `busy` ones — those drive a top-up
-    of their own that is not settled yet (topup_drivers). A busy order keeps its place in line (its cost
-    stays set aside, so nobody behind it takes its money) and funds itself once its own delivery has
-    settled that top-up, as before batches: a batch never funds an order while its delivery still has
-    a top-up or a card to finish, which would leave them to nobody."""
+    not settled yet, or joined one still open (busy_with_topups). A busy order keeps its place in line
+    (its cost stays set aside, so nobody behind it takes its money) and funds itself once its own
+    delivery has settled or seen out that top-up, as before batches: a batch never funds an order whose
+    delivery still has a top-up or a card to finish or to rescue, which would leave them to nobody."""
     return [t for t in fundable_in_payment_order(book) if t == deciding or t not in busy]
 
 
@@ -349,11 +350,32 @@ def may_drive(
     return drives(topup_id, transaction_id, driven_by) or idle_seconds >= TOPUP_STALE_SECONDS
 
 
-def topup_drivers(candidates: Iterable[str], unsettled: Sequence[tuple[str, str | None]]) -> set[str]:
-    """The `candidates` that drive one of the `unsettled` top-ups, given as (id, driven_by)."""
-    ids = {topup_id for topup_id, _ in unsettled}
-    takers = {driven_by for _, driven_by in unsettled if driven_by is not None}
-    return {t for t in candidates if t in takers or any(i in ids for i in topup_ids(t))}
+def may_take_over(topup_id: str, transaction_id: str, *, idle_seconds: float, driven_by: str | None) -> bool:
+    """Whether this order takes the (open) top-up over: someone else drives it, and it has stalled."""
+    return not drives(topup_id, transaction_id, driven_by) and idle_seconds >= TOPUP_STALE_SECONDS
+
+
+@dataclass(frozen=True)
+class UnsettledTopup:
+    """A top-up not settled yet: open, or its card still active (is_open False: final, card active)."""
+
+    id: str
+    driven_by: str | None
+    order_ids: tuple[str, ...]
+    is_open: bool
+
+
+def busy_with_topups(candidates: Iterable[str], unsettled: Sequence[UnsettledTopup]) -> set[str]:
+    """The `candidates` a batch leaves to their own deliveries (domain.batch_to_fund):
+    - the ones driving an `unsettled` top-up: their delivery settles it first;
+    - the ones that joined a top-up still open: their delivery waits for it and, if it stalls (its
+      driver's delivery is gone), takes it over and settles it. Funded by a batch, they would not, and
+      a stalled top-up (maybe with an active card) would be left to nobody."""
+    busy = set()
+    for t in candidates:
+        if any(drives(u.id, t, u.driven_by) or (u.is_open and t in u.order_ids) for u in unsettled):
+            busy.add(t)
+    return busy
 
 
 def order_failure_reason(status: TopupStatus, topup_reason: str | None) -> str:

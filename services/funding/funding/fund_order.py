@@ -26,12 +26,14 @@ transaction, and the deciding delivery publishes them after the commit. Every on
 funding by its own order.paid delivery, which is still under way (running, or due back from a delay or
 retry tier): it finds the order funded — at its first look, or under the lock — and, without the lock
 or a Zendit call, publishes its order.funded only if the batch's publish was lost (the outbox row is
-locked while it is published, so never twice). A failure path that loses the race to a batch refunds
-nothing and announces the order instead (handlers.funding_failed). An order that drives a top-up not
-settled yet (open, or its card still active) is left out, its cost still set aside: its own delivery
-settles that top-up first (settle_interrupted, or the failure path's abandon), so no top-up or card is
-left without the order that drives it; orders that only joined a top-up wait for it without touching
-it, and are batched like any other.
+locked while it is published, so never twice). Where that delivery is gone too (dead-lettered, or an
+order.paid re-publish that ran out of retries), the announcement relay (relay.py) publishes what stays
+unpublished. A failure path that loses the race to a batch refunds nothing and announces the order
+instead (handlers.funding_failed). An order that drives a top-up not settled yet (open, or its card
+still active) is left out, its cost still set aside: its own delivery settles that top-up first
+(settle_interrupted, or the failure path's abandon), so no top-up or card is left without the order
+that drives it. So is an order that joined a top-up still open: its delivery waits for it and, should
+it stall (its driver's delivery gone), takes it over and settles it before deciding (_take_over_stalled).
 
 order.funded is published after the commit; a redelivery publishes it only if that publish was lost.
 
@@ -165,6 +167,8 @@ class FundOrder:
         if self._mode == FundingMode.PREFUNDED:
             return await self._fund_prefunded(txn, cost)
         covering = await repo.covering_topups(self._pool(), txn)
+        if await self._take_over_stalled(txn, covering):
+            covering = await repo.covering_topups(self._pool(), txn)  # it drives them now
         if await self._topups.settle_interrupted(txn, covering):
             covering = await repo.covering_topups(self._pool(), txn)  # it moved some of them on
         self._wait_while_topup_on_its_way(txn, covering)
@@ -190,6 +194,24 @@ class FundOrder:
             awaiting_funds_orders.set(awaiting)
             if awaiting == 0:
                 wallet_shortfall.clear()
+
+    async def _take_over_stalled(self, transaction_id: str, covering: list[WalletTopup]) -> bool:
+        """Take over the open top-ups this order joined whose driver has gone quiet (its delivery died or
+        went to the DLQ: domain.may_take_over), so that settle_interrupted finishes them before the
+        order decides. Whatever the wallet holds by then: a top-up left open, maybe with an active card,
+        would be left to nobody. Batches leave such an order to its own delivery for this reason
+        (domain.busy_with_topups). True when it took any over."""
+        taken = False
+        for topup in covering:
+            if topup.status.is_open and domain.may_take_over(
+                topup.id, transaction_id, idle_seconds=topup.idle_seconds, driven_by=topup.driven_by
+            ):
+                if await repo.take_over_stalled_topup(
+                    self._pool(), topup.id, transaction_id, domain.TOPUP_STALE_SECONDS
+                ):
+                    log.warning("taking over a stalled top-up", extra={"topup_id": topup.id})
+                    taken = True
+        return taken
 
     @staticmethod
     def _wait_while_topup_on_its_way(transaction_id: str, covering: list[WalletTopup]) -> None:
@@ -218,17 +240,13 @@ class FundOrder:
         if order.status == S.PAID or (
             order.status == S.AWAITING_FUNDS and self._mode == FundingMode.ISSUING_CARD
         ):
-            try:
-                async with self._pool().acquire() as conn:
-                    moved = await transition(
-                        conn, order.transaction_id, S.FUNDING, reason="order.paid received"
-                    )
-            except IllegalTransition:
-                pass  # a concurrent delivery got further; the guard looks at where the order is now
-            else:
-                if moved.changed:  # moved from the state just read; what funding reads of it is unchanged
-                    return order.model_copy(update={"status": S.FUNDING})
-            return await self._order(order.transaction_id)
+            # Only from the status just read: transition(FUNDING) would also move an order that a batch
+            # funded and provisioning moved to purchasing meanwhile back to funding (a second purchase).
+            if await repo.enter_funding(
+                self._pool(), order.transaction_id, order.status, reason="order.paid received"
+            ):
+                return order.model_copy(update={"status": S.FUNDING})  # what funding reads is unchanged
+            return await self._order(order.transaction_id)  # it moved on; look where it is now
         return order
 
     async def _record_cost(self, order: Order) -> Money:
@@ -338,11 +356,14 @@ class FundOrder:
 
         Safe for the others: each was moved to funding by its own order.paid delivery, which is still
         under way (running, or due back from a delay or retry tier) and announces it if the publish
-        after this commit is lost (Step.ANNOUNCE, or `already_funded` when it is queued for the lock).
-        An order that drives a top-up not settled yet is left to fund itself (batch_to_fund)."""
+        after this commit is lost (Step.ANNOUNCE, or `already_funded` when it is queued for the lock);
+        the announcement relay (relay.py) publishes it when that delivery is gone too. An order that
+        drives a top-up not settled yet, or joined one still open, is left to fund itself
+        (domain.busy_with_topups)."""
         fundable = domain.fundable_in_payment_order(book)
         others = [t for t in fundable if t != transaction_id]
-        busy = domain.topup_drivers(others, await repo.unsettled_topups_of(conn, others)) if others else set()
+        unsettled = await repo.unsettled_topups_of(conn, others)  # no query when there are no others
+        busy = domain.busy_with_topups(others, unsettled)
         batch = domain.batch_to_fund(book, transaction_id, busy)
         funded = [t for t in batch if await self._move_to_funded(conn, t)]
         by_id = {w.transaction_id: w for w in waiting}
@@ -360,7 +381,7 @@ class FundOrder:
             ],
         )
         if busy:
-            log.info("orders driving a top-up fund themselves", extra={"count": len(busy)})
+            log.info("orders busy with a top-up fund themselves", extra={"count": len(busy)})
         return tuple(funded)
 
     @staticmethod

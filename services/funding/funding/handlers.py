@@ -8,15 +8,19 @@ a currency mismatch takes the failure path at once; a short wallet in prefunded 
 
 from __future__ import annotations
 
+import logging
+
 from esim_common.compensation import fail_and_refund
 from esim_common.consumer import consume
 from esim_common.events import OrderDelivered, OrderPaid
-from esim_common.order_states import OrderStatus
+from esim_common.order_states import OrderStatus, sources_of
 from esim_common.orders import IllegalTransition
 from esim_common.providers.stripe import StripeGateway
 from esim_common.service import ServiceContext
 from funding.capture import CapturePayment
 from funding.fund_order import FundOrder
+
+log = logging.getLogger("esim.funding")
 
 QUEUE = "funding.order-paid"
 CAPTURE_QUEUE = "funding.order-delivered"
@@ -51,7 +55,8 @@ async def funding_failed(
 
     Unless another order's decision funded it meanwhile (a batch funds every waiting order the money
     pays for, without this order's lock): then it is not refunded, and this delivery, the last of the
-    order's order.paid, makes sure its order.funded goes out (the batch's own publish may have been lost)."""
+    order's order.paid, makes sure its order.funded goes out if it is still funded (the batch's own
+    publish may have been lost); one provisioning has moved on since needs nothing from it."""
     await fund_order.give_up(event.transaction_id, reason)
     try:
         status = await fail_and_refund(
@@ -64,8 +69,11 @@ async def funding_failed(
             reason=reason,
         )
     except IllegalTransition as exc:  # funded between the refund's look at the order and its move
-        if exc.current != OrderStatus.FUNDED:
-            raise
+        if exc.current is None or exc.current in sources_of(OrderStatus.TOPUP_FAILED):
+            raise  # it could fail from there: not a race we know, let the retry look again
+        # Funded by a batch, and maybe moved on by provisioning since (purchasing, provisioned, ...):
+        # nothing to refund, and nothing to retry.
+        log.info("not refunded: the order left funding meanwhile", extra={"status": exc.current.value})
         status = exc.current
     if status == OrderStatus.FUNDED:
         await fund_order.announce(event.transaction_id)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 from fastapi import FastAPI
@@ -21,6 +24,7 @@ from funding import handlers
 from funding.capture import CapturePayment
 from funding.cardholder import PlatformCardholder
 from funding.fund_order import FundOrder
+from funding.relay import AnnouncementRelay
 from funding.topups import TopupPhases
 
 log = logging.getLogger("esim.funding")
@@ -84,8 +88,37 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = service_app(ctx, title="funding")
     app.state.fund_order = fund_order  # the use case, for operator tooling and tests
+    relay = AnnouncementRelay(pool=pool, publisher=ctx.publisher)
+    app.state.announcement_relay = relay
+    _run_while_serving(app, relay.run_forever)
     _close_on_shutdown(app, providers)
     return app
+
+
+def _run_while_serving(app: FastAPI, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `loop` as a task between the service's start-up (broker, pool) and its shutdown. The loop
+    handles its own errors; should it end anyway, that is logged, never silent."""
+    service_lifespan = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service_lifespan(app):
+            task = asyncio.create_task(loop())
+            task.add_done_callback(_log_if_ended)
+            try:
+                yield
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # an end is logged already
+                    await task
+
+    app.router.lifespan_context = lifespan
+
+
+def _log_if_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        exc = task.exception()
+        log.error("background loop ended", extra={"error": f"{type(exc).__name__}: {exc}" if exc else None})
 
 
 def _close_on_shutdown(app: FastAPI, providers: Providers) -> None:

@@ -10,6 +10,8 @@
                                                      to pay it; 0: the float covered one since
     esim_funding_awaiting_funds_orders               prefunded: orders waiting for the operator
     esim_funding_wallet_shortfall_minor_units{currency}   prefunded: what all waiting orders still need
+    esim_funding_announcements_relayed_total         order.funded the relay published (the usual path
+                                                     lost them: relay.py)
 
 Alert reasons: issuing_float_low, wallet_short (once per shortage), topup_outcome_unknown,
 topup_declined_after_handover, card_refused, card_may_be_active, capture_failed.
@@ -69,4 +71,9 @@ wallet_shortfall = Gauge(
     "esim_funding_wallet_shortfall_minor_units",
     "What the operator must add to the Zendit wallet for every waiting order (prefunded mode).",
     ("currency",),
+)
+announcements_relayed = Counter(
+    "esim_funding_announcements_relayed_total",
+    "order.funded events the announcement relay published because nobody had (relay.py): each one is "
+    "an announcement the usual path lost.",
 )

@@ -1,6 +1,8 @@
 """The funding service's SQL: top-ups, issuing cards, wallet reservations. Named SQL, typed rows.
 
-Order states change only through `esim_common.orders.transition`; this module records facts.
+Order states change only through `esim_common.orders.transition`, bar one: `enter_funding`, the move to
+funding from the one status the delivery read (transition has no such condition); this module
+otherwise records facts.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from datetime import datetime
 import asyncpg
 from pydantic import BaseModel, ConfigDict
 
+from esim_common import metrics
 from esim_common.events import OrderFunded
 from esim_common.money import Money
 from esim_common.order_repository import record
-from esim_common.order_states import OrderStatus
+from esim_common.order_states import ALLOWED_TRANSITIONS, OrderStatus
 from esim_common.providers.stripe import IssuedCard
 from funding.domain import (
     RESERVING_STATES,
@@ -24,6 +27,7 @@ from funding.domain import (
     CaptureFailureRecord,
     OrderCost,
     TopupStatus,
+    UnsettledTopup,
     capture_failure_record,
     card_expiry,
 )
@@ -97,10 +101,11 @@ SELECT_WAITING = """
      ORDER BY paid_at NULLS LAST, transaction_id
 """
 # The top-ups naming any of these orders that are not settled yet: open, or their card still active.
-# Their drivers are left out of another order's batch (domain.batch_to_fund). An order that drives a
-# top-up is always among its order_ids: it started it with itself in them, or joined before taking over.
+# Their drivers, and the orders that joined an open one, are left out of another order's batch
+# (domain.busy_with_topups). An order that drives a top-up is always among its order_ids: it started it
+# with itself in them, or joined before taking over.
 SELECT_UNSETTLED_TOPUPS_OF = """
-    SELECT t.id, t.driven_by
+    SELECT t.id, t.driven_by, t.order_ids, t.status IN ('pending', 'card_created', 'submitted') AS is_open
       FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
      WHERE t.order_ids && $1::text[]
        AND (t.status IN ('pending', 'card_created', 'submitted') OR c.active)
@@ -137,6 +142,14 @@ TAKE_OVER_TOPUP = """
     UPDATE wallet_topups SET driven_by = $2, updated_at = now()
      WHERE id = $1 AND status IN ('pending', 'card_created', 'submitted')
 """
+# The same, by an order that joined the top-up and finds it stalled (domain.may_take_over) before it
+# decides; only while it is still stalled, so of two orders finding it so, one takes it over.
+TAKE_OVER_STALLED_TOPUP = """
+    UPDATE wallet_topups SET driven_by = $2, updated_at = now()
+     WHERE id = $1 AND status IN ('pending', 'card_created', 'submitted')
+       AND updated_at <= now() - make_interval(secs => $3)
+ RETURNING id
+"""
 SELECT_DRIVEN_BY = """
     SELECT t.*, c.active AS card_active, extract(epoch FROM now() - t.updated_at)::float8 AS idle_seconds
       FROM wallet_topups t LEFT JOIN issuing_cards c ON c.topup_id = t.id
@@ -154,6 +167,26 @@ SELECT_FIRST_IN_LINE = """
      WHERE status = 'awaiting_funds'
      ORDER BY paid_at NULLS LAST, transaction_id
      LIMIT 1
+"""
+
+# paid / awaiting_funds → funding, only from the status the delivery read ($2). transition(FUNDING) would
+# also move a purchasing or needs_attention order back: a delivery that read awaiting_funds, then lost
+# the race to a batch that funded the order and to provisioning that started buying it, would fund it
+# again. As in transition's statement, the guard reads the row as its lock returned it (`previous`),
+# and the move is recorded in the order's timeline.
+ENTER_FUNDING = """
+    WITH previous AS (
+        SELECT status FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
+    ), moved AS (
+        UPDATE esim_purchases AS o SET status = 'funding', updated_at = now()
+          FROM previous
+         WHERE o.transaction_id = $1 AND previous.status = $2
+     RETURNING previous.status AS previous_status
+    ), recorded AS (
+        INSERT INTO order_transitions (transaction_id, from_status, to_status, reason)
+        SELECT $1, previous_status, 'funding', $3 FROM moved
+    )
+    SELECT count(*) FROM moved
 """
 
 RECORD_COST_IF_MISSING = """
@@ -268,12 +301,20 @@ async def waiting_orders(conn: asyncpg.Connection) -> list[Waiting]:
 
 async def unsettled_topups_of(
     conn: asyncpg.Connection, transaction_ids: Sequence[str]
-) -> list[tuple[str, str | None]]:
-    """(id, driven_by) of the open or card-active top-ups that name any of these orders."""
+) -> list[UnsettledTopup]:
+    """The open or card-active top-ups that name any of these orders."""
     if not transaction_ids:
         return []
     rows = await conn.fetch(SELECT_UNSETTLED_TOPUPS_OF, list(transaction_ids))
-    return [(row["id"], row["driven_by"]) for row in rows]
+    return [
+        UnsettledTopup(
+            id=row["id"],
+            driven_by=row["driven_by"],
+            order_ids=tuple(row["order_ids"]),
+            is_open=row["is_open"],
+        )
+        for row in rows
+    ]
 
 
 async def latest_succeeded_topups(conn: asyncpg.Connection, transaction_ids: Sequence[str]) -> dict[str, str]:
@@ -305,6 +346,14 @@ async def take_over_topup(conn: asyncpg.Connection, topup_id: str, transaction_i
     await conn.execute(TAKE_OVER_TOPUP, topup_id, transaction_id)
 
 
+async def take_over_stalled_topup(
+    conn: asyncpg.Connection | asyncpg.Pool, topup_id: str, transaction_id: str, stale_seconds: float
+) -> bool:
+    """Take the top-up over if it is open and has not moved for `stale_seconds`; False otherwise."""
+    taken = await conn.fetchval(TAKE_OVER_STALLED_TOPUP, topup_id, transaction_id, float(stale_seconds))
+    return taken is not None
+
+
 async def topups_driven_by(
     conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str, own_ids: Sequence[str]
 ) -> list[WalletTopup]:
@@ -331,6 +380,18 @@ async def first_in_line(conn: asyncpg.Connection | asyncpg.Pool) -> FirstInLine 
     """The earliest-paid order waiting in awaiting_funds, and how long ago it last looked."""
     row = await conn.fetchrow(SELECT_FIRST_IN_LINE)
     return FirstInLine(row["transaction_id"], row["checked_seconds_ago"]) if row is not None else None
+
+
+async def enter_funding(
+    conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str, read: OrderStatus, *, reason: str
+) -> bool:
+    """Move the order to funding if it is still `read` (a legal source); False when it moved meanwhile."""
+    if OrderStatus.FUNDING not in ALLOWED_TRANSITIONS[read]:
+        raise ValueError(f"an order cannot enter funding from {read.value}")
+    moved = bool(await conn.fetchval(ENTER_FUNDING, transaction_id, read.value, reason))
+    if moved:
+        metrics.orders_transitions_total.labels(to_state=OrderStatus.FUNDING.value).inc()
+    return moved
 
 
 async def record_cost_if_missing(pool: asyncpg.Pool, transaction_id: str, cost: Money) -> None:
@@ -432,6 +493,17 @@ SELECT_UNPUBLISHED_FUNDED_OF = """
      ORDER BY created_at, array_position($1::text[], transaction_id)
        FOR UPDATE SKIP LOCKED
 """
+# The announcement relay (relay.py): order.funded rows nobody has published for `$1` seconds, oldest
+# first, bar the ones a delivery holds while it publishes them. Through the partial index on unpublished
+# rows (outbox_unpublished_idx): published rows, nearly all of the outbox, are never visited.
+SELECT_STRANDED_FUNDED = """
+    SELECT payload::text FROM outbox
+     WHERE published_at IS NULL AND routing_key = 'order.funded'
+       AND created_at < now() - make_interval(secs => $1)
+     ORDER BY created_at
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+"""
 HAS_FUNDED = """
     SELECT EXISTS (SELECT 1 FROM outbox WHERE transaction_id = $1 AND routing_key = 'order.funded')
 """
@@ -462,6 +534,15 @@ async def unpublished_announcements_of(
     """These orders' unpublished order.funded events that nobody else holds, locked until the
     transaction ends."""
     rows = await conn.fetch(SELECT_UNPUBLISHED_FUNDED_OF, list(transaction_ids))
+    return [OrderFunded.model_validate_json(row["payload"]) for row in rows]
+
+
+async def stranded_announcements(
+    conn: asyncpg.Connection, *, older_than_seconds: float, limit: int
+) -> list[OrderFunded]:
+    """order.funded events unpublished for `older_than_seconds` that nobody else holds, oldest first,
+    locked until the transaction ends."""
+    rows = await conn.fetch(SELECT_STRANDED_FUNDED, float(older_than_seconds), limit)
     return [OrderFunded.model_validate_json(row["payload"]) for row in rows]
 
 
