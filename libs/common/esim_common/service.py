@@ -17,10 +17,12 @@ Postgres, starts the broker (consumers included), and stops them in reverse orde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import uvicorn
@@ -164,3 +166,30 @@ def run(app: FastAPI, settings: Settings, *, default_port: int) -> None:
         # unauthenticated callers cannot make a process hold unbounded bodies and sockets.
         limit_concurrency=MAX_CONCURRENT_REQUESTS,
     )
+
+
+def run_while_serving(app: FastAPI, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `loop` as a task between the service's start-up (broker, pool) and its shutdown. The loop
+    handles its own errors; should it end anyway, that is logged, never silent."""
+    service_lifespan = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service_lifespan(app):
+            task = asyncio.create_task(loop(), name=getattr(loop, "__qualname__", "background loop"))
+            task.add_done_callback(_log_if_ended)
+            try:
+                yield
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # an end is logged already
+                    await task
+
+    app.router.lifespan_context = lifespan
+
+
+def _log_if_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        exc = task.exception()
+        error = f"{type(exc).__name__}: {exc}" if exc else None
+        log.error("background loop ended", extra={"loop": task.get_name(), "error": error})

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import asyncpg
 from fastapi import FastAPI
@@ -18,7 +15,7 @@ from esim_common.providers import stripe_gateway, topup_gateway, zendit_client
 from esim_common.providers.stripe import StripeGateway
 from esim_common.providers.topup_gateway import TopupGatewayClient
 from esim_common.providers.zendit import ZenditClient
-from esim_common.service import ServiceContext, service_app
+from esim_common.service import ServiceContext, run_while_serving, service_app
 from esim_common.settings import FundingMode, Settings
 from funding import handlers
 from funding.capture import CapturePayment
@@ -90,35 +87,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.fund_order = fund_order  # the use case, for operator tooling and tests
     relay = AnnouncementRelay(pool=pool, publisher=ctx.publisher)
     app.state.announcement_relay = relay
-    _run_while_serving(app, relay.run_forever)
+    run_while_serving(app, relay.run_forever)
     _close_on_shutdown(app, providers)
     return app
-
-
-def _run_while_serving(app: FastAPI, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run `loop` as a task between the service's start-up (broker, pool) and its shutdown. The loop
-    handles its own errors; should it end anyway, that is logged, never silent."""
-    service_lifespan = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with service_lifespan(app):
-            task = asyncio.create_task(loop())
-            task.add_done_callback(_log_if_ended)
-            try:
-                yield
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):  # an end is logged already
-                    await task
-
-    app.router.lifespan_context = lifespan
-
-
-def _log_if_ended(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        exc = task.exception()
-        log.error("background loop ended", extra={"error": f"{type(exc).__name__}: {exc}" if exc else None})
 
 
 def _close_on_shutdown(app: FastAPI, providers: Providers) -> None:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
-
 from fastapi import FastAPI
 
-from esim_common.service import ServiceContext, service_app
+from esim_common.service import ServiceContext, run_while_serving, service_app
 from esim_common.settings import Settings
 from reconcile import handlers
 from reconcile.admin import admin_router
 from reconcile.business_metrics import BusinessMetrics
+from reconcile.dlq_admin import dlq_admin_router
+from reconcile.dlq_monitor import DeadLetterMonitor
+from reconcile.order_admin import order_admin_router
 
 SERVICE_NAME = "reconcile"
 DEFAULT_PORT = 8084
@@ -22,26 +20,15 @@ DEFAULT_PORT = 8084
 def create_app(settings: Settings) -> FastAPI:
     ctx = ServiceContext.build(SERVICE_NAME, settings)
     handlers.register(ctx)
-    app = service_app(ctx, title=SERVICE_NAME, routers=[admin_router(ctx)])
+    app = service_app(
+        ctx,
+        title=SERVICE_NAME,
+        routers=[admin_router(ctx), order_admin_router(ctx), dlq_admin_router(ctx)],
+    )
     business_metrics = BusinessMetrics(lambda: ctx.pool)
     app.state.business_metrics = business_metrics
-    _run_while_serving(app, business_metrics.run_forever)
+    run_while_serving(app, business_metrics.run_forever)
+    dead_letters = DeadLetterMonitor(settings.amqp_url, ctx.topology)
+    app.state.dead_letter_monitor = dead_letters
+    run_while_serving(app, dead_letters.run_forever)
     return app
-
-
-def _run_while_serving(app: FastAPI, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run `loop` as a task between the service's start-up (broker, pool) and its shutdown."""
-    service_lifespan = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with service_lifespan(app):
-            task = asyncio.create_task(loop())
-            try:
-                yield
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    app.router.lifespan_context = lifespan

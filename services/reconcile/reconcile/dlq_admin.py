@@ -1,0 +1,304 @@
+"""Dead-letter endpoints of the admin API, behind the same bearer guard as the rest of it:
+
+    GET  /api/admin/dead-letters                    every DLQ: depth, consumers, origin queue
+    GET  /api/admin/dead-letters/{queue}?limit=n    peek at the oldest n (nothing is taken away)
+    POST /api/admin/dead-letters/{queue}/replay     back to the work queue, attempts reset
+    POST /api/admin/dead-letters/{queue}/discard    dropped, each recorded in `operator_actions`
+
+The token is checked before anything else (the queue name, the query, the body); the rules and their
+ordering (publish, audit, then ack) are in `reconcile.dead_letters`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from esim_common.logging import bind_transaction_id
+from esim_common.publisher import PublishFailed, publish_raw
+from esim_common.service import ServiceContext
+from esim_common.topology import ConsumerQueue
+from reconcile import dead_letters
+from reconcile.admin import _admin_guard
+from reconcile.dead_letters import AuditEntry, DeadLetter, Settled, find_dead_letter_queue, origin_queue
+from reconcile.dlq_audit import record_operator_actions
+from reconcile.dlq_broker import BrokerUnavailable, DeadLetterBroker, QueueCounts, QueueMissing
+from reconcile.dlq_schemas import (
+    DEFAULT_PEEK_LIMIT,
+    MAX_PEEK_LIMIT,
+    DeadLetterQueuesResponse,
+    DeadLetterQueueSummary,
+    DeadLetterView,
+    DiscardRequest,
+    DiscardResponse,
+    PeekResponse,
+    ReplayRequest,
+    ReplayResponse,
+)
+from reconcile.schemas import ErrorResponse
+
+log = logging.getLogger("esim.reconcile.dlq")
+
+# 500 ids of up to 200 characters and a note fit; anything larger is not a dead-letter request.
+MAX_BODY_BYTES = 128 * 1024
+
+# A database that is away or refuses the audit row: the messages stay where they are.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+class AuditUnavailable(Exception):
+    """The audit rows could not be written; nothing was acked."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+Responses = dict[int | str, dict[str, Any]]
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_UNAUTHORIZED: Responses = {status.HTTP_401_UNAUTHORIZED: _error("No valid bearer token.")}
+_UNKNOWN_QUEUE: Responses = {
+    status.HTTP_404_NOT_FOUND: _error("Not a DLQ of this topology; the answer lists them.")
+}
+_UNAVAILABLE: Responses = {
+    status.HTTP_503_SERVICE_UNAVAILABLE: _error(
+        "The broker or the database is unavailable; no dead letter was removed. Try again."
+    )
+}
+_BAD_BODY: Responses = {
+    status.HTTP_413_CONTENT_TOO_LARGE: _error("Request body too large."),
+    status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Not a valid request; the error says why."},
+}
+
+
+def _json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """A body read only after the token was accepted (a dependency declared after the guard)."""
+
+    async def read(request: Request) -> M:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail="request body too large")
+        try:
+            return model.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False)
+            raise RequestValidationError(
+                [{**error, "loc": ("body", *error["loc"])} for error in errors]
+            ) from None
+
+    return read
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The body is read by a dependency (after the token check), so it is documented by hand."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+@contextlib.contextmanager
+def _unavailable_as_503() -> Iterator[None]:
+    """Foreign failures, mapped at one boundary. Each one happened before any ack, or during the
+    acks (then what was not acked is still in the DLQ): replaying or discarding again is safe."""
+    try:
+        yield
+    except QueueMissing as exc:
+        log.error("DLQ not declared on the broker", extra={"queue": str(exc)})
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail="the queue is not declared on the broker"
+        ) from exc
+    except BrokerUnavailable as exc:
+        log.warning("broker unavailable for a dead-letter request", extra={"error": str(exc)})
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the broker is unavailable") from exc
+    except PublishFailed as exc:
+        log.warning("replay not confirmed by the broker", extra={"error": str(exc)})
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="the work queue did not confirm the replay; nothing was removed from the DLQ",
+        ) from exc
+    except AuditUnavailable as exc:
+        log.error("audit trail not written", extra={"error": str(exc)})
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="the audit trail could not be written; nothing was removed from the DLQ",
+        ) from exc
+
+
+def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
+    router = APIRouter(prefix="/api/admin", tags=["dead letters"])
+    require_admin = _admin_guard(ctx)
+    broker = DeadLetterBroker(ctx.settings.amqp_url)
+    topology = ctx.topology
+
+    def work_queue_of(queue: str) -> ConsumerQueue:
+        work = find_dead_letter_queue(topology, queue)
+        if work is None:
+            valid = ", ".join(q.dlq for q in topology.queues)
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, detail=f"no such dead-letter queue; the valid ones are: {valid}"
+            )
+        return work
+
+    async def publish(letter: DeadLetter, queue: str, headers: dict[str, Any]) -> None:
+        await publish_raw(
+            ctx.broker,
+            letter.body,
+            exchange=None,  # the default exchange delivers straight to the named work queue
+            routing_key=queue,
+            message_id=letter.message_id,
+            correlation_id=letter.correlation_id,
+            headers=headers,
+        )
+
+    async def record(entries: Sequence[AuditEntry]) -> None:
+        try:
+            await record_operator_actions(ctx.pool, entries)
+        except DATABASE_ERRORS as exc:
+            raise AuditUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    @router.get(
+        "/dead-letters",
+        dependencies=[Depends(require_admin)],
+        responses={**_UNAUTHORIZED, **_UNAVAILABLE},
+    )
+    async def list_dead_letters() -> DeadLetterQueuesResponse:
+        """Every DLQ of the topology with its depth, read by passive declares: no message is touched.
+        Errors and ids are in the peek."""
+        with _unavailable_as_503():
+            counts = await broker.counts([q.dlq for q in topology.queues])
+        queues = [_summary(q, counts.get(q.dlq)) for q in topology.queues]
+        return DeadLetterQueuesResponse(
+            generated_at=datetime.now(UTC), total=sum(q.depth or 0 for q in queues), queues=queues
+        )
+
+    @router.get(
+        "/dead-letters/{queue}",
+        dependencies=[Depends(require_admin)],
+        responses={**_UNAUTHORIZED, **_UNKNOWN_QUEUE, **_UNAVAILABLE},
+    )
+    async def peek_dead_letters(
+        queue: str,
+        limit: Annotated[int, Query(ge=1, le=MAX_PEEK_LIMIT, description="How many, oldest first.")] = (
+            DEFAULT_PEEK_LIMIT
+        ),
+    ) -> PeekResponse:
+        """The oldest `limit` dead letters with their error, headers and a redacted body preview.
+
+        Nothing is taken: they are fetched unacked on a private connection and returned when it
+        closes. While the peek runs they are in flight (not in the depth, not seen by another peek
+        or replay); afterwards they carry the `redelivered` flag, and before RabbitMQ 4.3 an
+        incremented `x-delivery-count`."""
+        work = work_queue_of(queue)
+        with _unavailable_as_503():
+            peeked = await dead_letters.peek(broker.hold, work, limit)
+        return PeekResponse(
+            queue=work.dlq,
+            depth=peeked.depth,
+            messages=[
+                DeadLetterView.of(letter, origin_queue(topology, work, letter.headers))
+                for letter in peeked.letters
+            ],
+        )
+
+    @router.post(
+        "/dead-letters/{queue}/replay",
+        dependencies=[Depends(require_admin)],
+        responses={**_UNAUTHORIZED, **_UNKNOWN_QUEUE, **_BAD_BODY, **_UNAVAILABLE},
+        openapi_extra=_body_schema(ReplayRequest),
+    )
+    async def replay_dead_letters(
+        queue: str, body: Annotated[ReplayRequest, Depends(_json_body(ReplayRequest))]
+    ) -> ReplayResponse:
+        """Put dead letters back on their work queue (`x-esim-origin-queue`, else the DLQ's own) with
+        the same message id and body and a fresh attempt count, so they get every retry tier again.
+
+        Each copy is confirmed by the broker before the DLQ copy is acked: a crash in between leaves a
+        duplicate (consumers are idempotent by event id), never a loss. If any publish fails, nothing
+        is removed from the DLQ (503). Each replayed message is recorded in `operator_actions`."""
+        work = work_queue_of(queue)
+        with _unavailable_as_503():
+            settled = await dead_letters.replay(
+                broker.hold,
+                topology,
+                work,
+                message_ids=body.message_ids,
+                limit=body.limit,
+                note=body.note,
+                now=datetime.now(UTC),
+                publish=publish,
+                record=record,
+            )
+        _log_settled("dead letter replayed", work.dlq, settled)
+        return ReplayResponse(
+            queue=work.dlq,
+            replayed=len(settled.letters),
+            replayed_message_ids=[letter.message_id for letter in settled.letters],
+            origin_queues=list(settled.origins),
+            not_found=list(settled.not_found),
+            scanned=settled.scanned,
+        )
+
+    @router.post(
+        "/dead-letters/{queue}/discard",
+        dependencies=[Depends(require_admin)],
+        responses={**_UNAUTHORIZED, **_UNKNOWN_QUEUE, **_BAD_BODY, **_UNAVAILABLE},
+        openapi_extra=_body_schema(DiscardRequest),
+    )
+    async def discard_dead_letters(
+        queue: str, body: Annotated[DiscardRequest, Depends(_json_body(DiscardRequest))]
+    ) -> DiscardResponse:
+        """Drop the named dead letters for good. Each one — id, queue, headers and whole body — is
+        first written to `operator_actions` with the note, then acked; if the audit write fails,
+        nothing is removed (503)."""
+        work = work_queue_of(queue)
+        with _unavailable_as_503():
+            settled = await dead_letters.discard(
+                broker.hold, work, message_ids=body.message_ids, note=body.note, record=record
+            )
+        _log_settled("dead letter discarded", work.dlq, settled, note=body.note)
+        return DiscardResponse(
+            queue=work.dlq,
+            discarded=len(settled.letters),
+            discarded_message_ids=[letter.message_id for letter in settled.letters],
+            not_found=list(settled.not_found),
+            scanned=settled.scanned,
+        )
+
+    return router
+
+
+def _summary(work: ConsumerQueue, counts: QueueCounts | None) -> DeadLetterQueueSummary:
+    return DeadLetterQueueSummary(
+        queue=work.dlq,
+        origin_queue=work.name,
+        depth=counts.ready if counts else None,
+        consumers=counts.consumers if counts else None,
+    )
+
+
+def _log_settled(what: str, dlq: str, settled: Settled, **facts: Any) -> None:
+    for letter in settled.letters:
+        with bind_transaction_id(letter.transaction_id):
+            log.info(what, extra={"queue": dlq, "message_id": letter.message_id, **facts})
+    if settled.not_found:
+        log.info(f"{what}: ids not found", extra={"queue": dlq, "not_found": list(settled.not_found)})
