@@ -84,3 +84,27 @@ async def test_a_running_reconcile_service_serves_the_gauges_on_metrics(service_
                 await asyncio.sleep(0.05)
     assert gauge("esim_success_rate", text) == 50.0
     assert gauge("average_time_to_issue_esim_ms", text) == pytest.approx(4000, abs=1)
+
+
+async def test_unfinished_orders_are_counted_per_state_with_the_age_of_the_oldest(db):
+    await insert_order(db, "purchasing")
+    await insert_order(db, "purchasing")
+    await insert_order(db, "needs_attention")
+    await insert_order(db, "delivered", issue_seconds=5)  # finished: no series of its own
+    await db.execute(
+        "UPDATE esim_purchases SET updated_at = now() - interval '40 minutes' WHERE status = 'needs_attention'"
+    )
+
+    await BusinessMetrics(lambda: db).run_once()
+
+    def sample(name: str, status: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"status": status})
+
+    assert sample("esim_orders_unfinished", "purchasing") == 2
+    assert sample("esim_orders_unfinished", "needs_attention") == 1
+    assert sample("esim_oldest_unfinished_order_seconds", "needs_attention") == pytest.approx(2400, abs=60)
+    assert sample("esim_oldest_unfinished_order_seconds", "purchasing") < 60
+    # Empty unfinished states are 0 (not stale from an earlier refresh); finished states have no series.
+    assert sample("esim_orders_unfinished", "awaiting_funds") == 0
+    assert sample("esim_oldest_unfinished_order_seconds", "awaiting_funds") == 0
+    assert sample("esim_orders_unfinished", "delivered") is None

@@ -5,6 +5,9 @@
     stripe_refunds_issued           refunded orders with a refund id
     average_time_to_issue_esim_ms   mean of emailed_at - paid_at over delivered orders
 
+and, for the alert rules, per unfinished state: `esim_orders_unfinished{status}` and
+`esim_oldest_unfinished_order_seconds{status}` (how long the oldest order there has not moved).
+
 Computing them from the tables, not from events seen, makes them correct after a restart, across
 replicas, and whatever messages were redelivered.
 """
@@ -18,7 +21,7 @@ from collections.abc import Callable
 import asyncpg
 
 from esim_common.metrics import legacy_gauge_values, set_legacy_gauges
-from reconcile import repository
+from reconcile import metrics, repository
 from reconcile.domain import average_issue_total_ms
 
 log = logging.getLogger("esim.reconcile.metrics")
@@ -45,6 +48,9 @@ class BusinessMetrics:
             total_issue_ms=average_issue_total_ms(figures.total_timed_ms, figures.timed, figures.delivered),
         )
         set_legacy_gauges(values)
+        for status, (orders, oldest_seconds) in (await repository.unfinished_orders(self._pool())).items():
+            metrics.unfinished_orders.labels(status=status).set(orders)
+            metrics.oldest_unfinished_order_seconds.labels(status=status).set(oldest_seconds)
         return figures.delivered + figures.failed
 
     async def run_forever(self) -> None:

@@ -19,6 +19,12 @@ IN_FLIGHT_STATES: frozenset[OrderStatus] = frozenset(
     {S.PAID, S.FUNDING, S.AWAITING_FUNDS, S.FUNDED, S.PURCHASING, S.PROVISIONED}
 )
 
+# Every state an order does not stay in for good: what the unfinished-orders gauges cover (in flight, plus
+# the failure states that still wait for a refund or a person).
+UNFINISHED_STATES: frozenset[OrderStatus] = IN_FLIGHT_STATES | frozenset(
+    {S.TOPUP_FAILED, S.PURCHASE_FAILED, S.REFUND_PENDING, S.NEEDS_ATTENTION}
+)
+
 # `wallet_topups.status` values of a top-up that failed for good.
 FAILED_TOPUP_STATUSES: tuple[str, ...] = ("declined", "failed")
 

@@ -8,7 +8,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict
 
 from esim_common.order_states import OrderStatus
-from reconcile.domain import FAILED_STATES, FAILED_TOPUP_STATUSES, IN_FLIGHT_STATES
+from reconcile.domain import FAILED_STATES, FAILED_TOPUP_STATUSES, IN_FLIGHT_STATES, UNFINISHED_STATES
 
 # `timed`: delivered orders with both timestamps, the ones time-to-eSIM can be measured on.
 BUSINESS_FIGURES = """
@@ -121,6 +121,25 @@ async def business_figures(pool: asyncpg.Pool) -> BusinessFigures:
         row = await conn.fetchrow(BUSINESS_FIGURES, _values(FAILED_STATES))
         topup_failures = await conn.fetchval(COUNT_FAILED_TOPUPS, list(FAILED_TOPUP_STATUSES))
     return BusinessFigures(**dict(row), topup_failures=topup_failures)
+
+
+# Only unfinished states: the status index keeps this cheap however many orders were delivered.
+UNFINISHED_ORDERS = """
+    SELECT status, count(*) AS orders, extract(epoch FROM now() - min(updated_at))::float8 AS oldest_seconds
+      FROM esim_purchases
+     WHERE status = ANY($1::text[])
+     GROUP BY status
+"""
+
+
+async def unfinished_orders(pool: asyncpg.Pool) -> dict[str, tuple[int, float]]:
+    """Per unfinished state: how many orders are in it, and seconds since the oldest of them last changed.
+    Every unfinished state is present (0 orders, 0 s when empty), so the gauges never go stale."""
+    found = {
+        row["status"]: (row["orders"], row["oldest_seconds"])
+        for row in await pool.fetch(UNFINISHED_ORDERS, _values(UNFINISHED_STATES))
+    }
+    return {state: found.get(state, (0, 0.0)) for state in _values(UNFINISHED_STATES)}
 
 
 async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
