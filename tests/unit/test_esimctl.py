@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -71,10 +72,10 @@ def body_of(request: httpx.Request) -> object:
             {"message_ids": ["m1", "m2"]},
         ),
         (
-            ["dlq", "replay", "q.dlq", "--all", "--limit", "5"],
+            ["dlq", "replay", "q.dlq", "--all", "--limit", "5", "--note", "bug fixed in 1.2.3"],
             "POST",
             "/api/admin/dead-letters/q.dlq/replay",
-            {"all": True, "limit": 5},
+            {"all": True, "limit": 5, "note": "bug fixed in 1.2.3"},
         ),
         (
             ["dlq", "discard", "q.dlq", "--id", "m1", "--note", "test order"],
@@ -165,3 +166,13 @@ def test_the_url_comes_from_esimctl_url(monkeypatch):
     recorder = Recorder()
     assert run(["dlq", "list"], recorder) == 0
     assert recorder.only.url.host == "reconcile.internal"
+
+
+@pytest.mark.parametrize("odd", ["txn_1#x", "txn_1?status=delivered", "txn_%2e%2e"])
+def test_an_id_with_url_syntax_travels_as_one_escaped_segment(odd):
+    recorder = Recorder()
+    assert run(["orders", "show", odd], recorder) == 0
+    request = recorder.only
+    assert request.url.raw_path.decode().startswith("/api/admin/orders/") and not request.url.query
+    assert request.url.raw_path.decode().count("/") == 4  # /api/admin/orders/<one segment>
+    assert unquote(request.url.raw_path.decode().rsplit("/", 1)[1]) == odd

@@ -8,7 +8,7 @@
     esimctl orders resolve TXN --outcome delivered|refunded --note TEXT
     esimctl dlq list                                 every dead-letter queue and its depth
     esimctl dlq peek QUEUE [--limit N]               look at dead letters without taking them
-    esimctl dlq replay QUEUE (--id ID ... | --all [--limit N])
+    esimctl dlq replay QUEUE (--id ID ... | --all [--limit N]) [--note TEXT]
     esimctl dlq discard QUEUE --id ID ... --note TEXT
     esimctl balance                                  the Zendit wallet
     esimctl reconcile [--stuck-after MIN]            the seed's reconciliation report
@@ -27,6 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -84,6 +85,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
             if bool(args.id) == args.all:
                 raise UsageError("say which dead letters to replay: --id ID (repeatable) or --all")
             body = {"all": True, "limit": args.limit} if args.all else {"message_ids": args.id}
+            if args.note is not None:
+                body["note"] = args.note
             return "POST", f"/api/admin/dead-letters/{_segment(args.queue)}/replay", None, body
         case "dlq", "discard":
             body = {"message_ids": args.id, "note": args.note}
@@ -97,10 +100,11 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
 
 
 def _segment(value: str) -> str:
-    """An id as one URL path segment: a slash or a dot-segment in it must not reach another route."""
+    """An id as one URL path segment: a slash or a dot-segment must not reach another route, and `?`,
+    `#` or `%` must not cut it short (`txn_1#x` is not order `txn_1`)."""
     if not value or "/" in value or value in (".", ".."):
         raise UsageError(f"not a valid id: {value!r}")
-    return value
+    return quote(value, safe="")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -143,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--id", action="append", metavar="MESSAGE_ID", help="repeatable")
     replay.add_argument("--all", action="store_true")
     replay.add_argument("--limit", type=int, default=100, help="with --all")
+    replay.add_argument("--note", help="why (kept in the audit table)")
     discard = dlq.add_parser("discard", help="drop dead letters (recorded in the audit table)")
     discard.add_argument("queue")
     discard.add_argument("--id", action="append", metavar="MESSAGE_ID", required=True)
