@@ -5,7 +5,10 @@ once, or discarded with an audit row; the token comes first; the depth gauge fol
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +40,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.db]
 TOKEN = "admin-token-for-dead-letters-0123456789"
 BASE = "/api/admin/dead-letters"
 QUEUE = "funding.order-paid"
+PAN = "4242424242424242"  # Luhn-valid test card
 
 
 @pytest.fixture
@@ -84,11 +88,13 @@ async def wait_for_depth(amqp_url: str, name: str, expected: int, timeout: float
         await asyncio.sleep(0.05)
 
 
-async def dead_letter_directly(ctx: ServiceContext, work: ConsumerQueue, event: OrderPaid, **headers) -> None:
+async def dead_letter_directly(
+    ctx: ServiceContext, work: ConsumerQueue, event: OrderPaid, *, body: bytes | None = None, **headers
+) -> None:
     """A message as `MessageRouter.to_dlq` leaves it after the retries ran out (attempt 4)."""
     await publish_raw(
         ctx.broker,
-        event.model_dump_json().encode(),
+        event.model_dump_json().encode() if body is None else body,
         exchange=None,
         routing_key=work.dlq,
         message_id=str(event.event_id),
@@ -164,6 +170,8 @@ async def test_a_dead_lettered_message_is_listed_peeked_without_loss_and_replaye
             assert message["last_error"] == "RuntimeError: a bug in the handler"
             assert message["failed_at"] and event.transaction_id in message["body_preview"]
             assert message["redelivered"] is (look == 2)  # the documented side effect of a peek
+            # The broker's return count, so an operator sees one nearing RabbitMQ 4.0-4.2's limit of 20.
+            assert message["delivery_count"] == message["headers"].get("x-delivery-count")
             await wait_for_depth(amqp_url, work.dlq, 1)
 
         replay = await client.post(
@@ -190,11 +198,32 @@ async def test_a_dead_lettered_message_is_listed_peeked_without_loss_and_replaye
     row = await db.fetchrow("SELECT * FROM operator_actions WHERE action = 'dlq_replay'")
     assert row["transaction_id"] == event.transaction_id
     detail = json.loads(row["detail"])
-    assert (detail["message_id"], detail["queue"], detail["origin_queue"]) == (
+    assert (detail["message_id"], detail["queue"], detail["origin_queue"], detail["status"]) == (
         str(event.event_id),
         work.dlq,
         work.name,
+        "attempted",
     )
+
+
+async def test_an_origin_header_naming_another_work_queue_is_ignored(service, caplog):
+    """A message in X.dlq goes back to X: never into the consumer of the queue a header names."""
+    client, ctx = service
+    work = ctx.topology.queue(QUEUE)
+    other = ctx.topology.queue("notify.order-failed")  # a work queue without a consumer in this app
+    event = paid_event()
+    await dead_letter_directly(ctx, work, event, **{ORIGIN_QUEUE_HEADER: other.name})
+    caplog.set_level(logging.WARNING, logger="esim.reconcile.dlq")
+
+    peek = await client.get(f"{BASE}/{work.dlq}", headers=auth())
+    assert peek.json()["messages"][0]["origin_queue"] == work.name
+    replay = await client.post(f"{BASE}/{work.dlq}/replay", json={"all": True}, headers=auth())
+
+    assert replay.status_code == 200 and replay.json()["origin_queues"] == [work.name]
+    await wait_for_depth(ctx.settings.amqp_url, work.name, 1)
+    assert await depth(ctx.settings.amqp_url, other.name) == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "esim.reconcile.dlq"]
+    assert warnings and all(r.origin_header == other.name for r in warnings)
 
 
 async def test_a_replayed_message_gets_every_retry_tier_again(service):
@@ -272,6 +301,31 @@ async def test_discard_removes_only_the_named_message_and_keeps_it_in_the_audit_
     assert detail["headers"][LAST_ERROR_HEADER] == "RetryLater: zendit answered 503"
 
 
+async def test_a_discarded_body_that_is_not_utf8_is_redacted_before_it_reaches_the_audit(service, db):
+    """A latin-1 poison message with a card number: the row (served back by the order timeline)
+    holds redacted text and a hash, never the raw bytes (base64 would hide the number from redaction)."""
+    client, ctx = service
+    work = ctx.topology.queue(QUEUE)
+    event = paid_event()
+    poison = f'{{"transaction_id": "{event.transaction_id}", "card": "{PAN}'.encode() + b'\xe9"}\x00'
+    await dead_letter_directly(ctx, work, event, body=poison)
+
+    response = await client.post(
+        f"{BASE}/{work.dlq}/discard",
+        json={"message_ids": [str(event.event_id)], "note": "poison message"},
+        headers=auth(),
+    )
+
+    assert response.status_code == 200 and response.json()["discarded"] == 1
+    row = await db.fetchrow("SELECT transaction_id, detail::text AS detail FROM operator_actions")
+    assert PAN not in row["detail"] and base64.b64encode(poison).decode() not in row["detail"]
+    detail = json.loads(row["detail"])
+    assert (detail["body_encoding"], detail["body_redacted"]) == ("latin-1", True)
+    assert detail["body_sha256"] == hashlib.sha256(poison).hexdigest()
+    assert event.transaction_id in detail["body"] and "é" in detail["body"]
+    await wait_for_depth(ctx.settings.amqp_url, work.dlq, 0)
+
+
 async def test_a_discard_without_a_note_is_refused_and_removes_nothing(service, db):
     client, ctx = service
     work = ctx.topology.queue(QUEUE)
@@ -299,8 +353,11 @@ async def test_without_the_audit_table_nothing_is_removed_from_the_dlq(service, 
         headers=auth(),
     )
 
-    assert response.status_code == 503 and "nothing was removed" in response.json()["detail"]
+    assert response.status_code == 503 and "nothing was published or removed" in response.json()["detail"]
     await wait_for_depth(ctx.settings.amqp_url, work.dlq, 1)
+    # The audit comes first: no copy reached the work queue unrecorded (a retry cannot duplicate it).
+    await asyncio.sleep(0.2)
+    assert await depth(ctx.settings.amqp_url, work.name) == 0
 
 
 async def test_a_replay_request_must_say_which_messages(service):

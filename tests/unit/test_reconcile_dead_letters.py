@@ -1,10 +1,11 @@
 """Dead-letter rules without a broker: which queue, which headers a replayed copy carries, which
-messages a request selects, what is shown and audited, and the order publish → audit → ack."""
+messages a request selects, what is shown and audited, and the order audit → publish → ack."""
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -38,7 +39,7 @@ from reconcile.dead_letters import (
     select,
     stored_body,
 )
-from reconcile.dlq_schemas import DiscardRequest, ReplayRequest
+from reconcile.dlq_schemas import DeadLetterView, DiscardRequest, ReplayRequest
 
 TOPOLOGY = esim_topology(prefix="t1.")
 WORK = TOPOLOGY.queue("funding.order-paid")
@@ -68,13 +69,19 @@ def test_a_dlq_is_found_by_its_full_or_unprefixed_name_and_a_work_queue_is_not_a
     assert find_dead_letter_queue(TOPOLOGY, "nope.dlq") is None
 
 
-def test_replay_goes_to_the_origin_header_only_when_it_names_a_work_queue_of_the_topology():
-    other = TOPOLOGY.queue("notify.order-failed").name
-    assert origin_queue(TOPOLOGY, WORK, {ORIGIN_QUEUE_HEADER: other}) == other
-    assert origin_queue(TOPOLOGY, WORK, {ORIGIN_QUEUE_HEADER: WORK.name.encode()}) == WORK.name
-    assert origin_queue(TOPOLOGY, WORK, {ORIGIN_QUEUE_HEADER: "amq.somewhere-else"}) == WORK.name
-    assert origin_queue(TOPOLOGY, WORK, {ORIGIN_QUEUE_HEADER: WORK.dlq}) == WORK.name
-    assert origin_queue(TOPOLOGY, WORK, {}) == WORK.name  # dead-lettered by the broker: no header
+def test_replay_goes_to_the_dlqs_own_work_queue_whatever_the_origin_header_says(caplog):
+    caplog.set_level(logging.WARNING, logger="esim.reconcile.dlq")
+    assert origin_queue(WORK, {ORIGIN_QUEUE_HEADER: WORK.name}) == WORK.name
+    assert origin_queue(WORK, {ORIGIN_QUEUE_HEADER: WORK.name.encode()}) == WORK.name
+    assert origin_queue(WORK, {}) == WORK.name  # dead-lettered by the broker: no header
+    assert not caplog.records
+
+    other = TOPOLOGY.queue("notify.order-failed").name  # another work queue of the same topology
+    for named in (other, "amq.somewhere-else", WORK.dlq):
+        caplog.clear()
+        assert origin_queue(WORK, {ORIGIN_QUEUE_HEADER: named}) == WORK.name
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+        assert caplog.records[0].origin_header == named
 
 
 def test_a_replayed_copy_starts_again_at_attempt_one_without_failure_or_broker_headers():
@@ -152,15 +159,28 @@ def test_a_discard_is_audited_with_the_whole_body_and_a_replay_with_its_destinat
 
     replayed = audit_entry(REPLAY_ACTION, WORK.dlq, letter("m"), note=None, origin=WORK.name)
     assert replayed.detail["origin_queue"] == WORK.name and "body" not in replayed.detail
+    assert replayed.detail["status"] == "attempted"  # written before the publish
     json.dumps(discarded.detail), json.dumps(replayed.detail)
 
 
-def test_a_body_that_is_not_text_is_kept_as_base64_and_a_card_number_never_reaches_the_audit():
-    binary = b"\xff\xfe\x00poison"
-    kept = stored_body(binary)
-    assert (kept.encoding, base64.b64decode(kept.text)) == ("base64", binary)
+def test_a_card_number_never_reaches_the_audit_whatever_the_bodys_encoding():
     with_card = stored_body(f'{{"card": "{PAN}"}}'.encode())
-    assert PAN not in with_card.text and with_card.redacted
+    assert PAN not in with_card.text and with_card.redacted and with_card.encoding == "utf-8"
+
+    latin1 = f"card={PAN}".encode() + b"\xe9 caf\xe9"  # not UTF-8: no redaction could see into base64
+    kept = stored_body(latin1)
+    assert kept.encoding == "latin-1" and kept.redacted
+    assert PAN not in kept.text and kept.text.endswith("é café")
+    assert kept.sha256 == hashlib.sha256(latin1).hexdigest()
+    entry = audit_entry(DISCARD_ACTION, WORK.dlq, letter("m", body=latin1), note="poison")
+    stored = json.dumps(entry.detail)
+    assert PAN not in stored and entry.detail["body_sha256"] == kept.sha256
+
+
+def test_a_nul_byte_never_reaches_jsonb_which_refuses_it():
+    kept = stored_body(b"\xff\xfe\x00poison")
+    assert "\x00" not in kept.text and kept.redacted and kept.text.endswith("poison")
+    assert json_safe({"x-odd": "a\x00b"}) == {"x-odd": "a\ufffdb"}
 
 
 def test_a_replay_request_names_ids_or_asks_for_all_but_not_both_nor_neither():
@@ -212,7 +232,13 @@ class FakeHold:
             self.queue = [m for i, m in enumerate(taken) if i not in held.acked] + self.queue
 
 
-async def test_replay_publishes_then_audits_then_acks():
+def test_a_peeked_message_shows_the_brokers_delivery_count():
+    returned = DeadLetterView.of(letter("m", headers={"x-delivery-count": 19}), WORK.name)
+    assert returned.delivery_count == 19
+    assert DeadLetterView.of(letter("m"), WORK.name).delivery_count is None
+
+
+async def test_replay_audits_then_publishes_then_acks():
     hold = FakeHold([letter("a", headers={ATTEMPT_HEADER: 4}), letter("b")])
     published: list[tuple[str | None, str, dict[str, Any]]] = []
 
@@ -224,10 +250,10 @@ async def test_replay_publishes_then_audits_then_acks():
         hold.steps.append(f"record {[e.detail['message_id'] for e in entries]}")
 
     settled = await dead_letters.replay(
-        hold, TOPOLOGY, WORK, message_ids=["a"], limit=10, note=None, now=NOW, publish=publish, record=record
+        hold, WORK, message_ids=["a"], limit=10, note=None, now=NOW, publish=publish, record=record
     )
 
-    assert hold.steps == ["publish a", "record ['a']", "ack ['a']"]
+    assert hold.steps == ["record ['a']", "publish a", "ack ['a']"]
     assert [m.message_id for m in hold.queue] == ["b"]
     assert published[0][1] == WORK.name and ATTEMPT_HEADER not in published[0][2]
     assert [m.message_id for m in settled.letters] == ["a"] and settled.origins == (WORK.name,)
@@ -236,8 +262,10 @@ async def test_replay_publishes_then_audits_then_acks():
 @pytest.mark.parametrize("failing", ["publish", "record"])
 async def test_a_failed_publish_or_audit_leaves_the_dlq_as_it_was(failing):
     hold = FakeHold([letter("a"), letter("b"), letter("c")])
+    published: list[str | None] = []
 
     async def publish(dead: DeadLetter, queue: str, headers: dict[str, Any]) -> None:
+        published.append(dead.message_id)
         if failing == "publish" and dead.message_id == "b":
             raise RuntimeError("not confirmed")
 
@@ -248,7 +276,6 @@ async def test_a_failed_publish_or_audit_leaves_the_dlq_as_it_was(failing):
     with pytest.raises(RuntimeError):
         await dead_letters.replay(
             hold,
-            TOPOLOGY,
             WORK,
             message_ids=None,
             limit=3,
@@ -259,6 +286,8 @@ async def test_a_failed_publish_or_audit_leaves_the_dlq_as_it_was(failing):
         )
     assert [m.message_id for m in hold.queue] == ["a", "b", "c"]
     assert not [s for s in hold.steps if s.startswith("ack")]
+    # An audit that cannot be written stops the replay before any copy reaches a work queue.
+    assert published == (["a", "b"] if failing == "publish" else [])
 
 
 async def test_discard_audits_before_it_acks_and_a_failed_audit_removes_nothing():

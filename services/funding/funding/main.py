@@ -21,6 +21,7 @@ from funding import handlers
 from funding.capture import CapturePayment
 from funding.cardholder import PlatformCardholder
 from funding.fund_order import FundOrder
+from funding.metrics import funding_mode
 from funding.relay import AnnouncementRelay
 from funding.topups import TopupPhases
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
             "awaiting_funds until the Zendit wallet is funded from the Zendit console"
         )
     log.info("funding mode", extra={"funding_mode": mode.value})
+    _export_mode(mode)
 
     def pool() -> asyncpg.Pool:  # a getter: the pool exists only once the service has started
         return ctx.pool
@@ -90,6 +92,13 @@ def create_app(settings: Settings) -> FastAPI:
     run_while_serving(app, relay.run_forever)
     _close_on_shutdown(app, providers)
     return app
+
+
+def _export_mode(mode: FundingMode) -> None:
+    """esim_funding_mode{mode}: 1 for the mode in force, 0 for the other (both series exist), so that
+    alert rules can tell a prefunded deployment from an issuing_card one."""
+    for each in FundingMode:
+        funding_mode.labels(mode=each.value).set(1 if each is mode else 0)
 
 
 def _close_on_shutdown(app: FastAPI, providers: Providers) -> None:

@@ -12,6 +12,11 @@
     esim_funding_wallet_shortfall_minor_units{currency}   prefunded: what all waiting orders still need
     esim_funding_announcements_relayed_total         order.funded the relay published (the usual path
                                                      lost them: relay.py)
+    esim_funding_announcement_relay_failures_total   order.funded rows the relay could not publish (bad
+                                                     payload, refused by the broker); retried next round
+    esim_funding_oldest_unpublished_announcement_seconds   age of the oldest unpublished order.funded row
+                                                     (0: none), set every relay round
+    esim_funding_mode{mode}                          1 for the mode the service runs in, 0 for the other
 
 Alert reasons: issuing_float_low, wallet_short (once per shortage), topup_outcome_unknown,
 topup_declined_after_handover, card_refused, card_may_be_active, capture_failed.
@@ -76,4 +81,19 @@ announcements_relayed = Counter(
     "esim_funding_announcements_relayed_total",
     "order.funded events the announcement relay published because nobody had (relay.py): each one is "
     "an announcement the usual path lost.",
+)
+announcement_relay_failures = Counter(
+    "esim_funding_announcement_relay_failures_total",
+    "order.funded rows the announcement relay could not publish (payload not an OrderFunded, or the "
+    "broker refused it); each is skipped for the round and tried again the next.",
+)
+oldest_unpublished_announcement = Gauge(
+    "esim_funding_oldest_unpublished_announcement_seconds",
+    "Age of the oldest unpublished order.funded row at the relay's last round (0 when there is none): "
+    "well past the relay's delay, announcements are stuck.",
+)
+funding_mode = Gauge(
+    "esim_funding_mode",
+    "1 for the funding mode the service runs in (prefunded or issuing_card), 0 for the other.",
+    ("mode",),
 )

@@ -493,16 +493,23 @@ SELECT_UNPUBLISHED_FUNDED_OF = """
      ORDER BY created_at, array_position($1::text[], transaction_id)
        FOR UPDATE SKIP LOCKED
 """
-# The announcement relay (relay.py): order.funded rows nobody has published for `$1` seconds, oldest
-# first, bar the ones a delivery holds while it publishes them. Through the partial index on unpublished
-# rows (outbox_unpublished_idx): published rows, nearly all of the outbox, are never visited.
+# The announcement relay (relay.py): order.funded rows nobody has published for `$1` seconds, bar the
+# ones a delivery holds while it publishes them and the ones this round has tried already ($3); the
+# rows that failed last round ($4) come last, then oldest first. Through the partial index on
+# unpublished rows (outbox_unpublished_idx): published rows, nearly all of the outbox, are never visited.
 SELECT_STRANDED_FUNDED = """
-    SELECT payload::text FROM outbox
+    SELECT event_id, transaction_id, payload::text FROM outbox
      WHERE published_at IS NULL AND routing_key = 'order.funded'
        AND created_at < now() - make_interval(secs => $1)
-     ORDER BY created_at
+       AND event_id <> ALL($3::uuid[])
+     ORDER BY event_id = ANY($4::uuid[]), created_at
      LIMIT $2
        FOR UPDATE SKIP LOCKED
+"""
+# Seconds since the oldest unpublished order.funded row was written; 0 when there is none.
+OLDEST_UNPUBLISHED_FUNDED = """
+    SELECT COALESCE(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox
+     WHERE published_at IS NULL AND routing_key = 'order.funded'
 """
 HAS_FUNDED = """
     SELECT EXISTS (SELECT 1 FROM outbox WHERE transaction_id = $1 AND routing_key = 'order.funded')
@@ -537,13 +544,34 @@ async def unpublished_announcements_of(
     return [OrderFunded.model_validate_json(row["payload"]) for row in rows]
 
 
+@dataclass(frozen=True)
+class StrandedRow:
+    """An unpublished order.funded row as stored: the relay validates each payload on its own."""
+
+    event_id: uuid.UUID
+    transaction_id: str
+    payload: str
+
+
 async def stranded_announcements(
-    conn: asyncpg.Connection, *, older_than_seconds: float, limit: int
-) -> list[OrderFunded]:
-    """order.funded events unpublished for `older_than_seconds` that nobody else holds, oldest first,
-    locked until the transaction ends."""
-    rows = await conn.fetch(SELECT_STRANDED_FUNDED, float(older_than_seconds), limit)
-    return [OrderFunded.model_validate_json(row["payload"]) for row in rows]
+    conn: asyncpg.Connection,
+    *,
+    older_than_seconds: float,
+    limit: int,
+    tried: Sequence[uuid.UUID] = (),
+    failed_before: Sequence[uuid.UUID] = (),
+) -> list[StrandedRow]:
+    """order.funded rows unpublished for `older_than_seconds` that nobody else holds, not among
+    `tried`, the `failed_before` ones last, then oldest first; locked until the transaction ends."""
+    rows = await conn.fetch(
+        SELECT_STRANDED_FUNDED, float(older_than_seconds), limit, list(tried), list(failed_before)
+    )
+    return [StrandedRow(row["event_id"], row["transaction_id"], row["payload"]) for row in rows]
+
+
+async def oldest_unpublished_announcement_seconds(conn: asyncpg.Connection | asyncpg.Pool) -> float:
+    """How long the oldest unpublished order.funded row has waited (0 when none waits)."""
+    return float(await conn.fetchval(OLDEST_UNPUBLISHED_FUNDED))
 
 
 async def all_announced(conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str) -> bool:

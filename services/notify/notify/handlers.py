@@ -36,6 +36,7 @@ from notify.metrics import (
     operator_alerts_total,
     smtp_relay_errors_total,
     smtp_relay_failing,
+    time_to_esim,
 )
 from notify.sent_emails import SendOutcome, send_once
 
@@ -59,6 +60,13 @@ def delivery_failed_event(transaction_id: str, reason: str = "email_failed") -> 
         step="delivery",
         reason=reason,
     )
+
+
+def _observe_time_to_esim(order: Order) -> None:
+    """emailed_at - paid_at, with emailed_at taken as now: the transition just stamped it with the
+    database's now(), and reading it back would cost a round trip per order."""
+    if order.paid_at is not None:
+        time_to_esim.observe(max(0.0, (datetime.now(UTC) - order.paid_at).total_seconds()))
 
 
 class Notifier:
@@ -86,7 +94,9 @@ class Notifier:
             except EmailTransientError as exc:
                 self._wait_for_smtp(order, exc)
             async with self._ctx.pool.acquire() as conn:
-                await transition(conn, txn, OrderStatus.DELIVERED, reason="eSIM emailed")
+                moved = await transition(conn, txn, OrderStatus.DELIVERED, reason="eSIM emailed")
+            if moved.changed:  # only the delivery that moved it: a redelivery finds it delivered
+                _observe_time_to_esim(order)
         await self._ctx.publisher.publish(OrderDelivered(transaction_id=txn))
 
     def _wait_for_smtp(self, order: Order, exc: EmailTransientError) -> None:

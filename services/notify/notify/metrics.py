@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 # outcome: sent | already_sent | rejected | relay_error | transient_error | skipped
 emails_total = Counter(
@@ -30,4 +30,11 @@ smtp_relay_errors_total = Counter(
     "esim_smtp_relay_errors_total",
     "Emails the SMTP relay refused for a relay-wide reason, by reason code.",
     ("reason",),
+)
+# Payment to eSIM email, observed once per order by the delivery that moves it to delivered: from
+# seconds (all providers instant) to the hour an SMTP outage may take.
+time_to_esim = Histogram(
+    "esim_time_to_esim_seconds",
+    "Seconds from payment (paid_at) to the eSIM email (emailed_at), once per delivered order.",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )

@@ -7,11 +7,14 @@ them with a note (discard). Every message is *held* — taken with `basic.get` a
 channel — while we decide; whatever is not acked goes back to the DLQ when that channel closes, so a
 peek, a refused request or a crash in the middle never loses a message.
 
-    replay:  hold → publish each chosen copy to its work queue (confirmed) → audit → ack the DLQ copies
+    replay:  hold → audit (committed, "attempted") → publish each copy to its work queue (confirmed) → ack
     discard: hold → audit (committed, with the full body) → ack the DLQ copies
 
-A crash between the publish and the ack leaves the message on both queues: a duplicate, which is
-harmless because consumers are idempotent by event id. The reverse order could lose it.
+The audit row comes first so that no copy ever reaches a work queue unrecorded: a replay row means
+"attempted", and the message leaving the DLQ is what shows it went through. A failure or crash between
+the publish and the ack leaves the message on both queues: a duplicate, which is harmless because
+consumers are idempotent by order state (each handler looks at the order's state before acting, so a
+second delivery for an order already past that step changes nothing). Acking first could lose it.
 
 Side effects of holding (peek included), all documented in the README:
 - the messages are invisible (in flight) to the list, the depth gauge and a concurrent peek or replay
@@ -25,8 +28,9 @@ This module holds the rules (plain functions) and the use cases over two ports: 
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -45,14 +49,18 @@ from esim_common.topology import (
     Topology,
 )
 
+log = logging.getLogger("esim.reconcile.dlq")
+
 # Set on a replayed message: when, and how often (a message replayed again and again is a bug to fix,
 # not a message to replay once more).
 REPLAYED_AT_HEADER = "x-esim-replayed-at"
 REPLAY_COUNT_HEADER = "x-esim-replays"
 
+# Set by a quorum queue on a redelivered message: how often it was returned (a peek returns it too).
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 # Headers the broker writes when it dead-letters or returns a message; they describe the last trip,
 # not the next one, so a replayed copy starts without them.
-BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", DELIVERY_COUNT_HEADER)
 # Our failure headers: a replayed copy starts from attempt 1 and the full retry tiers again.
 FAILURE_HEADERS = (ATTEMPT_HEADER, LAST_ERROR_HEADER, FAILED_AT_HEADER, ORIGIN_QUEUE_HEADER)
 
@@ -65,6 +73,8 @@ MAX_SCAN = 5000
 
 REPLAY_ACTION = "dlq_replay"
 DISCARD_ACTION = "dlq_discard"
+# A replay row is written before the publish: it records the attempt, not the outcome.
+REPLAY_ATTEMPTED = "attempted"
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,15 @@ class DeadLetter:
     @property
     def event_type(self) -> str | None:
         return _text_header(self.headers, EVENT_TYPE_HEADER)
+
+    @property
+    def delivery_count(self) -> int | None:
+        """Returns counted by the broker (quorum queues): on RabbitMQ 4.0 to 4.2 a DLQ without the
+        `delivery-limit: -1` policy drops the message once this passes 20 (see the README)."""
+        try:
+            return int(self.headers[DELIVERY_COUNT_HEADER])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     @property
     def transaction_id(self) -> str | None:
@@ -133,13 +152,16 @@ def find_dead_letter_queue(topology: Topology, name: str) -> ConsumerQueue | Non
     return queues.get(name) or queues.get(f"{topology.prefix}{name}")
 
 
-def origin_queue(topology: Topology, work: ConsumerQueue, headers: Mapping[str, Any]) -> str:
-    """Where a dead letter of `work.dlq` goes back to: the queue named in its origin header when that
-    is a work queue of this topology (a header can never send a message elsewhere), else the queue the
-    DLQ belongs to (a message the broker dead-lettered itself carries no header)."""
+def origin_queue(work: ConsumerQueue, headers: Mapping[str, Any]) -> str:
+    """Where a dead letter of `work.dlq` goes back to: always the queue the DLQ belongs to. Each work
+    queue dead-letters into its own DLQ, so an origin header naming another queue is wrong (or forged),
+    and following it would hand the event to a consumer that never subscribed to it: ignored, logged."""
     named = _text_header(headers, ORIGIN_QUEUE_HEADER)
-    if named is not None and named in {queue.name for queue in topology.queues}:
-        return named
+    if named is not None and named != work.name:
+        log.warning(
+            "origin header names another queue; using the DLQ's own work queue",
+            extra={"queue": work.dlq, "origin_header": redact(named[:200]), "origin_queue": work.name},
+        )
     return work.name
 
 
@@ -164,23 +186,29 @@ def replay_headers(headers: Mapping[str, Any], *, replayed_at: datetime) -> dict
 # --- what a person sees
 
 
+def _jsonb_text(text: str) -> str:
+    """Postgres `jsonb` refuses U+0000 in a string: a NUL byte from a poison message would make the
+    audit write (and so the discard) fail for good."""
+    return text.replace("\x00", "\ufffd")
+
+
 def json_safe(value: Any) -> Any:
     """A header value as JSON (x-death holds tables, lists and timestamps), strings redacted."""
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {_jsonb_text(str(k)): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     if isinstance(value, bytes):
-        return redact(value.decode("utf-8", "replace"))
+        return _jsonb_text(redact(value.decode("utf-8", "replace")))
     if isinstance(value, str):
-        return redact(value)
+        return _jsonb_text(redact(value))
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Decimal):
         return str(value)
     if value is None or isinstance(value, bool | int | float):
         return value
-    return redact(str(value))
+    return _jsonb_text(redact(str(value)))
 
 
 def body_preview(body: bytes, *, limit: int = BODY_PREVIEW_CHARS) -> str:
@@ -191,20 +219,25 @@ def body_preview(body: bytes, *, limit: int = BODY_PREVIEW_CHARS) -> str:
 
 @dataclass(frozen=True)
 class StoredBody:
-    """A body as kept in the audit table: text when it is UTF-8 (redacted), base64 otherwise."""
+    """A body as kept in the audit table (and served back by the order timeline): always redacted
+    text, never raw bytes, with the SHA-256 of the bytes to tell which message it was."""
 
     text: str
-    encoding: str  # "utf-8" | "base64"
-    redacted: bool
+    encoding: str  # "utf-8", or "latin-1" for a body that is not UTF-8 (every byte read as one char)
+    redacted: bool  # something was replaced (a secret, or a NUL byte): `text` is not the whole body
+    sha256: str
 
 
 def stored_body(body: bytes) -> StoredBody:
+    """Redacted text of the body. A body that is not UTF-8 is read as latin-1 (every byte is a
+    character, so a card number next to a stray byte is still seen by `redact`) rather than kept as
+    base64, which no redaction can look into."""
     try:
-        text = body.decode("utf-8")
+        text, encoding = body.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return StoredBody(base64.b64encode(body).decode("ascii"), "base64", redacted=False)
-    safe = redact(text)
-    return StoredBody(safe, "utf-8", redacted=safe != text)
+        text, encoding = body.decode("latin-1"), "latin-1"
+    safe = _jsonb_text(redact(text))
+    return StoredBody(safe, encoding, redacted=safe != text, sha256=hashlib.sha256(body).hexdigest())
 
 
 # --- which messages
@@ -245,7 +278,8 @@ class AuditEntry:
 def audit_entry(
     action: str, dlq: str, letter: DeadLetter, *, note: str | None, origin: str | None = None
 ) -> AuditEntry:
-    """What was done to which message. A discard keeps the whole body, so nothing is silently lost."""
+    """What was done to which message. A discard keeps the whole body (redacted), so nothing is
+    silently lost; a replay is recorded before its publish, hence marked as an attempt."""
     detail: dict[str, Any] = {
         "queue": dlq,
         "message_id": letter.message_id,
@@ -254,9 +288,16 @@ def audit_entry(
     }
     if origin is not None:
         detail["origin_queue"] = origin
+    if action == REPLAY_ACTION:
+        detail["status"] = REPLAY_ATTEMPTED
     if action == DISCARD_ACTION:
         body = stored_body(letter.body)
-        detail |= {"body": body.text, "body_encoding": body.encoding, "body_redacted": body.redacted}
+        detail |= {
+            "body": body.text,
+            "body_encoding": body.encoding,
+            "body_redacted": body.redacted,
+            "body_sha256": body.sha256,
+        }
     transaction_id = letter.transaction_id
     return AuditEntry(action, transaction_id[:200] if transaction_id else None, detail, note)
 
@@ -305,7 +346,6 @@ async def peek(hold: Hold, work: ConsumerQueue, limit: int) -> Peeked:
 
 async def replay(
     hold: Hold,
-    topology: Topology,
     work: ConsumerQueue,
     *,
     message_ids: Sequence[str] | None,
@@ -315,20 +355,21 @@ async def replay(
     publish: Publish,
     record: Record,
 ) -> Settled:
-    """Publish the chosen dead letters to their work queue (each confirmed), record them, then ack
-    the DLQ copies. Anything raised before the acks leaves the DLQ as it was."""
+    """Record the chosen dead letters as attempted, publish each to its work queue (confirmed), then
+    ack the DLQ copies. A failed audit write publishes nothing; anything raised before the acks leaves
+    the DLQ as it was (copies already confirmed stay on the work queue: duplicates, not losses)."""
     async with hold(work.dlq, MAX_SCAN if message_ids is not None else limit) as held:
         selection = select(held.letters, message_ids=message_ids, limit=limit)
         chosen = [held.letters[i] for i in selection.chosen]
-        targets = [origin_queue(topology, work, letter.headers) for letter in chosen]
-        for letter, target in zip(chosen, targets, strict=True):
-            await publish(letter, target, replay_headers(letter.headers, replayed_at=now))
+        targets = [origin_queue(work, letter.headers) for letter in chosen]
         await record(
             [
                 audit_entry(REPLAY_ACTION, work.dlq, letter, note=note, origin=target)
                 for letter, target in zip(chosen, targets, strict=True)
             ]
         )
+        for letter, target in zip(chosen, targets, strict=True):
+            await publish(letter, target, replay_headers(letter.headers, replayed_at=now))
         await held.ack(selection.chosen)
         return Settled(chosen, selection.not_found, len(held.letters), tuple(dict.fromkeys(targets)))
 

@@ -6,7 +6,7 @@
     POST /api/admin/dead-letters/{queue}/discard    dropped, each recorded in `operator_actions`
 
 The token is checked before anything else (the queue name, the query, the body); the rules and their
-ordering (publish, audit, then ack) are in `reconcile.dead_letters`.
+ordering (audit, publish, then ack) are in `reconcile.dead_letters`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,9 @@ _UNKNOWN_QUEUE: Responses = {
 }
 _UNAVAILABLE: Responses = {
     status.HTTP_503_SERVICE_UNAVAILABLE: _error(
-        "The broker or the database is unavailable; no dead letter was removed. Try again."
+        "The broker or the database is unavailable; no dead letter was removed (a replay may already "
+        "have put copies of some on the work queue: harmless, consumers check the order's state). "
+        "Try again."
     )
 }
 _BAD_BODY: Responses = {
@@ -119,7 +121,8 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
 @contextlib.contextmanager
 def _unavailable_as_503() -> Iterator[None]:
     """Foreign failures, mapped at one boundary. Each one happened before any ack, or during the
-    acks (then what was not acked is still in the DLQ): replaying or discarding again is safe."""
+    acks (then what was not acked is still in the DLQ): replaying or discarding again is safe, as a
+    copy delivered twice finds its order past that step (consumers look at the order's state first)."""
     try:
         yield
     except QueueMissing as exc:
@@ -134,13 +137,15 @@ def _unavailable_as_503() -> Iterator[None]:
         log.warning("replay not confirmed by the broker", extra={"error": str(exc)})
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail="the work queue did not confirm the replay; nothing was removed from the DLQ",
+            detail="the work queue did not confirm the replay; nothing was removed from the DLQ, but "
+            "copies of the messages before the failure may already be on the work queue (a retry "
+            "publishes them again: harmless, consumers check the order's state first)",
         ) from exc
     except AuditUnavailable as exc:
         log.error("audit trail not written", extra={"error": str(exc)})
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail="the audit trail could not be written; nothing was removed from the DLQ",
+            detail="the audit trail could not be written; nothing was published or removed from the DLQ",
         ) from exc
 
 
@@ -207,7 +212,8 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
         Nothing is taken: they are fetched unacked on a private connection and returned when it
         closes. While the peek runs they are in flight (not in the depth, not seen by another peek
         or replay); afterwards they carry the `redelivered` flag, and before RabbitMQ 4.3 an
-        incremented `x-delivery-count`."""
+        incremented `x-delivery-count` (shown as `delivery_count`: on RabbitMQ 4.0 to 4.2 a DLQ
+        without the `delivery-limit: -1` policy drops a message whose count passes 20)."""
         work = work_queue_of(queue)
         with _unavailable_as_503():
             peeked = await dead_letters.peek(broker.hold, work, limit)
@@ -215,8 +221,7 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
             queue=work.dlq,
             depth=peeked.depth,
             messages=[
-                DeadLetterView.of(letter, origin_queue(topology, work, letter.headers))
-                for letter in peeked.letters
+                DeadLetterView.of(letter, origin_queue(work, letter.headers)) for letter in peeked.letters
             ],
         )
 
@@ -229,17 +234,19 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
     async def replay_dead_letters(
         queue: str, body: Annotated[ReplayRequest, Depends(_json_body(ReplayRequest))]
     ) -> ReplayResponse:
-        """Put dead letters back on their work queue (`x-esim-origin-queue`, else the DLQ's own) with
-        the same message id and body and a fresh attempt count, so they get every retry tier again.
+        """Put dead letters back on the work queue their DLQ belongs to (an `x-esim-origin-queue`
+        naming another queue is ignored) with the same message id and body and a fresh attempt count,
+        so they get every retry tier again.
 
-        Each copy is confirmed by the broker before the DLQ copy is acked: a crash in between leaves a
-        duplicate (consumers are idempotent by event id), never a loss. If any publish fails, nothing
-        is removed from the DLQ (503). Each replayed message is recorded in `operator_actions`."""
+        Each message is first recorded in `operator_actions` (`dlq_replay`, status `attempted`); if
+        that fails, nothing is published or removed (503). Each copy is then confirmed by the broker
+        before the DLQ copy is acked: a failure or crash in between leaves a duplicate, never a loss
+        (consumers are idempotent by order state: each handler looks at the order's state first). If
+        any publish fails, nothing is removed from the DLQ (503)."""
         work = work_queue_of(queue)
         with _unavailable_as_503():
             settled = await dead_letters.replay(
                 broker.hold,
-                topology,
                 work,
                 message_ids=body.message_ids,
                 limit=body.limit,

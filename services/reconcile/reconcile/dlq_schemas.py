@@ -43,11 +43,16 @@ class DeadLetterView(BaseModel):
     message_id: str | None = Field(description="The event id: what `replay` and `discard` select by.")
     transaction_id: str | None = Field(description="The order it is about.")
     event_type: str | None
-    origin_queue: str = Field(description="Where `replay` sends it.")
+    origin_queue: str = Field(description="Where `replay` sends it: always the DLQ's own work queue.")
     routing_key: str | None = Field(description="The routing key it reached the DLQ with.")
     last_error: str | None = Field(description="Why the consumer gave up (redacted, at most 500 chars).")
     failed_at: str | None = Field(description="When it was dead-lettered (ISO 8601).")
     attempt: int | None = Field(description="Our attempt counter when it was dead-lettered.")
+    delivery_count: int | None = Field(
+        description="The broker's `x-delivery-count`: how often the message was returned to the DLQ "
+        "(each peek returns it; before RabbitMQ 4.3 that counts). On RabbitMQ 4.0 to 4.2 a quorum "
+        "queue drops a message past 20 unless the `delivery-limit: -1` policy applies to DLQs."
+    )
     redelivered: bool = Field(
         description="Set once a message was delivered before: an earlier peek or replay attempt sets it."
     )
@@ -66,6 +71,7 @@ class DeadLetterView(BaseModel):
             last_error=letter.last_error,
             failed_at=letter.failed_at,
             attempt=letter.attempt,
+            delivery_count=letter.delivery_count,
             redelivered=letter.redelivered,
             headers=json_safe(dict(letter.headers)),
             body_preview=body_preview(letter.body),
