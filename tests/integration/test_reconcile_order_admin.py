@@ -23,6 +23,7 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from esim_common import outbox
@@ -33,6 +34,7 @@ from esim_common.order_repository import create_order, get_order, record
 from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
 from esim_common.providers.stripe import StripeGateway
+from esim_common.publisher import PublishFailed
 from esim_common.service import ServiceContext
 from esim_common.settings import Settings
 from esim_common.topology import delete
@@ -183,6 +185,38 @@ async def wait_for_status(
         if time.monotonic() > deadline:
             raise AssertionError(f"order {txn} is {order.status.value} after {within}s, not {status.value}")
         await asyncio.sleep(0.05)
+
+
+def handled(ctx: ServiceContext, queue_name: str) -> float:
+    """Messages of a work queue a consumer in this process handled and acked ("ok")."""
+    labels = {"queue": ctx.topology.queue(queue_name).name, "outcome": "ok"}
+    return REGISTRY.get_sample_value("esim_messages_processed_total", labels) or 0.0
+
+
+async def wait_until_handled(
+    ctx: ServiceContext, counts: dict[str, float], within: float = WAIT_SECONDS
+) -> None:
+    """Until each queue's consumer has handled at least that many messages (see `handled`)."""
+    deadline = time.monotonic() + within
+    while True:
+        seen = {name: handled(ctx, name) for name in counts}
+        if all(seen[name] >= count for name, count in counts.items()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"handled {seen} after {within}s, expected at least {counts}")
+        await asyncio.sleep(0.05)
+
+
+def refusing(ctx: ServiceContext, monkeypatch: pytest.MonkeyPatch, routing_key: str) -> None:
+    """Make the broker refuse every `routing_key` event the app publishes (as a nack would)."""
+    publish = ctx.publisher.publish
+
+    async def refuse(event: Any) -> None:
+        if event.routing_key == routing_key:
+            raise PublishFailed(f"broker did not confirm {routing_key!r}: test")
+        await publish(event)
+
+    monkeypatch.setattr(ctx.publisher, "publish", refuse)
 
 
 # ------------------------------------------------------------------------------------------- auth
@@ -421,7 +455,9 @@ async def test_a_redrive_of_an_unknown_order_is_a_404(admin):
     assert response.status_code == 404 and "txn_nobody" in response.json()["detail"]
 
 
-async def test_a_redrive_the_broker_does_not_take_changes_nothing(admin, db, reconcile):
+async def test_a_redrive_the_broker_does_not_take_is_recorded_and_the_next_one_publishes_it(
+    admin, db, reconcile
+):
     txn = await make_order(db, S.PROVISIONED, **provisioned_facts(uuid.uuid4().hex))
     connection = await aio_pika.connect(reconcile.settings.amqp_url)
     async with connection:
@@ -433,9 +469,49 @@ async def test_a_redrive_the_broker_does_not_take_changes_nothing(admin, db, rec
         finally:
             await queue.bind(reconcile.topology.exchange, "order.provisioned")
 
-    assert response.status_code == 503 and "nothing changed" in response.json()["detail"]
-    assert await actions_of(db, txn) == []
-    assert await db.fetchval("SELECT count(*) FROM outbox WHERE transaction_id = $1", txn) == 0
+    assert response.status_code == 503 and "waits in the outbox" in response.json()["detail"]
+    assert (await get_order(db, txn)).status == S.PROVISIONED
+    actions = await actions_of(db, txn)
+    assert [a["action"] for a in actions] == ["redrive", "redrive_not_published"]
+    assert json.loads(actions[1]["detail"])["error"] == "PublishFailed"
+    [queued] = await db.fetch("SELECT * FROM outbox WHERE transaction_id = $1", txn)
+    assert queued["published_at"] is None
+
+    again = await admin.post(f"/api/admin/orders/{txn}/redrive")
+
+    assert again.status_code == 200 and again.json()["event_source"] == "pending"
+    [message] = (await published(reconcile))["notify.order-provisioned"]
+    assert message.message_id == str(queued["event_id"]) == again.json()["event_id"]
+
+
+@pytest.mark.parametrize("published_before", [False, True], ids=["rebuilt", "republished"])
+async def test_a_redrive_publishes_after_its_audit_row_commits_and_holds_no_lock_meanwhile(
+    admin, db, reconcile, monkeypatch, published_before
+):
+    """Published inside the transaction, an event could go out while its audit row rolled back, and the
+    order's row would stay locked for as long as the broker takes to confirm."""
+    txn = await make_order(db, S.PROVISIONED, **provisioned_facts(uuid.uuid4().hex))
+    if published_before:
+        assert (await admin.post(f"/api/admin/orders/{txn}/redrive")).status_code == 200
+    publish = reconcile.publisher.publish
+    seen: list[tuple[int, bool]] = []
+
+    async def probe(event: Any) -> None:
+        async with db.acquire() as conn, conn.transaction():
+            audited = await conn.fetchval(
+                "SELECT count(*) FROM operator_actions WHERE transaction_id = $1", txn
+            )
+            free = await conn.fetchval(
+                "SELECT true FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE SKIP LOCKED", txn
+            )
+        seen.append((audited, bool(free)))
+        await publish(event)
+
+    monkeypatch.setattr(reconcile.publisher, "publish", probe)
+    response = await admin.post(f"/api/admin/orders/{txn}/redrive")
+
+    assert response.status_code == 200, response.text
+    assert seen == [(2 if published_before else 1, True)]
 
 
 async def test_needs_attention_is_redriven_to_funding_with_a_note_and_one_order_paid(admin, db, reconcile):
@@ -522,7 +598,7 @@ async def test_an_email_that_failed_for_good_is_redriven_to_provisioned_and_queu
     [message] = (await published(reconcile))["notify.order-provisioned"]
     assert message.message_id == again.json()["event_id"]
     assert json.loads(message.body)["qr_code_url"].endswith(".png") and b"token=" not in message.body
-    assert [a["action"] for a in await actions_of(db, txn)] == ["redrive", "redrive"]
+    assert [a["action"] for a in await actions_of(db, txn)] == ["redrive", "redrive_not_published", "redrive"]
 
 
 async def test_a_stuck_funded_order_is_redriven_to_delivered_once(
@@ -539,11 +615,18 @@ async def test_a_stuck_funded_order_is_redriven_to_delivered_once(
             app = factory(admin_settings)
             await services.enter_async_context(app.router.lifespan_context(app))
 
+        before = {name: handled(reconcile, name) for name in DRIVEN_BY}
         first = await admin.post(f"/api/admin/orders/{txn}/redrive", json={"note": "stuck after an outage"})
         second = await admin.post(f"/api/admin/orders/{txn}/redrive")
         assert first.status_code == 200 and second.status_code in (200, 409), second.text
         await wait_for_status(db, txn, S.DELIVERED)
-        await asyncio.sleep(1.0)  # let the second message find the order delivered
+        # "One eSIM, one email" means something only once the second message was handled too: wait
+        # until every message that reached provisioning and notify was acked (provisioning's own
+        # order.provisioned included), not for a fixed time.
+        sent = [r.json()["routing_key"] for r in (first, second) if r.status_code == 200]
+        expected = {name: before[name] + sent.count(key) for name, key in DRIVEN_BY.items()}
+        expected["notify.order-provisioned"] += 1
+        await wait_until_handled(reconcile, expected)
 
     order = await get_order(db, txn)
     assert order.zendit_transaction_id == txn and order.emailed_at is not None
@@ -554,8 +637,11 @@ async def test_a_stuck_funded_order_is_redriven_to_delivered_once(
     assert again.status_code == 409 and "nothing left to drive" in again.json()["detail"]
 
 
+DRIVEN_BY = {"provisioning.order-funded": "order.funded", "notify.order-provisioned": "order.provisioned"}
+
+
 # ------------------------------------------------------------------------------------------- refunds
-async def test_a_refund_stripe_refused_is_retried_once_and_a_second_retry_refunds_nothing(
+async def test_a_refund_stripe_refused_is_retried_once_and_a_second_retry_only_announces_it_again(
     admin, db, reconcile, stripe_emulator, stripe_gateway
 ):
     txn = await paid_order(db, stripe_emulator, stripe_gateway, S.FUNDING)
@@ -585,10 +671,12 @@ async def test_a_refund_stripe_refused_is_retried_once_and_a_second_retry_refund
         "status": "refunded",
         "refund_id": refunds[0]["id"],
         "refund_status": refunds[0]["status"],
+        "announced_again": False,
         "action_id": 0,
     }
     assert (stripe_emulator.api_key, f"refund:{txn}") in stripe_emulator.state.idempotency
-    assert second.status_code == 409 and "refunded already" in second.json()["detail"]
+    assert second.status_code == 200 and second.json()["announced_again"] is True
+    assert second.json()["refund_id"] == refunds[0]["id"]
     assert order.failure_reason == "card_declined"  # the failed step's reason, not the refund's
     moves = [
         (r["from_status"], r["to_status"])
@@ -601,8 +689,10 @@ async def test_a_refund_stripe_refused_is_retried_once_and_a_second_retry_refund
         ("needs_attention", "refund_pending"),
         ("refund_pending", "refunded"),
     ]
-    [action] = await actions_of(db, txn)
-    assert action["action"] == "retry_refund" and json.loads(action["detail"])["step"] == "funding"
+    actions = await actions_of(db, txn)
+    assert [a["action"] for a in actions] == ["retry_refund", "retry_refund"]
+    assert [json.loads(a["detail"])["announce_only"] for a in actions] == [False, True]
+    assert json.loads(actions[0]["detail"])["step"] == "funding"
 
 
 async def test_a_refund_made_before_a_crash_is_found_again_not_made_twice(
@@ -618,12 +708,49 @@ async def test_a_refund_made_before_a_crash_is_found_again_not_made_twice(
 
     responses = [await admin.post(f"/api/admin/orders/{txn}/retry-refund") for _ in range(2)]
 
-    assert [r.status_code for r in responses] == [200, 409]
-    assert responses[0].json()["refund_id"] == made.id
+    assert [r.status_code for r in responses] == [200, 200]
+    assert [r.json()["refund_id"] for r in responses] == [made.id, made.id]
     assert len(stripe_emulator.state.find("refund", payment_intent=order.stripe_payment_intent_id)) == 1
     assert (await get_order(db, txn)).status == S.REFUNDED
+    # The second call announced it again, as the same event: notify emails once per order and template.
     messages = await taken(reconcile, "notify.order-failed")
-    assert [json.loads(m.body)["step"] for m in messages] == ["funding"]  # the customer is told once
+    assert [json.loads(m.body)["step"] for m in messages] == ["funding", "funding"]
+    assert len({m.message_id for m in messages}) == 1
+
+
+async def test_a_refund_whose_announcement_the_broker_refused_is_announced_by_a_retry_and_emailed_once(
+    admin, db, reconcile, admin_settings, smtp_capture, stripe_emulator, stripe_gateway, monkeypatch
+):
+    """Refunded, but order.refunded was refused: the customer would never hear of it. The retry
+    announces it (nothing is refunded again); notify, started after two announcements, emails once."""
+    from notify.main import create_app as create_notify
+
+    txn = await paid_order(db, stripe_emulator, stripe_gateway, S.REFUND_PENDING)
+    with monkeypatch.context() as broker_down:
+        refusing(reconcile, broker_down, "order.refunded")
+        lost = await admin.post(f"/api/admin/orders/{txn}/retry-refund")
+
+    assert lost.status_code == 503 and "did not take its announcement" in lost.json()["detail"]
+    order = await get_order(db, txn)
+    assert order.status == S.REFUNDED
+    actions = await actions_of(db, txn)
+    assert [a["action"] for a in actions] == ["retry_refund", "retry_refund_interrupted"]
+    assert json.loads(actions[1]["detail"]) == {
+        "from": "refund_pending",
+        "left": "refunded",
+        "error": "PublishFailed",
+    }
+
+    again = [await admin.post(f"/api/admin/orders/{txn}/retry-refund") for _ in range(2)]
+
+    assert [(r.status_code, r.json().get("announced_again")) for r in again] == [(200, True), (200, True)]
+    assert len(stripe_emulator.state.find("refund", payment_intent=order.stripe_payment_intent_id)) == 1
+    notify = create_notify(admin_settings)
+    before = handled(reconcile, "notify.order-failed")
+    async with notify.router.lifespan_context(notify):
+        await wait_until_handled(reconcile, {"notify.order-failed": before + 2})
+    [email] = smtp_capture.messages
+    assert "ada@example.com" in email["To"]
 
 
 async def test_two_operators_retrying_the_same_refund_at_once_refund_once(
@@ -674,6 +801,37 @@ async def test_a_refund_stripe_refuses_again_is_a_502_and_the_order_waits_for_an
     assert (await get_order(db, txn)).status == S.NEEDS_ATTENTION
 
 
+async def test_a_reopened_refund_stripe_cannot_answer_goes_back_to_needs_attention_and_is_recorded(
+    admin, db, reconcile, stripe_emulator, stripe_gateway
+):
+    """Left in refund_pending, the order would wait for a message nobody sends."""
+    txn = await paid_order(db, stripe_emulator, stripe_gateway, S.REFUND_PENDING)
+    stripe_emulator.inject_fault("/v1/refunds", method="POST", status=403, count=1)
+    assert (await admin.post(f"/api/admin/orders/{txn}/retry-refund")).status_code == 502
+    refused = await get_order(db, txn)
+    stripe_emulator.inject_fault("/v1/refunds", method="POST", status=429, count=10)
+
+    response = await admin.post(f"/api/admin/orders/{txn}/retry-refund", json={"note": "Stripe fixed?"})
+
+    assert response.status_code == 503 and "needs_attention" in response.json()["detail"]
+    order = await get_order(db, txn)
+    assert (order.status, order.failure_reason) == (S.NEEDS_ATTENTION, refused.failure_reason)
+    last = await db.fetchrow(
+        "SELECT * FROM order_transitions WHERE transaction_id = $1 ORDER BY id DESC LIMIT 1", txn
+    )
+    assert (last["from_status"], last["to_status"]) == ("refund_pending", "needs_attention")
+    actions = await actions_of(db, txn)
+    assert [a["action"] for a in actions][-2:] == ["retry_refund", "retry_refund_interrupted"]
+    assert json.loads(actions[-1]["detail"]) == {
+        "from": "needs_attention",
+        "left": "needs_attention",
+        "error": "StripeTransientError",
+    }
+    stripe_emulator.clear_faults()
+    assert (await admin.post(f"/api/admin/orders/{txn}/retry-refund")).status_code == 200
+    assert len(stripe_emulator.state.find("refund", payment_intent=order.stripe_payment_intent_id)) == 1
+
+
 async def test_a_refund_retry_while_stripe_is_down_is_a_503_and_resumes_later(
     admin, db, reconcile, stripe_emulator, stripe_gateway
 ):
@@ -712,6 +870,23 @@ async def test_a_needs_attention_order_is_resolved_by_hand_with_its_note(admin, 
         response.json()["action_id"],
     )
     assert all(not found for found in (await published(reconcile)).values())  # nothing is announced
+
+
+async def test_an_operators_note_is_stored_redacted(admin, db, reconcile):
+    txn = await make_order(db, S.NEEDS_ATTENTION, path=(S.PAID, S.NEEDS_ATTENTION))
+
+    response = await admin.post(
+        f"/api/admin/orders/{txn}/resolve",
+        json={"outcome": "refunded", "note": "refunded card 4242 4242 4242 4242 by phone"},
+    )
+
+    assert response.status_code == 200, response.text
+    [action] = await actions_of(db, txn)
+    reason = await db.fetchval(
+        "SELECT reason FROM order_transitions WHERE transaction_id = $1 ORDER BY id DESC LIMIT 1", txn
+    )
+    for stored in (action["note"], reason):
+        assert "4242 4242" not in stored and "[REDACTED" in stored and "by phone" in stored
 
 
 async def test_resolve_needs_a_note_and_a_needs_attention_order(admin, db):

@@ -21,6 +21,7 @@ from reconcile.order_ops import (
     refund_retry_plan,
     resolve_target,
     shareable_url,
+    stored_note,
 )
 from reconcile.order_schemas import RedriveRequest, ResolveRequest
 
@@ -188,9 +189,25 @@ def test_an_order_zendit_delivered_is_never_refunded_automatically(order):
         refund_retry_plan(order, moves)
 
 
-def test_a_refunded_order_has_nothing_to_retry():
-    with pytest.raises(NotAllowed, match="refunded already"):
-        refund_retry_plan(FakeOrder(S.REFUNDED, refund_id="re_1"), history("paid", "refunded"))
+def test_an_order_refunded_by_hand_has_nothing_to_retry_or_announce():
+    moves = history("paid", "funding", "topup_failed", "refund_pending", "needs_attention", "refunded")
+    with pytest.raises(NotAllowed, match="marked so by hand"):
+        refund_retry_plan(FakeOrder(S.REFUNDED, refund_id="re_1"), moves)
+
+
+def test_an_order_the_system_refunded_is_announced_again_as_its_failed_step():
+    """Its announcement may have been refused by the broker: the retry publishes it, refunds nothing."""
+    moves = history(
+        "paid", "funding", "topup_failed", "refund_pending", "refunded", reasons={"topup_failed": "DECLINED"}
+    )
+    plan = refund_retry_plan(FakeOrder(S.REFUNDED, refund_id="re_1"), moves)
+    assert (plan.failed_state, plan.step, plan.reason, plan.reopen, plan.announce_only) == (
+        S.TOPUP_FAILED,
+        "funding",
+        "DECLINED",
+        False,
+        True,
+    )
 
 
 @pytest.mark.parametrize("status", [S.PAID, S.FUNDING, S.FUNDED, S.PENDING_PAYMENT, S.PAYMENT_FAILED])
@@ -250,3 +267,10 @@ def test_a_signed_urls_token_never_leaves_the_database():
     url = "https://x.supabase.co/storage/v1/object/sign/esim-qrcodes/t.png?token=secret#frag"
     assert shareable_url(url) == "https://x.supabase.co/storage/v1/object/sign/esim-qrcodes/t.png"
     assert shareable_url(None) is None
+
+
+def test_an_operators_note_is_stored_redacted_and_within_the_columns_limit():
+    stored = stored_note("customer read me 4242 4242 4242 4242 on the phone " + "x" * 600)
+    assert stored is not None and "4242 4242" not in stored and "[REDACTED" in stored
+    assert len(stored) == 500
+    assert stored_note(None) is None and stored_note("refunded in Stripe") == "refunded in Stripe"

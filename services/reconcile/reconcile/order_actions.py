@@ -1,14 +1,21 @@
 """The operator's order actions: each reads the order under its row lock, asks `order_ops` whether it may
 act, and writes its `operator_actions` row in the transaction of the change it makes.
 
-    re-drive (from the current state)   one transaction: lock order and event, audit row, publish, stamp;
-                                        a publish the broker does not confirm rolls all of it back
+    re-drive (from the current state)   one transaction: lock order and event, audit row (and the
+                                        event into the outbox if it was never queued); then the publish
+                                        and its stamp, after the commit (no lock is held while the broker
+                                        confirms); a publish the broker refuses is recorded in a second
+                                        audit row, and the next re-drive publishes it
     re-drive needs_attention → "to"     one transaction: move, audit row, event into the outbox; then
                                         the publish (a consumer must see the move, so it comes after
                                         the commit; a lost publish is made by the next re-drive)
     retry-refund                        one transaction: (needs_attention → refund_pending), audit row;
                                         then compensation.fail_and_refund, whose Stripe call carries
-                                        `refund:<txn>` as before, so no retry can refund twice
+                                        `refund:<txn>` as before, so no retry can refund twice; if Stripe
+                                        or the broker does not answer, a reopened order goes back to
+                                        needs_attention and a second audit row says where it was left
+    retry-refund of a refunded order    refunded by the system: the announcements again, with the
+                                        same event ids every time (no refund, notify emails once)
     resolve                             one transaction: needs_attention → delivered|refunded, audit row
 """
 
@@ -159,6 +166,7 @@ async def redrive(
 ) -> RedriveResponse:
     if request.to is not None:
         return await _redrive_by_hand(pool, publisher, transaction_id, request)
+    note = order_ops.stored_note(request.note)
     async with pool.acquire() as conn, conn.transaction():
         order = await _locked(conn, transaction_id)
         event_type = order_ops.redrive_event(order)
@@ -173,11 +181,23 @@ async def redrive(
             await outbox.add(conn, event)
             source = "rebuilt"
         detail = _detail_of(order.status, None, event, source)
-        action_id = await q.record_action(conn, transaction_id, "redrive", detail, request.note)
-        # Inside the transaction: if the broker does not confirm, the audit row and the stamp roll back.
-        await _publish(publisher, event, f"nothing changed; order {transaction_id} is {order.status.value}")
-        await q.mark_published(conn, event.event_id)
+        action_id = await q.record_action(conn, transaction_id, "redrive", detail, note)
+    # After the commit, as the outbox publishes: what the audit row says was asked is durable before the
+    # event can go out, and the order's row is not locked while the broker confirms.
     log.info("operator re-drive", extra={"action_id": action_id, **detail})
+    try:
+        if source == "republished":  # stamped already: the same event, sent once more
+            await publisher.publish(event)
+        else:
+            await outbox.publish_pending(pool, publisher, event)
+    except Exception as exc:  # PublishFailed and connection errors alike: not durable
+        await _record_outcome(pool, transaction_id, "redrive_not_published", {**detail, "error": _name(exc)})
+        log.warning("re-drive not published", extra={"routing_key": event.routing_key, "error": str(exc)})
+        waits = "" if source == "republished" else ", it waits in the outbox"
+        raise TryAgain(
+            f"the broker did not take {event.routing_key}{waits}: order {transaction_id} is still "
+            f"{order.status.value}, nothing was sent; re-drive it again (action {action_id} records this)"
+        ) from exc
     return RedriveResponse(
         transaction_id=transaction_id,
         status=order.status.value,
@@ -195,15 +215,16 @@ async def _redrive_by_hand(
     """needs_attention → funding | provisioned, then its driving event. Published after the commit: a
     consumer that got the message before the move was visible would find needs_attention and drop it."""
     assert request.to is not None
+    note = order_ops.stored_note(request.note)
     async with pool.acquire() as conn, conn.transaction():
         order = await _locked(conn, transaction_id)
         target, event_type = order_ops.manual_redrive(order, request.to)
-        reason = order_ops.operator_reason("operator re-drive", request.note)
+        reason = order_ops.operator_reason("operator re-drive", note)
         await transition(conn, transaction_id, target, reason=reason)
         event = await _build(conn, event_type, order, uuid.uuid4())
         await outbox.add(conn, event)
         detail = _detail_of(order.status, target, event, "operator")
-        action_id = await q.record_action(conn, transaction_id, "redrive", detail, request.note)
+        action_id = await q.record_action(conn, transaction_id, "redrive", detail, note)
     log.info("operator re-drive", extra={"action_id": action_id, **detail})
     await _publish_pending(pool, publisher, event, moved_to=target)
     return RedriveResponse(
@@ -269,14 +290,6 @@ def _detail_of(
     }
 
 
-async def _publish(publisher: EventPublisher, event: Event, left: str) -> None:
-    try:
-        await publisher.publish(event)
-    except Exception as exc:  # PublishFailed and connection errors alike: not durable
-        log.warning("re-drive not published", extra={"routing_key": event.routing_key, "error": str(exc)})
-        raise TryAgain(f"the broker did not take {event.routing_key}: {left}; try again") from exc
-
-
 async def _publish_pending(
     pool: asyncpg.Pool, publisher: EventPublisher, event: Event, *, moved_to: OrderStatus
 ) -> None:
@@ -284,6 +297,8 @@ async def _publish_pending(
         await outbox.publish_pending(pool, publisher, event)
     except Exception as exc:
         txn = event.transaction_id
+        detail = {"routing_key": event.routing_key, "event_id": str(event.event_id), "error": _name(exc)}
+        await _record_outcome(pool, txn, "redrive_not_published", detail)
         log.warning("re-drive not published", extra={"routing_key": event.routing_key, "error": str(exc)})
         raise TryAgain(
             f"order {txn} was moved to {moved_to.value} and its {event.routing_key} queued, but the broker "
@@ -299,6 +314,7 @@ async def retry_refund(
     transaction_id: str,
     note: str | None,
 ) -> RetryRefundResponse:
+    note = order_ops.stored_note(note)
     async with pool.acquire() as conn, conn.transaction():
         order = await _locked(conn, transaction_id)
         plan = order_ops.refund_retry_plan(order, q.moves(await q.transitions(conn, transaction_id)))
@@ -309,31 +325,26 @@ async def retry_refund(
             await transition(
                 conn, transaction_id, S.REFUND_PENDING, reason=reason, failure_reason=plan.reason
             )
-        detail = {"from": order.status.value, "failed_state": plan.failed_state.value, "step": plan.step}
+        detail = {
+            "from": order.status.value,
+            "failed_state": plan.failed_state.value,
+            "step": plan.step,
+            "announce_only": plan.announce_only,
+        }
         action_id = await q.record_action(conn, transaction_id, "retry_refund", detail, note)
     log.info("operator refund retry", extra={"action_id": action_id, **detail})
     try:
         final = await fail_and_refund(
             pool=pool,
             stripe=stripe,
-            publisher=publisher,
+            publisher=StableAnnouncements(publisher),
             transaction_id=transaction_id,
             failed_state=plan.failed_state,
             step=plan.step,
             reason=plan.reason,
         )
     except TransientError as exc:  # Stripe or the broker: the same call later resumes where this stopped
-        order = await _order(pool, transaction_id)
-        log.warning("operator refund retry interrupted", extra={"error": str(exc)[:200]})
-        if order.status == S.REFUNDED:  # only the announcement (order.refunded, order.failed) is missing
-            raise TryAgain(
-                f"order {transaction_id} was refunded (refund {order.refund_id}) but the broker did not "
-                "take its announcement: the customer may not be emailed about it"
-            ) from exc
-        raise TryAgain(
-            f"interrupted ({type(exc).__name__}); order {transaction_id} is {order.status.value}. "
-            "Call retry-refund again: it carries the same Stripe idempotency key, so it cannot refund twice"
-        ) from exc
+        raise await _interrupted(pool, transaction_id, order, plan, exc) from exc
     order = await _order(pool, transaction_id)
     if final == S.NEEDS_ATTENTION:
         raise RefundRefused(
@@ -346,22 +357,71 @@ async def retry_refund(
         status=order.status.value,
         refund_id=order.refund_id,
         refund_status=order.refund_status,
+        announced_again=plan.announce_only,
         action_id=action_id,
     )
+
+
+async def _interrupted(
+    pool: asyncpg.Pool, transaction_id: str, before: Order, plan: order_ops.RefundPlan, exc: Exception
+) -> TryAgain:
+    """Leave the order where an operator finds it, record where that is, and say so. An order this
+    retry reopened goes back to needs_attention (with the refund's failure reason it had): left in
+    refund_pending it would wait for a message nobody sends."""
+    log.warning("operator refund retry interrupted", extra={"error": str(exc)[:200]})
+    async with pool.acquire() as conn, conn.transaction():
+        order = await _locked(conn, transaction_id)
+        if plan.reopen and order.status == S.REFUND_PENDING:
+            await transition(
+                conn,
+                transaction_id,
+                S.NEEDS_ATTENTION,
+                reason=f"operator refund retry interrupted: {_name(exc)}",
+                failure_reason=before.failure_reason,
+            )
+        left = S.NEEDS_ATTENTION if plan.reopen and order.status == S.REFUND_PENDING else order.status
+        detail = {"from": before.status.value, "left": left.value, "error": _name(exc)}
+        await q.record_action(conn, transaction_id, "retry_refund_interrupted", detail, None)
+    log.info("operator refund retry left the order", extra=detail)
+    if left == S.REFUNDED:  # only the announcement (order.refunded, order.failed) is missing
+        return TryAgain(
+            f"order {transaction_id} was refunded (refund {order.refund_id}) but the broker did not take "
+            "its announcement, so the customer is not emailed yet: call retry-refund again to announce it "
+            "(it refunds nothing)"
+        )
+    return TryAgain(
+        f"interrupted ({_name(exc)}); order {transaction_id} is {left.value}. Call retry-refund again "
+        "later: it carries the same Stripe idempotency key, so it cannot refund twice"
+    )
+
+
+class StableAnnouncements:
+    """The publisher the compensation announces through (it only calls `publish`): each announcement's
+    id is derived from the order (and the failed step), so every retry-refund of an order publishes the
+    same order.refunded and order.failed, and a consumer that remembers message ids sees a redelivery."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        self._publisher = publisher
+
+    async def publish(self, event: Event) -> None:
+        step = getattr(event, "step", "")
+        key = f"retry-refund:{event.routing_key}:{step}:{event.transaction_id}"
+        await self._publisher.publish(event.model_copy(update={"event_id": outbox.stable_event_id(key)}))
 
 
 # ------------------------------------------------------------------------------------------- resolve
 async def resolve(pool: asyncpg.Pool, transaction_id: str, request: ResolveRequest) -> ResolveResponse:
     """No event is published: what was done happened outside the system, and order.delivered would,
     for instance, make funding capture a payment the operator may have settled otherwise."""
+    note = order_ops.stored_note(request.note)
     async with pool.acquire() as conn, conn.transaction():
         order = await _locked(conn, transaction_id)
         target = order_ops.resolve_target(order, request.outcome)
         await transition(
-            conn, transaction_id, target, reason=order_ops.operator_reason("operator resolved", request.note)
+            conn, transaction_id, target, reason=order_ops.operator_reason("operator resolved", note)
         )
         detail = {"from": order.status.value, "to": target.value}
-        action_id = await q.record_action(conn, transaction_id, "resolve", detail, request.note)
+        action_id = await q.record_action(conn, transaction_id, "resolve", detail, note)
     log.info("operator resolved an order", extra={"action_id": action_id, **detail})
     return ResolveResponse(transaction_id=transaction_id, status=target.value, action_id=action_id)
 
@@ -379,3 +439,16 @@ async def _order(pool: asyncpg.Pool, transaction_id: str) -> Order:
     if order is None:
         raise OrderNotFound(transaction_id)
     return order
+
+
+async def _record_outcome(
+    pool: asyncpg.Pool, transaction_id: str, action: str, detail: dict[str, Any]
+) -> None:
+    """A second audit row: how an action that was recorded (and committed) ended."""
+    async with pool.acquire() as conn:
+        await q.record_action(conn, transaction_id, action, detail, None)
+
+
+def _name(exc: BaseException) -> str:
+    """An error's class for an audit row: never its message, which may quote a provider's answer."""
+    return type(exc).__name__

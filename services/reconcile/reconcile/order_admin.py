@@ -182,7 +182,10 @@ def order_admin_router(ctx: ServiceContext) -> APIRouter:
         """Finish the refund of a failed order (topup_failed, purchase_failed, refund_pending, or
         needs_attention after a refund Stripe refused) through the services' own compensation. Its
         Stripe idempotency key is the one used before, so no number of retries refunds twice. An order
-        whose eSIM Zendit delivered is never refunded here (409)."""
+        whose eSIM Zendit delivered is never refunded here (409). An order the system refunded already
+        gets its order.refunded and order.failed published again (`announced_again`; same event ids,
+        one email): the way out when the broker refused them. Stripe or the broker not answering is a
+        503 that says where the order was left (a reopened order goes back to needs_attention)."""
 
         async def work() -> RetryRefundResponse:
             async with stripe_gateway(ctx.settings) as stripe:

@@ -6,7 +6,8 @@ retried, what may be resolved by hand, which states may be listed.
                     provisioned                   ─► order.provisioned  (notify emails, → delivered)
                     needs_attention + {"to": "funding"}      ─► funding     + order.paid
                     needs_attention + {"to": "provisioned"}  ─► provisioned + order.provisioned
-    retry-refund    topup_failed, purchase_failed, refund_pending, needs_attention after a failed refund
+    retry-refund    topup_failed, purchase_failed, refund_pending, needs_attention after a failed refund;
+                    refunded by the system: only its announcements again (order.refunded, order.failed)
     resolve         needs_attention ─► delivered | refunded (done by hand, outside the system)
 
 Every consumer is idempotent per order (it looks at the order's state, not at the message), so
@@ -22,6 +23,7 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from esim_common.events import Event, FailedStep, OrderFunded, OrderPaid, OrderProvisioned
+from esim_common.logging import redact
 from esim_common.order_states import TERMINAL_STATES, OrderStatus, can_transition
 
 S = OrderStatus
@@ -107,6 +109,7 @@ class RefundPlan:
     step: FailedStep  # named in the customer's email
     reason: str  # the original failure's reason (a failed refund overwrote the order's)
     reopen: bool  # needs_attention: move it back to refund_pending first
+    announce_only: bool = False  # refunded already: only order.refunded and order.failed go out again
 
 
 # ------------------------------------------------------------------------------------------- listing
@@ -204,8 +207,7 @@ def refund_retry_plan(order: OrderFacts, history: Sequence[Move]) -> RefundPlan:
     retry can never refund twice); NotAllowed when a refund is not the system's to make."""
     txn, status = order.transaction_id, order.status
     if status == S.REFUNDED:
-        what = f"refund {order.refund_id}" if order.refund_id else "its authorisation was released"
-        raise NotAllowed(f"order {txn} is refunded already ({what}); there is nothing to retry")
+        return _announce_again_plan(order, history)
     if zendit_delivered(order) or status in (S.PROVISIONED, S.DELIVERED):
         raise NotAllowed(
             f"order {txn} is {status.value} and Zendit delivered its eSIM: it is never refunded "
@@ -226,6 +228,41 @@ def refund_retry_plan(order: OrderFacts, history: Sequence[Move]) -> RefundPlan:
             f"order {txn} needs attention after {came_from}: {why}. Refund it in Stripe if it must be, "
             f"then {_RESOLVE.format(txn=txn)}"
         )
+    failed_state, reason = _failed_step(txn, status, history)
+    return RefundPlan(
+        failed_state=failed_state,
+        step=FAILED_STEP[failed_state],
+        reason=reason,
+        reopen=status == S.NEEDS_ATTENTION,
+    )
+
+
+def _announce_again_plan(order: OrderFacts, history: Sequence[Move]) -> RefundPlan:
+    """A refund the system made whose announcement the broker may have refused (the customer then never
+    hears of it): the compensation, called again, publishes order.refunded and order.failed once more
+    and refunds nothing. Notify emails once per order and template, so a repeat sends no second email.
+    An order an operator marked refunded by hand has nothing to announce."""
+    txn = order.transaction_id
+    what = f"refund {order.refund_id}" if order.refund_id else "its authorisation was released"
+    into = [m for m in history if m.to_status == S.REFUNDED.value]
+    if not into or into[-1].from_status != S.REFUND_PENDING.value:
+        raise NotAllowed(
+            f"order {txn} is refunded already ({what}) and was marked so by hand; there is nothing to "
+            "retry or announce"
+        )
+    failed_state, reason = _failed_step(txn, S.REFUNDED, history)
+    return RefundPlan(
+        failed_state=failed_state,
+        step=FAILED_STEP[failed_state],
+        reason=reason,
+        reopen=False,
+        announce_only=True,
+    )
+
+
+def _failed_step(txn: str, status: OrderStatus, history: Sequence[Move]) -> tuple[OrderStatus, str]:
+    """The failed state the refund follows and its original reason (a failed refund overwrote the
+    order's), or NotAllowed when the timeline shows none."""
     failed = [m for m in history if m.to_status in {s.value for s in FAILED_STEP}]
     if status in FAILED_STEP:
         failed_state, reason = status, failed[-1].reason if failed else None
@@ -236,12 +273,7 @@ def refund_retry_plan(order: OrderFacts, history: Sequence[Move]) -> RefundPlan:
             f"order {txn}'s timeline shows no failed step, so the amount and the customer's email "
             f"cannot be chosen safely; refund it in Stripe, then {_RESOLVE.format(txn=txn)}"
         )
-    return RefundPlan(
-        failed_state=failed_state,
-        step=FAILED_STEP[failed_state],
-        reason=reason or failed_state.value,
-        reopen=status == S.NEEDS_ATTENTION,
-    )
+    return failed_state, reason or failed_state.value
 
 
 # ------------------------------------------------------------------------------------------- resolve
@@ -262,5 +294,14 @@ def shareable_url(url: str | None) -> str | None:
 
 
 def operator_reason(what: str, note: str | None) -> str:
-    """The `order_transitions.reason` of a move an operator made."""
+    """The `order_transitions.reason` of a move an operator made (`note` as `stored_note` made it)."""
     return f"{what}: {note}" if note else what
+
+
+NOTE_MAX_CHARS = 500  # operator_actions.note's CHECK
+
+
+def stored_note(note: str | None) -> str | None:
+    """An operator's note as it is stored (audit row, transition reason): a card number, key or token
+    pasted into it is redacted like a log line, since both tables are read back in timelines."""
+    return None if note is None else redact(note)[:NOTE_MAX_CHARS]

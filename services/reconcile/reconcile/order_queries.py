@@ -70,7 +70,6 @@ LATEST_EVENT = """
      ORDER BY created_at DESC LIMIT 1
        FOR UPDATE
 """
-MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE event_id = $1 AND published_at IS NULL"
 # The top-up whose money funded the order (funding's order.funded names it).
 LATEST_SUCCEEDED_TOPUP = """
     SELECT id FROM wallet_topups WHERE order_ids @> ARRAY[$1::text] AND status = 'succeeded'
@@ -203,10 +202,6 @@ async def record_action(
 async def latest_event(conn: asyncpg.Connection, transaction_id: str, routing_key: str) -> QueuedEvent | None:
     row = await conn.fetchrow(LATEST_EVENT, transaction_id, routing_key)
     return QueuedEvent(**dict(row)) if row else None
-
-
-async def mark_published(conn: asyncpg.Connection, event_id: uuid.UUID) -> None:
-    await conn.execute(MARK_PUBLISHED, event_id)
 
 
 async def latest_succeeded_topup(conn: asyncpg.Connection, transaction_id: str) -> str | None:

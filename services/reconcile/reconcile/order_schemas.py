@@ -160,6 +160,13 @@ class RetryRefundResponse(BaseModel):
         description="Stripe's refund; null when an uncaptured payment was released."
     )
     refund_status: str | None
+    announced_again: bool = Field(
+        False,
+        description=(
+            "The order was refunded already: nothing was refunded, its order.refunded and order.failed "
+            "were published again (the customer is emailed once)."
+        ),
+    )
     action_id: int
 
 
