@@ -92,7 +92,8 @@ async def test_unfinished_orders_are_counted_per_state_with_the_age_of_the_oldes
     await insert_order(db, "needs_attention")
     await insert_order(db, "delivered", issue_seconds=5)  # finished: no series of its own
     await db.execute(
-        "UPDATE esim_purchases SET updated_at = now() - interval '40 minutes' WHERE status = 'needs_attention'"
+        "UPDATE esim_purchases SET updated_at = now() - interval '40 minutes'"
+        " WHERE status = 'needs_attention'"
     )
 
     await BusinessMetrics(lambda: db).run_once()
