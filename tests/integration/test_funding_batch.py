@@ -423,20 +423,30 @@ async def test_entering_funding_moves_only_from_the_status_read_and_records_the_
             recipient_name="Ada Lovelace",
         )
         await transition(conn, "t-enter", S.PAID)
-        assert not await repo.enter_funding(conn, "t-enter", S.AWAITING_FUNDS, reason="stale read")
-        assert await repo.enter_funding(conn, "t-enter", S.PAID, reason="order.paid received")
-        assert not await repo.enter_funding(conn, "t-enter", S.PAID, reason="a second delivery")
+        with pytest.raises(IllegalTransition):  # a stale read: the order is not awaiting_funds
+            await transition(conn, "t-enter", S.FUNDING, reason="stale read", expected_from=S.AWAITING_FUNDS)
+        moved = await transition(
+            conn, "t-enter", S.FUNDING, reason="order.paid received", expected_from=S.PAID
+        )
+        assert moved.changed
+        again = await transition(conn, "t-enter", S.FUNDING, reason="a second delivery", expected_from=S.PAID)
+        assert not again.changed  # already there: a no-op, not a second move
+        await transition(conn, "t-enter", S.FUNDED)
+        await transition(conn, "t-enter", S.PURCHASING)
+        with pytest.raises(IllegalTransition):  # purchasing → funding is legal, but not what was read
+            await transition(conn, "t-enter", S.FUNDING, reason="stale read", expected_from=S.AWAITING_FUNDS)
         with pytest.raises(ValueError):
-            await repo.enter_funding(conn, "t-enter", S.DELIVERED, reason="never from there")
+            await transition(conn, "t-enter", S.FUNDING, reason="never from there", expected_from=S.DELIVERED)
         order = await get_order(conn, "t-enter")
         moves = await conn.fetch(
             "SELECT from_status, to_status, reason FROM order_transitions WHERE transaction_id = $1"
             " ORDER BY id",
             "t-enter",
         )
-    assert order.status == S.FUNDING
-    assert [tuple(m) for m in moves][-1] == ("paid", "funding", "order.paid received")
+    assert order.status == S.PURCHASING
+    assert ("paid", "funding", "order.paid received") in [tuple(m) for m in moves]
     assert [tuple(m)[:2] for m in moves].count(("paid", "funding")) == 1
+    assert ("purchasing", "funding") not in [tuple(m)[:2] for m in moves]
 
 
 # ------------------------------------------------------------------------------------ the SQL

@@ -73,14 +73,24 @@ async def transition(
     *,
     reason: str | None = None,
     failure_reason: str | None = None,
+    expected_from: OrderStatus | None = None,
 ) -> TransitionResult:
     """Move an order to `target` if that is legal from its current state.
 
     Returns `changed=False` when the order is already in `target` (idempotent redelivery), raises
     `IllegalTransition` otherwise. Call inside the caller's transaction to make the move atomic with
     whatever else it writes.
+
+    `expected_from`: move only from that one (legal) source, the status the caller acted on. Without it
+    a decision made on a stale read could move an order that went on meanwhile by another legal edge
+    (funding's `awaiting_funds → funding` must not also take an order that reached `purchasing`).
     """
-    allowed_from = [s.value for s in sources_of(target)]
+    sources = sources_of(target)
+    if expected_from is not None:
+        if expected_from not in sources:
+            raise ValueError(f"an order cannot enter {target.value} from {expected_from.value}")
+        sources = frozenset({expected_from})
+    allowed_from = [s.value for s in sources]
     row = await conn.fetchrow(
         _update_sql(target),
         transaction_id,

@@ -240,13 +240,22 @@ class FundOrder:
         if order.status == S.PAID or (
             order.status == S.AWAITING_FUNDS and self._mode == FundingMode.ISSUING_CARD
         ):
-            # Only from the status just read: transition(FUNDING) would also move an order that a batch
-            # funded and provisioning moved to purchasing meanwhile back to funding (a second purchase).
-            if await repo.enter_funding(
-                self._pool(), order.transaction_id, order.status, reason="order.paid received"
-            ):
-                return order.model_copy(update={"status": S.FUNDING})  # what funding reads is unchanged
-            return await self._order(order.transaction_id)  # it moved on; look where it is now
+            # Only from the status just read: a plain transition(FUNDING) would also move an order that a
+            # batch funded and provisioning moved to purchasing meanwhile back to funding (a second purchase).
+            try:
+                async with self._pool().acquire() as conn:
+                    moved = await transition(
+                        conn,
+                        order.transaction_id,
+                        S.FUNDING,
+                        reason="order.paid received",
+                        expected_from=order.status,
+                    )
+                if moved.changed:
+                    return order.model_copy(update={"status": S.FUNDING})  # what funding reads is unchanged
+            except IllegalTransition:
+                pass  # it moved on meanwhile
+            return await self._order(order.transaction_id)  # look where it is now
         return order
 
     async def _record_cost(self, order: Order) -> Money:

@@ -1,8 +1,6 @@
 """The funding service's SQL: top-ups, issuing cards, wallet reservations. Named SQL, typed rows.
 
-Order states change only through `esim_common.orders.transition`, bar one: `enter_funding`, the move to
-funding from the one status the delivery read (transition has no such condition); this module
-otherwise records facts.
+Order states change only through `esim_common.orders.transition`; this module records facts.
 """
 
 from __future__ import annotations
@@ -15,11 +13,10 @@ from datetime import datetime
 import asyncpg
 from pydantic import BaseModel, ConfigDict
 
-from esim_common import metrics
 from esim_common.events import OrderFunded
 from esim_common.money import Money
 from esim_common.order_repository import record
-from esim_common.order_states import ALLOWED_TRANSITIONS, OrderStatus
+from esim_common.order_states import OrderStatus
 from esim_common.providers.stripe import IssuedCard
 from funding.domain import (
     RESERVING_STATES,
@@ -174,21 +171,6 @@ SELECT_FIRST_IN_LINE = """
 # the race to a batch that funded the order and to provisioning that started buying it, would fund it
 # again. As in transition's statement, the guard reads the row as its lock returned it (`previous`),
 # and the move is recorded in the order's timeline.
-ENTER_FUNDING = """
-    WITH previous AS (
-        SELECT status FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
-    ), moved AS (
-        UPDATE esim_purchases AS o SET status = 'funding', updated_at = now()
-          FROM previous
-         WHERE o.transaction_id = $1 AND previous.status = $2
-     RETURNING previous.status AS previous_status
-    ), recorded AS (
-        INSERT INTO order_transitions (transaction_id, from_status, to_status, reason)
-        SELECT $1, previous_status, 'funding', $3 FROM moved
-    )
-    SELECT count(*) FROM moved
-"""
-
 RECORD_COST_IF_MISSING = """
     UPDATE esim_purchases SET zendit_cost = $2, zendit_cost_currency = $3, updated_at = now()
      WHERE transaction_id = $1 AND zendit_cost IS NULL
@@ -380,18 +362,6 @@ async def first_in_line(conn: asyncpg.Connection | asyncpg.Pool) -> FirstInLine 
     """The earliest-paid order waiting in awaiting_funds, and how long ago it last looked."""
     row = await conn.fetchrow(SELECT_FIRST_IN_LINE)
     return FirstInLine(row["transaction_id"], row["checked_seconds_ago"]) if row is not None else None
-
-
-async def enter_funding(
-    conn: asyncpg.Connection | asyncpg.Pool, transaction_id: str, read: OrderStatus, *, reason: str
-) -> bool:
-    """Move the order to funding if it is still `read` (a legal source); False when it moved meanwhile."""
-    if OrderStatus.FUNDING not in ALLOWED_TRANSITIONS[read]:
-        raise ValueError(f"an order cannot enter funding from {read.value}")
-    moved = bool(await conn.fetchval(ENTER_FUNDING, transaction_id, read.value, reason))
-    if moved:
-        metrics.orders_transitions_total.labels(to_state=OrderStatus.FUNDING.value).inc()
-    return moved
 
 
 async def record_cost_if_missing(pool: asyncpg.Pool, transaction_id: str, cost: Money) -> None:
