@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from esim_common.providers.zendit import ZenditError, ZenditTransientError
 from esim_common.service import ServiceContext
@@ -50,18 +51,27 @@ def _admin_guard(ctx: ServiceContext):  # type: ignore[no-untyped-def]
     return require_admin
 
 
-async def _admin_request(request: Request) -> AdminRequest:
-    """The body, read only after the token was accepted (a dependency declared after the guard)."""
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail="request body too large")
-    try:
-        return AdminRequest.model_validate_json(body or b"{}")
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        raise RequestValidationError(
-            [{**error, "loc": ("body", *error["loc"])} for error in errors]
-        ) from None
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_body(model: type[M], *, max_bytes: int = MAX_BODY_BYTES) -> Callable[[Request], Awaitable[M]]:
+    """A dependency reading the JSON body as `model` (an empty body is `{}`). Declared after the guard, so
+    no body is read before the token was accepted; errors are 413 or 422 without echoing the input."""
+
+    async def read(request: Request) -> M:
+        body = await request.body()
+        if len(body) > max_bytes:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail="request body too large")
+        try:
+            return model.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+    return read
+
+
+_admin_request = json_body(AdminRequest)
 
 
 _ZENDIT_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from pydantic import BaseModel
 
 from esim_common.logging import bind_transaction_id
 from esim_common.publisher import PublishFailed, publish_raw
 from esim_common.service import ServiceContext
 from esim_common.topology import ConsumerQueue
 from reconcile import dead_letters
-from reconcile.admin import _admin_guard
+from reconcile.admin import _admin_guard, json_body
 from reconcile.dead_letters import AuditEntry, DeadLetter, Settled, find_dead_letter_queue, origin_queue
 from reconcile.dlq_audit import record_operator_actions
 from reconcile.dlq_broker import BrokerUnavailable, DeadLetterBroker, QueueCounts, QueueMissing
@@ -63,9 +62,6 @@ class AuditUnavailable(Exception):
     """The audit rows could not be written; nothing was acked."""
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
 Responses = dict[int | str, dict[str, Any]]
 
 
@@ -88,24 +84,6 @@ _BAD_BODY: Responses = {
     status.HTTP_413_CONTENT_TOO_LARGE: _error("Request body too large."),
     status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Not a valid request; the error says why."},
 }
-
-
-def _json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
-    """A body read only after the token was accepted (a dependency declared after the guard)."""
-
-    async def read(request: Request) -> M:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail="request body too large")
-        try:
-            return model.model_validate_json(body or b"{}")
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False)
-            raise RequestValidationError(
-                [{**error, "loc": ("body", *error["loc"])} for error in errors]
-            ) from None
-
-    return read
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -232,7 +210,8 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
         openapi_extra=_body_schema(ReplayRequest),
     )
     async def replay_dead_letters(
-        queue: str, body: Annotated[ReplayRequest, Depends(_json_body(ReplayRequest))]
+        queue: str,
+        body: Annotated[ReplayRequest, Depends(json_body(ReplayRequest, max_bytes=MAX_BODY_BYTES))],
     ) -> ReplayResponse:
         """Put dead letters back on the work queue their DLQ belongs to (an `x-esim-origin-queue`
         naming another queue is ignored) with the same message id and body and a fresh attempt count,
@@ -272,7 +251,8 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
         openapi_extra=_body_schema(DiscardRequest),
     )
     async def discard_dead_letters(
-        queue: str, body: Annotated[DiscardRequest, Depends(_json_body(DiscardRequest))]
+        queue: str,
+        body: Annotated[DiscardRequest, Depends(json_body(DiscardRequest, max_bytes=MAX_BODY_BYTES))],
     ) -> DiscardResponse:
         """Drop the named dead letters for good. Each one — id, queue, headers and whole body — is
         first written to `operator_actions` with the note, then acked; if the audit write fails,

@@ -13,19 +13,18 @@ once the token was accepted. Refusals by the rules are 409s whose message says w
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from pydantic import BaseModel
 
 from esim_common.logging import bind_transaction_id
 from esim_common.orders import IllegalTransition
 from esim_common.providers import stripe_gateway
 from esim_common.service import ServiceContext
 from reconcile import order_actions, order_ops
-from reconcile.admin import MAX_BODY_BYTES, _admin_guard
+from reconcile.admin import _admin_guard, json_body
 from reconcile.domain import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 from reconcile.order_actions import OrderNotFound, RefundRefused, TryAgain
 from reconcile.order_ops import NotAllowed
@@ -43,7 +42,6 @@ from reconcile.schemas import ErrorResponse
 
 log = logging.getLogger("esim.reconcile.admin")
 
-M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 # A month: longer-stuck orders are still listed with the default (0), this only bounds the filter.
@@ -69,23 +67,6 @@ _INVALID: Responses = {
 _UNAVAILABLE: Responses = {
     status.HTTP_503_SERVICE_UNAVAILABLE: _error("The broker or Stripe did not answer.")
 }
-
-
-def _body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
-    """A dependency reading the JSON body as `model` (an empty body is `{}`), declared after the guard so
-    that no body is read before the token was accepted."""
-
-    async def read(request: Request) -> M:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail="request body too large")
-        try:
-            return model.model_validate_json(body or b"{}")
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False, include_context=False)
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
-
-    return read
 
 
 def _documented_body(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
@@ -154,7 +135,7 @@ def order_admin_router(ctx: ServiceContext) -> APIRouter:
         openapi_extra=_documented_body(RedriveRequest, required=False),
     )
     async def redrive(
-        transaction_id: TransactionId, body: Annotated[RedriveRequest, Depends(_body(RedriveRequest))]
+        transaction_id: TransactionId, body: Annotated[RedriveRequest, Depends(json_body(RedriveRequest))]
     ) -> RedriveResponse:
         """Publish again the event that drives the order on from its state: order.paid (paid, funding,
         awaiting_funds), order.funded (funded, purchasing), order.provisioned (provisioned). Safe to
@@ -177,7 +158,7 @@ def order_admin_router(ctx: ServiceContext) -> APIRouter:
     )
     async def retry_refund(
         transaction_id: TransactionId,
-        body: Annotated[RetryRefundRequest, Depends(_body(RetryRefundRequest))],
+        body: Annotated[RetryRefundRequest, Depends(json_body(RetryRefundRequest))],
     ) -> RetryRefundResponse:
         """Finish the refund of a failed order (topup_failed, purchase_failed, refund_pending, or
         needs_attention after a refund Stripe refused) through the services' own compensation. Its
@@ -201,7 +182,7 @@ def order_admin_router(ctx: ServiceContext) -> APIRouter:
         openapi_extra=_documented_body(ResolveRequest, required=True),
     )
     async def resolve(
-        transaction_id: TransactionId, body: Annotated[ResolveRequest, Depends(_body(ResolveRequest))]
+        transaction_id: TransactionId, body: Annotated[ResolveRequest, Depends(json_body(ResolveRequest))]
     ) -> ResolveResponse:
         """Mark a needs_attention order delivered or refunded: the operator did it outside the system.
         Publishes nothing."""
