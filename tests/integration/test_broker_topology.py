@@ -10,6 +10,8 @@ import uuid
 
 import aio_pika
 import pytest
+from faststream.rabbit import RabbitExchange
+from faststream.rabbit.schemas import ExchangeType
 
 from esim_common.consumer import consume
 from esim_common.errors import FailPermanently, RetryLater
@@ -20,6 +22,7 @@ from esim_common.topology import (
     ATTEMPT_HEADER,
     LAST_ERROR_HEADER,
     ORIGIN_QUEUE_HEADER,
+    ROUTING_KEY_HEADER,
     ConsumerQueue,
     Topology,
 )
@@ -27,6 +30,7 @@ from esim_common.topology import (
 pytestmark = pytest.mark.broker
 
 QUEUE = "funding.order-paid"
+OBSERVER = "reconcile.dead-letters"
 
 
 def paid_event() -> OrderPaid:
@@ -317,6 +321,8 @@ async def test_when_the_failure_cannot_be_routed_the_broker_dead_letters_the_mes
     assert len(recorder.deliveries) == 1, "rejected, not requeued: the handler ran once"
     assert await queue_depth(amqp_url, queue.dlq) == 1
     assert await queue_depth(amqp_url, queue.name) == 0
+    # The broker's own dead-lettering bypasses the dead-letter exchange: only the DLQ depth shows it.
+    assert await queue_depth(amqp_url, topology.queue(OBSERVER).name) == 0
 
 
 async def test_every_event_type_is_routable_in_the_production_topology(amqp_url, topology):
@@ -372,3 +378,103 @@ def lambda_async(check):
         return check()
 
     return probe
+
+
+async def test_a_dead_letter_reaches_its_dlq_and_an_observation_copy_for_reconcile(amqp_url, topology):
+    """The consumer's DLQ copy goes through the dead-letter exchange: the DLQ gets it as before, and
+    `reconcile.dead-letters` gets a copy with the same id and headers; nothing consumes the DLQ."""
+    recorder = Recorder(raises=KeyError("bug"))
+    broker = await run_consumer(amqp_url, topology, recorder)
+    queue, observer = topology.queue(QUEUE), topology.queue(OBSERVER)
+    try:
+        event = paid_event()
+        await EventPublisher(broker, topology).publish(event)
+
+        async def both() -> bool:
+            return (
+                await queue_depth(amqp_url, queue.dlq) == 1
+                and await queue_depth(amqp_url, observer.name) == 1
+            )
+
+        await wait_until(both, timeout=5)
+    finally:
+        await broker.stop()
+    dead, seen = await get_one(amqp_url, queue.dlq), await get_one(amqp_url, observer.name)
+    assert dead is not None and seen is not None
+    for message in (dead, seen):
+        assert message.message_id == str(event.event_id) and message.body == dead.body
+        assert message.routing_key == queue.dlq
+        assert message.headers[ORIGIN_QUEUE_HEADER] == queue.name
+        assert message.headers[ROUTING_KEY_HEADER] == "order.paid"  # the event's, kept for the history
+        assert "KeyError" in message.headers[LAST_ERROR_HEADER]
+    for other in topology.queues:  # one copy each: no other DLQ or observer got one
+        if other.name not in (queue.name, observer.name):
+            assert await queue_depth(amqp_url, other.dlq) == 0
+    assert await queue_depth(amqp_url, observer.dlq) == 0
+
+
+async def test_the_retry_tiers_keep_the_events_routing_key_for_the_dlq(amqp_url, topology):
+    """A retry tier hands the message back under the work queue's name; the header keeps order.paid."""
+    recorder = Recorder(raises=RetryLater("zendit answered 503"))
+    queue = topology.queue(QUEUE)
+    broker = await run_consumer(amqp_url, topology, recorder, with_hook=False)
+    try:
+        await EventPublisher(broker, topology).publish(paid_event())
+
+        async def retried_once() -> bool:
+            return len(recorder.deliveries) == 2
+
+        await wait_until(retried_once, timeout=5)
+        recorder.raises = KeyError("bug")  # the next delivery (after the 3 s tier) dead-letters it
+
+        async def dead_lettered() -> bool:
+            return await queue_depth(amqp_url, queue.dlq) == 1
+
+        await wait_until(dead_lettered, timeout=8)
+    finally:
+        await broker.stop()
+    dead = await get_one(amqp_url, queue.dlq)
+    assert dead is not None and dead.headers[ROUTING_KEY_HEADER] == "order.paid"
+
+
+async def test_the_observers_own_dead_letters_are_not_observed_so_they_cannot_loop(amqp_url, topology):
+    broker = create_broker(amqp_url)
+    await broker.start()
+    observer = topology.queue(OBSERVER)
+    try:
+        await publish_raw(
+            broker,
+            b"{}",
+            exchange=RabbitExchange(topology.dead_letter_exchange, type=ExchangeType.DIRECT, durable=True),
+            routing_key=observer.dlq,
+            message_id="observer-dead-letter",
+            correlation_id=None,
+            headers={ORIGIN_QUEUE_HEADER: observer.name},
+        )
+    finally:
+        await broker.stop()
+    assert await queue_depth(amqp_url, observer.dlq) == 1
+    assert await queue_depth(amqp_url, observer.name) == 0
+
+
+async def test_an_older_publisher_dead_lettering_through_the_default_exchange_still_reaches_the_dlq(
+    amqp_url, topology
+):
+    """Rolling deploys: a consumer still on the previous release copies straight to `<queue>.dlq`."""
+    broker = create_broker(amqp_url)
+    await broker.start()
+    queue = topology.queue(QUEUE)
+    try:
+        await publish_raw(
+            broker,
+            paid_event().model_dump_json().encode(),
+            exchange=None,
+            routing_key=queue.dlq,
+            message_id="from-the-old-release",
+            correlation_id=None,
+            headers={ORIGIN_QUEUE_HEADER: queue.name},
+        )
+    finally:
+        await broker.stop()
+    assert await queue_depth(amqp_url, queue.dlq) == 1
+    assert await queue_depth(amqp_url, topology.queue(OBSERVER).name) == 0  # documented: not observed

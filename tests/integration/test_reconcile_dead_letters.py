@@ -155,7 +155,8 @@ async def test_a_dead_lettered_message_is_listed_peeked_without_loss_and_replaye
         assert listing.status_code == 200
         rows = {row["queue"]: row for row in listing.json()["queues"]}
         assert set(rows) == {q.dlq for q in ctx.topology.queues}
-        assert rows[work.dlq] == {"queue": work.dlq, "origin_queue": work.name, "depth": 1, "consumers": 0}
+        depth_fields = {k: rows[work.dlq][k] for k in ("queue", "origin_queue", "depth", "consumers")}
+        assert depth_fields == {"queue": work.dlq, "origin_queue": work.name, "depth": 1, "consumers": 0}
         assert listing.json()["total"] == 1
 
         for look in (1, 2):  # peeking twice shows the same message: nothing was taken

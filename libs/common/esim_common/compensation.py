@@ -17,6 +17,7 @@ import logging
 
 import asyncpg
 
+from esim_common import metrics
 from esim_common.events import FailedStep, OrderFailed, OrderRefunded
 from esim_common.money import Money
 from esim_common.order_repository import Order, get_order, record
@@ -65,6 +66,9 @@ async def fail_and_refund(
 
     if order.status == S.REFUND_PENDING:
         order = await _give_money_back(pool, stripe, order)
+        if order.status == S.REFUNDED:
+            # Counted where the refund is made, not when announced: a redelivery re-announces it.
+            metrics.refunds_total.labels(step=step).inc()
 
     reason_now = order.failure_reason or reason
     if order.status == S.REFUNDED:

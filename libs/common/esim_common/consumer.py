@@ -16,6 +16,11 @@ nothing; what it raises decides the message's fate (see `esim_common.errors`):
 | body is not a valid event (poison)      | copy to `<queue>.dlq`, ack                                 |
 | the copy itself is not confirmed        | reject without requeue: the broker dead-letters to the DLQ |
 
+A DLQ copy goes through the dead-letter exchange (`esim.dead-letters`, routing key = the DLQ's name),
+which hands it to the DLQ and a second copy to reconcile's history (`reconcile.dead-letters`); the DLQ
+itself is never consumed. `consume_raw` subscribes a handler that takes the message itself (that
+history, whose messages are any event or none) with the same fates minus the failure hook.
+
 "Copy, then ack" means the broker has confirmed the copy before the original goes, so a crash in
 between duplicates the message (handlers are idempotent) but never loses it. Nothing is ever requeued
 with a nack: that would re-run the handler in a tight loop, and RabbitMQ 4.3 no longer counts such
@@ -34,8 +39,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 from faststream.middlewares import AckPolicy
-from faststream.rabbit import RabbitBroker, RabbitQueue
+from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
+from faststream.rabbit.schemas import ExchangeType
 from faststream.rabbit.subscriber import RabbitSubscriber
 from pydantic import ValidationError
 
@@ -49,12 +55,14 @@ from esim_common.topology import (
     FAILED_AT_HEADER,
     LAST_ERROR_HEADER,
     ORIGIN_QUEUE_HEADER,
+    ROUTING_KEY_HEADER,
     ConsumerQueue,
     Topology,
 )
 
 E = TypeVar("E", bound=Event)
 Handler = Callable[[E], Awaitable[None]]
+RawHandler = Callable[[RabbitMessage], Awaitable[None]]
 FailureHook = Callable[[E, str], Awaitable[None]]
 
 log = logging.getLogger("esim.consumer")
@@ -95,20 +103,41 @@ def failure_reason(exc: BaseException) -> str:
 class MessageRouter:
     """Moves one delivered message to its next place (retry tier or DLQ) with our headers."""
 
-    def __init__(self, broker: RabbitBroker, queue: ConsumerQueue, retry_delays: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        queue: ConsumerQueue,
+        retry_delays: tuple[int, ...],
+        *,
+        dead_letter_exchange: str | None = None,
+    ) -> None:
         self._broker = broker
         self.queue = queue
         self.retry_delays = retry_delays
+        # None: DLQ copies go through the default exchange (unobserved), as before the exchange existed.
+        self._dead_letters = (
+            None
+            if dead_letter_exchange is None
+            else RabbitExchange(dead_letter_exchange, type=ExchangeType.DIRECT, durable=True)
+        )
 
-    async def _copy(self, message: RabbitMessage, routing_key: str, headers: dict[str, Any]) -> None:
+    async def _copy(
+        self,
+        message: RabbitMessage,
+        routing_key: str,
+        headers: dict[str, Any],
+        exchange: RabbitExchange | None = None,
+    ) -> None:
+        original = message.headers.get(ROUTING_KEY_HEADER) or _routing_key(message)
+        stamp = {ROUTING_KEY_HEADER: original} if original else {}
         await publish_raw(
             self._broker,
             message.body,
-            exchange=None,  # the default exchange delivers straight to the named queue
+            exchange=exchange,  # None: the default exchange delivers straight to the named queue
             routing_key=routing_key,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
-            headers={**message.headers, **headers},
+            headers={**message.headers, **stamp, **headers},
         )
 
     async def to_retry_tier(self, message: RabbitMessage, attempt: int, exc: BaseException) -> None:
@@ -136,7 +165,14 @@ class MessageRouter:
                 ORIGIN_QUEUE_HEADER: self.queue.name,
                 FAILED_AT_HEADER: datetime.now(UTC).isoformat(),
             },
+            self._dead_letters,
         )
+
+
+def _routing_key(message: RabbitMessage) -> str | None:
+    """The routing key this delivery came with (a test double may have no AMQP message underneath)."""
+    key = getattr(getattr(message, "raw_message", None), "routing_key", None)
+    return key if isinstance(key, str) and key else None
 
 
 def attempt_of(message: RabbitMessage) -> int:
@@ -201,6 +237,33 @@ async def handle_delivery(
             return "dead_lettered"
 
 
+async def handle_raw_delivery(message: RabbitMessage, *, handler: RawHandler, router: MessageRouter) -> str:
+    """The fates for a handler that takes the message itself: returns → ack; a retryable error → the
+    retry tiers, then the DLQ; anything else → the DLQ. There is no failure hook: no order to fail."""
+    queue_name = router.queue.name
+    attempt = attempt_of(message)
+    try:
+        await handler(message)
+        return "ok"
+    except RETRYABLE as exc:
+        if attempt <= len(router.retry_delays):
+            log.warning(
+                "transient failure, retrying",
+                extra={"queue": queue_name, "attempt": attempt, "error": error_summary(exc)},
+            )
+            await router.to_retry_tier(message, attempt, exc)
+            return "retried"
+        log.error(
+            "retries exhausted", extra={"queue": queue_name, "attempt": attempt, "error": error_summary(exc)}
+        )
+        await router.to_dlq(message, exc)
+        return "dead_lettered"
+    except Exception as exc:
+        log.exception("unexpected error, dead-lettered for an operator", extra={"queue": queue_name})
+        await router.to_dlq(message, exc)
+        return "dead_lettered"
+
+
 async def _take_failure_path(
     message: RabbitMessage,
     event: E,
@@ -263,26 +326,58 @@ def consume(
             f"{queue.name} receives {', '.join(queue.routing_keys)}, not {event_type.routing_key} "
             f"({event_type.__name__}); every message would be dead-lettered as poison"
         )
-    router = MessageRouter(broker, queue, topology.retry_delays)
+    router = MessageRouter(
+        broker, queue, topology.retry_delays, dead_letter_exchange=topology.dead_letter_exchange
+    )
+
+    async def settle(message: RabbitMessage) -> str:
+        return await handle_delivery(
+            message,
+            event_type=event_type,
+            handler=handler,
+            router=router,
+            on_failure=on_failure,
+            dead_letter_after_failure=dead_letter_after_failure,
+        )
+
+    return _subscribe(broker, queue, f"{queue.name}:{event_type.__name__}", handler.__doc__, settle)
+
+
+def consume_raw(
+    broker: RabbitBroker, topology: Topology, queue_name: str, handler: RawHandler
+) -> RabbitSubscriber:
+    """Subscribe `handler` to a queue whose messages are not one event type (see `handle_raw_delivery`)."""
+    queue = topology.queue(queue_name)
+    router = MessageRouter(
+        broker, queue, topology.retry_delays, dead_letter_exchange=topology.dead_letter_exchange
+    )
+
+    async def settle(message: RabbitMessage) -> str:
+        return await handle_raw_delivery(message, handler=handler, router=router)
+
+    return _subscribe(broker, queue, queue.name, handler.__doc__, settle)
+
+
+def _subscribe(
+    broker: RabbitBroker,
+    queue: ConsumerQueue,
+    title: str,
+    doc: str | None,
+    settle: Callable[[RabbitMessage], Awaitable[str]],
+) -> RabbitSubscriber:
+    """The subscription itself: settle each delivery, then ack it; a failure to route it rejects it."""
     subscriber = broker.subscriber(
         RabbitQueue(queue.name, declare=False),
         ack_policy=AckPolicy.MANUAL,
         no_reply=True,
-        title=f"{queue.name}:{event_type.__name__}",
-        description=(handler.__doc__ or "").strip() or None,
+        title=title,
+        description=(doc or "").strip() or None,
     )
 
     async def on_message(message: RabbitMessage) -> None:
         started = time.perf_counter()
         try:
-            outcome = await handle_delivery(
-                message,
-                event_type=event_type,
-                handler=handler,
-                router=router,
-                on_failure=on_failure,
-                dead_letter_after_failure=dead_letter_after_failure,
-            )
+            outcome = await settle(message)
         except Exception:
             # The copy to a retry tier or the DLQ was not confirmed. Reject without requeue: the work
             # queue dead-letters to its DLQ inside the broker (at-least-once), so the message is kept

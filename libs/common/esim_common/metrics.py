@@ -10,6 +10,8 @@ or emails: every distinct label value is a time series kept forever.
     esim_message_handling_seconds{queue}
     esim_illegal_transitions_total{from_state,to_state}
     esim_order_transitions_total{to_state}
+    esim_order_step_seconds{step}                         step: the state an order left (time spent in it)
+    esim_refunds_total{step}                              refunds given, by the failed step that caused them
 
 (The Python names drop the `esim_` prefix.)
 
@@ -25,12 +27,14 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar, cast
+from typing import Any, Literal, ParamSpec, TypeVar, cast, get_args
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_asgi_app, start_http_server
 from prometheus_client.registry import Collector
 
 from esim_common.errors import TransientError
+from esim_common.events import FailedStep
+from esim_common.order_states import TERMINAL_STATES, OrderStatus
 
 __all__ = [
     "LEGACY_GAUGES",
@@ -41,9 +45,11 @@ __all__ = [
     "messages_processed_total",
     "metrics_asgi_app",
     "observe_provider_call",
+    "order_step_seconds",
     "orders_transitions_total",
     "provider_call_seconds",
     "provider_calls_total",
+    "refunds_total",
     "set_legacy_gauges",
     "start_metrics_server",
 ]
@@ -57,6 +63,9 @@ MessageOutcome = Literal[
 PROVIDER_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # A handler does a few DB writes and at most one provider call, so the same range fits.
 HANDLING_BUCKETS = PROVIDER_BUCKETS
+# Time an order spends in one state: sub-second hand-offs between services, a Zendit purchase's ~15 s,
+# up to the hours an order may wait for funds or for Zendit (pending_payment: the customer at checkout).
+STEP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 
 C = TypeVar("C", bound=Collector)
 
@@ -114,6 +123,29 @@ orders_transitions_total = _get_or_create(
     "Orders entering each state.",
     ("to_state",),
 )
+order_step_seconds = _get_or_create(
+    Histogram,
+    "esim_order_step_seconds",
+    "Seconds an order spent in a state (step), observed when it moves on.",
+    ("step",),
+    buckets=STEP_BUCKETS,
+)
+refunds_total = _get_or_create(
+    Counter,
+    "esim_refunds_total",
+    "Orders refunded (or their uncaptured payment released) by the compensation, by the failed step.",
+    ("step",),
+)
+
+# Every label value of the order series exists from start-up at 0. A series born at its first event,
+# already at 1, hides that event from increase()/rate() (no earlier sample to compare with), so the first
+# delivery after a restart would never reach the dashboard's ratios or the alert rules. Bounded sets.
+for _state in OrderStatus:
+    orders_transitions_total.labels(to_state=_state.value)
+    if _state not in TERMINAL_STATES:
+        order_step_seconds.labels(step=_state.value)
+for _step in get_args(FailedStep):
+    refunds_total.labels(step=_step)
 
 
 # --------------------------------------------------------------------------- provider calls

@@ -43,9 +43,11 @@ class TransitionResult:
 # latest committed version), not `o`: the UPDATE's own scan sees the statement's snapshot, and a row whose
 # snapshot version fails the guard is dropped without being re-checked against what the lock waited for.
 # `{stamp_sql}` is filled from STEP_TIMESTAMP_COLUMN (our constants), never from input.
+# `seconds_in_previous` (for esim_order_step_seconds): since the order's last recorded move, or its creation;
+# the main SELECT does not see the row `recorded` inserts (one snapshot), so that is the previous move.
 _UPDATE_TEMPLATE = """
     WITH previous AS (
-        SELECT status FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
+        SELECT status, created_at FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE
     ), moved AS (
         UPDATE esim_purchases AS o
            SET status = $2, updated_at = now(),
@@ -57,7 +59,11 @@ _UPDATE_TEMPLATE = """
         INSERT INTO order_transitions (transaction_id, from_status, to_status, reason)
         SELECT $1, previous_status, $2, $5 FROM moved
     )
-    SELECT p.status AS current, m.previous_status FROM previous AS p LEFT JOIN moved AS m ON true
+    SELECT p.status AS current, m.previous_status,
+           extract(epoch FROM now() - COALESCE(
+               (SELECT max(at) FROM order_transitions WHERE transaction_id = $1), p.created_at
+           ))::float8 AS seconds_in_previous
+      FROM previous AS p LEFT JOIN moved AS m ON true
 """
 
 
@@ -101,6 +107,9 @@ async def transition(
     )
     if row is not None and row["previous_status"] is not None:
         metrics.orders_transitions_total.labels(to_state=target.value).inc()
+        metrics.order_step_seconds.labels(step=row["previous_status"]).observe(
+            max(0.0, row["seconds_in_previous"])
+        )
         return TransitionResult(changed=True, previous=OrderStatus(row["previous_status"]))
     # Refused: `current` is the version the row lock returned, the one the guard was evaluated on (a
     # second read after the statement could see a later one and misreport the refusal).

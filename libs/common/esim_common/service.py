@@ -122,7 +122,7 @@ class ServiceContext:
 
 
 def service_app(ctx: ServiceContext, *, title: str, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """A FastAPI app with the service's lifespan, `/healthz`, `/metrics` and its own routers."""
+    """A FastAPI app with the service's lifespan, `/healthz`, `/livez`, `/metrics` and its own routers."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,16 +135,34 @@ def service_app(ctx: ServiceContext, *, title: str, routers: Sequence[APIRouter]
     app = FastAPI(title=title, lifespan=lifespan)
     app.state.ctx = ctx
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get(
+        "/healthz",
+        tags=["operations"],
+        responses={503: {"description": "The broker or the database does not answer."}},
+    )
     async def healthz() -> JSONResponse:
+        """The dependencies answer: `{"status": "ok", "broker": true, "database": true}`, or 503 saying
+        which does not."""
         checks = await ctx.health()
         healthy = all(checks.values())
         return JSONResponse(
             {"status": "ok" if healthy else "unhealthy", **checks}, status_code=200 if healthy else 503
         )
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/livez", tags=["operations"])
+    async def livez() -> JSONResponse:
+        """The process serves requests: `{"status": "alive"}`. Checks no dependency on purpose, so that a
+        Kubernetes liveness probe restarts a hung process, not every replica during a database outage."""
+        return JSONResponse({"status": "alive"})
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
+    )
     async def metrics() -> Response:
+        """The process's Prometheus metrics (FastStream's broker metrics included)."""
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     for router in routers:

@@ -231,6 +231,13 @@ class Settings(BaseSettings):
 
     # --- admin
     admin_api_token: SecretStr = SecretStr("admin-sandbox-token")
+    # Scheduled reconciliation compares this much of Stripe's and Zendit's history with ours. More than
+    # the 24 h Zendit may keep a purchase in progress, so a ledger row still changing is always read.
+    reconcile_lookback_hours: int = Field(default=72, ge=25, le=24 * 31)
+    # A paid order is expected at Zendit after this long (a healthy one takes seconds; a top-up minutes).
+    reconcile_paid_grace_minutes: int = Field(default=30, ge=1)
+    # How often reconcile sweeps for orders stuck past their state's deadline (reconcile.stuck_rules).
+    reconcile_interval: int = Field(default=60, gt=0)  # seconds
 
     # --- recovery tests only (ENVIRONMENT=sandbox): the process dies abruptly at these named points
     crash_points: Annotated[list[str], NoDecode] = Field(default_factory=list)

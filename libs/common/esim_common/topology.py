@@ -9,10 +9,18 @@
                          (dead-lettered through the default exchange straight back to the work
                           queue, so a retry never reaches the other consumers of the same event)
 
+    esim.dead-letters (direct exchange, durable): where a consumer puts its DLQ copy
+      ├─ <queue>.dlq ───► <queue>.dlq                     (the DLQ itself; an operator replays it)
+      └─ <queue>.dlq ───► reconcile.dead-letters          (quorum) an observation copy for the history;
+                           bound to every DLQ name but its own, so it can never observe itself in a loop
+
 A consumer that hits a transient error publishes a copy of the message to the next retry tier with our
 own attempt counter in a header (`x-esim-attempt`) and acks the original; after the last tier it goes to
-`<queue>.dlq`. We count attempts ourselves because RabbitMQ 4.3 stopped counting `basic.nack` towards a
-quorum queue's `x-delivery-limit`, and `x-death` is rewritten by every hop.
+`<queue>.dlq` (through `esim.dead-letters`, so reconcile sees a copy without consuming the DLQ). A
+message the broker dead-letters by itself (reject, delivery limit) goes to the DLQ through the default
+exchange and is not observed: only the DLQ depth shows it. We count attempts ourselves because
+RabbitMQ 4.3 stopped counting `basic.nack` towards a quorum queue's `x-delivery-limit`, and `x-death` is
+rewritten by every hop.
 
 Everything here is data plus one `declare()` function, so a test can build a private copy of the
 topology under a prefix and never see another test's messages.
@@ -20,10 +28,10 @@ topology under a prefix and never see another test's messages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
 from aiormq.abc import FieldTable
 
 # The seed asks for retries after 1 s, 3 s and 10 s; Zendit and Stripe outages shorter than that are
@@ -38,6 +46,9 @@ ATTEMPT_HEADER = "x-esim-attempt"
 LAST_ERROR_HEADER = "x-esim-last-error"
 ORIGIN_QUEUE_HEADER = "x-esim-origin-queue"
 FAILED_AT_HEADER = "x-esim-failed-at"
+# The routing key the event was first published with: a retry tier hands the message back under the
+# work queue's name, so the consumer keeps the original here for the DLQ's observers.
+ROUTING_KEY_HEADER = "x-esim-routing-key"
 
 DEFAULT_EXCHANGE = ""  # AMQP's default exchange routes a message to the queue named by its routing key
 
@@ -48,6 +59,8 @@ class ConsumerQueue:
 
     name: str
     routing_keys: tuple[str, ...]
+    # Bound to every other queue's DLQ name on the dead-letter exchange instead of to events.
+    observes_dead_letters: bool = False
 
     @property
     def dlq(self) -> str:
@@ -63,6 +76,7 @@ class Topology:
 
     exchange: str = "esim.events"
     queues: tuple[ConsumerQueue, ...] = ()
+    dead_letter_exchange: str = "esim.dead-letters"
     retry_delays: tuple[int, ...] = RETRY_DELAYS_SECONDS
     prefix: str = ""
     _by_name: dict[str, ConsumerQueue] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -70,10 +84,9 @@ class Topology:
     def __post_init__(self) -> None:
         if self.prefix:
             object.__setattr__(self, "exchange", f"{self.prefix}{self.exchange}")
+            object.__setattr__(self, "dead_letter_exchange", f"{self.prefix}{self.dead_letter_exchange}")
             object.__setattr__(
-                self,
-                "queues",
-                tuple(ConsumerQueue(f"{self.prefix}{q.name}", q.routing_keys) for q in self.queues),
+                self, "queues", tuple(replace(q, name=f"{self.prefix}{q.name}") for q in self.queues)
             )
         self._by_name.update({q.name: q for q in self.queues})
 
@@ -83,6 +96,16 @@ class Topology:
         if found is None:
             raise KeyError(f"no consumer queue named {name!r} in the topology")
         return found
+
+    def dead_letter_bindings(self) -> list[tuple[str, str]]:
+        """(queue, routing key) bindings on the dead-letter exchange: each DLQ under its own name, and
+        each observer under every DLQ name except observers' own (their dead letters are not observed,
+        or one that fails to be recorded would come back to its observer forever)."""
+        bindings = [(q.dlq, q.dlq) for q in self.queues]
+        observed = [q.dlq for q in self.queues if not q.observes_dead_letters]
+        for observer in (q for q in self.queues if q.observes_dead_letters):
+            bindings.extend((observer.name, dlq) for dlq in observed)
+        return bindings
 
 
 # The production topology: one queue per consumer and purpose, named `<service>.<event>`.
@@ -101,6 +124,8 @@ ESIM_QUEUES: tuple[ConsumerQueue, ...] = (
     # Outcomes the reconciler counts; they also make every event routable (publishes are mandatory).
     ConsumerQueue("reconcile.order-delivered", ("order.delivered",)),
     ConsumerQueue("reconcile.order-refunded", ("order.refunded",)),
+    # A copy of every dead letter, for the history in reconcile's admin API (the DLQs stay untouched).
+    ConsumerQueue("reconcile.dead-letters", (), observes_dead_letters=True),
 )
 
 
@@ -137,17 +162,24 @@ DLQ_ARGUMENTS: FieldTable = {"x-queue-type": "quorum"}
 
 
 async def declare(channel: AbstractChannel, topology: Topology) -> None:
-    """Declare the exchange, every work queue with its bindings, retry tiers and DLQ. Idempotent."""
+    """Declare the exchanges, every work queue with its bindings, retry tiers and DLQ. Idempotent."""
     exchange = await channel.declare_exchange(topology.exchange, ExchangeType.TOPIC, durable=True)
+    dead_letters = await channel.declare_exchange(
+        topology.dead_letter_exchange, ExchangeType.DIRECT, durable=True
+    )
+    declared: dict[str, AbstractQueue] = {}
     for queue in topology.queues:
-        await channel.declare_queue(queue.dlq, durable=True, arguments=DLQ_ARGUMENTS)
+        declared[queue.dlq] = await channel.declare_queue(queue.dlq, durable=True, arguments=DLQ_ARGUMENTS)
         for delay in topology.retry_delays:
             await channel.declare_queue(
                 queue.retry_tier(delay), durable=True, arguments=retry_tier_arguments(queue, delay)
             )
         work = await channel.declare_queue(queue.name, durable=True, arguments=work_queue_arguments(queue))
+        declared[queue.name] = work
         for routing_key in queue.routing_keys:
             await work.bind(exchange, routing_key=routing_key)
+    for name, routing_key in topology.dead_letter_bindings():
+        await declared[name].bind(dead_letters, routing_key=routing_key)
 
 
 async def declare_from_url(amqp_url: str, topology: Topology) -> None:
@@ -164,6 +196,7 @@ async def delete(channel: AbstractChannel, topology: Topology) -> None:
         for name in (*(queue.retry_tier(d) for d in topology.retry_delays), queue.name, queue.dlq):
             await channel.queue_delete(name)
     await channel.exchange_delete(topology.exchange)
+    await channel.exchange_delete(topology.dead_letter_exchange)
 
 
 async def delete_from_url(amqp_url: str, topology: Topology) -> None:

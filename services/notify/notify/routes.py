@@ -35,7 +35,14 @@ def preview_router(settings: Settings) -> APIRouter:
             ]
         }
 
-    @router.get("/{template}", response_class=HTMLResponse)
+    @router.get(
+        "/{template}",
+        response_class=HTMLResponse,
+        responses={
+            200: {"content": {"text/plain": {}, "message/rfc822": {}}},
+            404: {"description": "Unknown template, or one without that format (the answer lists them)."},
+        },
+    )
     async def show_template(
         template: str, fmt: Annotated[Format, Query(alias="format")] = "html"
     ) -> Response:

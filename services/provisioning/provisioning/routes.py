@@ -14,7 +14,14 @@ QR_HEADERS = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "n
 def qr_code_router(storage: LocalQrStorage) -> APIRouter:
     router = APIRouter(tags=["qr codes"])
 
-    @router.get("/qrcodes/{transaction_id}.png", response_class=FileResponse)
+    @router.get(
+        "/qrcodes/{transaction_id}.png",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "The PNG."},
+            404: {"description": "Unknown or malformed id, or no QR code stored yet."},
+        },
+    )
     async def qr_code(transaction_id: str) -> FileResponse:
         """The QR code PNG of a provisioned order (404 for an unknown or malformed id)."""
         path = storage.path_of(transaction_id)

@@ -10,7 +10,7 @@ from esim_common.money import InexactConversion
 from esim_common.providers import zendit_client
 from esim_common.providers.zendit import ZenditError
 from esim_common.settings import Settings
-from reconcile import repository
+from reconcile import mismatch_store, repository
 from reconcile.domain import status_counts
 from reconcile.schemas import (
     AdminRequest,
@@ -74,4 +74,5 @@ async def reconcile(pool: asyncpg.Pool, settings: Settings, request: AdminReques
         refunded=await repository.refunded_totals(pool),
         zendit_balance=balance,
         zendit_error=zendit_error,
+        mismatches=await mismatch_store.open_counts(pool),
     )

@@ -89,6 +89,7 @@ def admin_router(ctx: ServiceContext) -> APIRouter:
         dependencies=[Depends(require_admin)],
         responses={
             status.HTTP_401_UNAUTHORIZED: {"model": ErrorResponse, "description": "No valid bearer token."},
+            status.HTTP_413_CONTENT_TOO_LARGE: {"model": ErrorResponse, "description": "Body too large."},
             status.HTTP_422_UNPROCESSABLE_CONTENT: {
                 "description": "Not a valid request; an unknown action's error lists the valid ones."
             },

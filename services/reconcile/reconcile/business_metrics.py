@@ -21,7 +21,7 @@ from collections.abc import Callable
 import asyncpg
 
 from esim_common.metrics import legacy_gauge_values, set_legacy_gauges
-from reconcile import metrics, repository
+from reconcile import ledger_checks, metrics, repository
 from reconcile.domain import average_issue_total_ms
 
 log = logging.getLogger("esim.reconcile.metrics")
@@ -51,6 +51,9 @@ class BusinessMetrics:
         for status, (orders, oldest_seconds) in (await repository.unfinished_orders(self._pool())).items():
             metrics.unfinished_orders.labels(status=status).set(orders)
             metrics.oldest_unfinished_order_seconds.labels(status=status).set(oldest_seconds)
+        # Every replica shows the stored open mismatches, not only the one whose sweep found them, so
+        # the alert clears everywhere once they are resolved.
+        await ledger_checks.refresh_gauge(self._pool())
         return figures.delivered + figures.failed
 
     async def run_forever(self) -> None:

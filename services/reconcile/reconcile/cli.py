@@ -6,12 +6,17 @@
     esimctl orders redrive TXN [--to funding|provisioned] [--note TEXT]
     esimctl orders retry-refund TXN [--note TEXT]
     esimctl orders resolve TXN --outcome delivered|refunded --note TEXT
-    esimctl dlq list                                 every dead-letter queue and its depth
+    esimctl dlq list [--recent-hours H]              every dead-letter queue: depth, counts, last error
     esimctl dlq peek QUEUE [--limit N]               look at dead letters without taking them
     esimctl dlq replay QUEUE (--id ID ... | --all [--limit N]) [--note TEXT]
     esimctl dlq discard QUEUE --id ID ... --note TEXT
+    esimctl failures [--since-hours H]               failed orders per step, with the latest reason
     esimctl balance                                  the Zendit wallet
     esimctl reconcile [--stuck-after MIN]            the seed's reconciliation report
+    esimctl reconcile run                            run the ledger checks now (Stripe, Zendit vs ours)
+    esimctl reconcile accept-wallet --note TEXT      accept Zendit's wallet balance as it is now
+    esimctl mismatches [--kind K] [--all] [--limit N]  open reconciliation mismatches (--all: resolved too)
+    esimctl mismatches acknowledge ID --note TEXT    close one by hand (settled, or older than the window)
 
 It only speaks HTTP to the reconcile service (`ESIMCTL_URL`, default http://127.0.0.1:8084) with
 `ADMIN_API_TOKEN` as the bearer token, so it does exactly what the API allows and nothing more. Output is
@@ -47,6 +52,8 @@ UNFINISHED_STATES = (
     "needs_attention",
 )
 DEFAULT_STUCK_MINUTES = 30
+# How far back `dlq list` counts recent dead letters and `failures` counts failed orders: one day.
+DEFAULT_WINDOW_HOURS = 24
 
 
 class UsageError(Exception):
@@ -78,7 +85,7 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
             body = {"outcome": args.outcome, "note": args.note}
             return "POST", f"/api/admin/orders/{_segment(args.txn)}/resolve", None, body
         case "dlq", "list":
-            return "GET", "/api/admin/dead-letters", None, None
+            return "GET", "/api/admin/dead-letters", {"recent_hours": args.recent_hours}, None
         case "dlq", "peek":
             return "GET", f"/api/admin/dead-letters/{_segment(args.queue)}", {"limit": args.limit}, None
         case "dlq", "replay":
@@ -91,8 +98,19 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         case "dlq", "discard":
             body = {"message_ids": args.id, "note": args.note}
             return "POST", f"/api/admin/dead-letters/{_segment(args.queue)}/discard", None, body
+        case "failures", _:
+            return "GET", "/api/admin/failures", {"since_hours": args.since_hours}, None
         case "balance", _:
             return "POST", "/api/admin/reconcile-zendit", None, {"action": "check_balance"}
+        case "reconcile", "run":
+            return "POST", "/api/admin/reconcile/run", None, None
+        case "reconcile", "accept-wallet":
+            return "POST", "/api/admin/reconcile/wallet/accept", None, {"note": args.note}
+        case "mismatches", "acknowledge":
+            return "POST", f"/api/admin/mismatches/{args.id}/acknowledge", None, {"note": args.note}
+        case "mismatches", _:
+            query = {"include_resolved": "true" if args.all else "false", "limit": args.limit}
+            return "GET", "/api/admin/mismatches", query | ({"kind": args.kind} if args.kind else {}), None
         case "reconcile", _:
             body = {"action": "reconcile", "stuck_after_minutes": args.stuck_after}
             return "POST", "/api/admin/reconcile-zendit", None, body
@@ -138,7 +156,8 @@ def parser() -> argparse.ArgumentParser:
     resolve.add_argument("--note", required=True)
 
     dlq = groups.add_parser("dlq", help="dead letters").add_subparsers(dest="command", required=True)
-    dlq.add_parser("list", help="every dead-letter queue and its depth")
+    dlq_list = dlq.add_parser("list", help="every dead-letter queue: depth, counts, last error")
+    dlq_list.add_argument("--recent-hours", type=int, default=DEFAULT_WINDOW_HOURS, metavar="H")
     peek = dlq.add_parser("peek", help="look at dead letters without taking them")
     peek.add_argument("queue")
     peek.add_argument("--limit", type=int, default=20)
@@ -153,10 +172,28 @@ def parser() -> argparse.ArgumentParser:
     discard.add_argument("--id", action="append", metavar="MESSAGE_ID", required=True)
     discard.add_argument("--note", required=True)
 
+    failures = groups.add_parser("failures", help="failed orders per step, with the latest reason")
+    failures.set_defaults(command="failures")
+    failures.add_argument("--since-hours", type=int, default=DEFAULT_WINDOW_HOURS, metavar="H")
     groups.add_parser("balance", help="the Zendit wallet").set_defaults(command="balance")
     reconcile = groups.add_parser("reconcile", help="the reconciliation report")
     reconcile.set_defaults(command="reconcile")
     reconcile.add_argument("--stuck-after", type=int, default=DEFAULT_STUCK_MINUTES, metavar="MIN")
+    # `esimctl reconcile` alone stays the seed's report; `esimctl reconcile run` runs the checks.
+    checks = reconcile.add_subparsers(dest="command")
+    checks.add_parser("run", help="run the ledger checks now")
+    accept = checks.add_parser("accept-wallet", help="accept Zendit's balance after settling a drift")
+    accept.add_argument("--note", required=True, help="why the balance is right (kept in the audit table)")
+    mismatches = groups.add_parser("mismatches", help="reconciliation mismatches")
+    mismatches.set_defaults(command="mismatches")
+    mismatches.add_argument("--kind", help="one kind only (the API lists the valid ones)")
+    mismatches.add_argument("--all", action="store_true", help="resolved ones too")
+    mismatches.add_argument("--limit", type=int, default=100)
+    acknowledge = mismatches.add_subparsers(dest="command").add_parser(
+        "acknowledge", help="close an open mismatch by hand"
+    )
+    acknowledge.add_argument("id", type=int)
+    acknowledge.add_argument("--note", required=True, help="why (kept in the audit table)")
     return root
 
 

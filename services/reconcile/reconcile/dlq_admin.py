@@ -1,6 +1,7 @@
 """Dead-letter endpoints of the admin API, behind the same bearer guard as the rest of it:
 
-    GET  /api/admin/dead-letters                    every DLQ: depth, consumers, origin queue
+    GET  /api/admin/dead-letters                    every DLQ: depth, consumers, origin queue, and
+                                                    its history: counts, last error, last at
     GET  /api/admin/dead-letters/{queue}?limit=n    peek at the oldest n (nothing is taken away)
     POST /api/admin/dead-letters/{queue}/replay     back to the work queue, attempts reset
     POST /api/admin/dead-letters/{queue}/discard    dropped, each recorded in `operator_actions`
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import asyncpg
@@ -42,6 +43,7 @@ from reconcile.dlq_schemas import (
     ReplayRequest,
     ReplayResponse,
 )
+from reconcile.history_repository import DeadLetterStats, dead_letter_stats
 from reconcile.schemas import ErrorResponse
 
 log = logging.getLogger("esim.reconcile.dlq")
@@ -58,8 +60,17 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# The list's default window for recent dead letters: a day, what an on-call shift looks back over.
+DEFAULT_RECENT_HOURS = 24
+MAX_RECENT_HOURS = 90 * 24
+
+
 class AuditUnavailable(Exception):
     """The audit rows could not be written; nothing was acked."""
+
+
+class HistoryUnavailable(Exception):
+    """The dead-letter history could not be read."""
 
 
 Responses = dict[int | str, dict[str, Any]]
@@ -119,6 +130,11 @@ def _unavailable_as_503() -> Iterator[None]:
             "copies of the messages before the failure may already be on the work queue (a retry "
             "publishes them again: harmless, consumers check the order's state first)",
         ) from exc
+    except HistoryUnavailable as exc:
+        log.warning("dead-letter history unavailable", extra={"error": str(exc)})
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail="the database is unavailable"
+        ) from exc
     except AuditUnavailable as exc:
         log.error("audit trail not written", extra={"error": str(exc)})
         raise HTTPException(
@@ -164,14 +180,28 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
         dependencies=[Depends(require_admin)],
         responses={**_UNAUTHORIZED, **_UNAVAILABLE},
     )
-    async def list_dead_letters() -> DeadLetterQueuesResponse:
-        """Every DLQ of the topology with its depth, read by passive declares: no message is touched.
-        Errors and ids are in the peek."""
+    async def list_dead_letters(
+        recent_hours: Annotated[
+            int, Query(ge=1, le=MAX_RECENT_HOURS, description="Window of `dead_lettered_recent`.")
+        ] = DEFAULT_RECENT_HOURS,
+    ) -> DeadLetterQueuesResponse:
+        """Every DLQ of the topology with its depth, read by passive declares (no message is touched),
+        and its history from reconcile's observation copies: how many were dead-lettered (all time and
+        recently), the latest error and when. Every message's error and id is in the peek."""
+        now = datetime.now(UTC)
+        names = [q.dlq for q in topology.queues]
         with _unavailable_as_503():
-            counts = await broker.counts([q.dlq for q in topology.queues])
-        queues = [_summary(q, counts.get(q.dlq)) for q in topology.queues]
+            counts = await broker.counts(names)
+            try:
+                history = await dead_letter_stats(ctx.pool, names, since=now - timedelta(hours=recent_hours))
+            except DATABASE_ERRORS as exc:
+                raise HistoryUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        queues = [_summary(q, counts.get(q.dlq), history.get(q.dlq)) for q in topology.queues]
         return DeadLetterQueuesResponse(
-            generated_at=datetime.now(UTC), total=sum(q.depth or 0 for q in queues), queues=queues
+            generated_at=now,
+            total=sum(q.depth or 0 for q in queues),
+            recent_hours=recent_hours,
+            queues=queues,
         )
 
     @router.get(
@@ -274,12 +304,20 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
     return router
 
 
-def _summary(work: ConsumerQueue, counts: QueueCounts | None) -> DeadLetterQueueSummary:
+def _summary(
+    work: ConsumerQueue, counts: QueueCounts | None, history: DeadLetterStats | None
+) -> DeadLetterQueueSummary:
     return DeadLetterQueueSummary(
         queue=work.dlq,
         origin_queue=work.name,
         depth=counts.ready if counts else None,
         consumers=counts.consumers if counts else None,
+        dead_lettered_total=history.total if history else 0,
+        dead_lettered_recent=history.recent if history else 0,
+        last_error=history.last_error if history else None,
+        last_at=history.last_at if history else None,
+        last_message_id=history.last_message_id if history else None,
+        last_transaction_id=history.last_transaction_id if history else None,
     )
 
 

@@ -18,7 +18,10 @@ MAX_IDS = 500
 
 MessageId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 # operator_actions.note holds 1 to 500 characters.
-Note = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+# No NUL character: Postgres text cannot store one (it came back as a 500; now a 422).
+Note = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=r"^[^\x00]*$")
+]
 
 
 class DeadLetterQueueSummary(BaseModel):
@@ -31,11 +34,26 @@ class DeadLetterQueueSummary(BaseModel):
     consumers: int | None = Field(
         description="Consumers attached. Should be 0: a consumer on a DLQ takes dead letters away."
     )
+    dead_lettered_total: int = Field(
+        0,
+        description="Dead letters recorded for this DLQ since the history began, replayed or discarded "
+        "ones included. Only copies a consumer made: a message the broker dead-lettered by itself (its "
+        "copy unconfirmed, the delivery limit) or one from a publisher older than the dead-letter "
+        "exchange is in `depth` but not here.",
+    )
+    dead_lettered_recent: int = Field(0, description="The same, over the last `recent_hours` hours.")
+    last_error: str | None = Field(
+        None, description="The latest recorded dead letter's error (redacted, at most 500 chars)."
+    )
+    last_at: datetime | None = Field(None, description="When the latest recorded one was dead-lettered.")
+    last_message_id: str | None = Field(None, description="Its message id (for peek, replay, discard).")
+    last_transaction_id: str | None = Field(None, description="The order it was about.")
 
 
 class DeadLetterQueuesResponse(BaseModel):
     generated_at: datetime
     total: int = Field(description="Dead letters over every DLQ.")
+    recent_hours: int = Field(description="The window of each queue's `dead_lettered_recent`.")
     queues: list[DeadLetterQueueSummary]
 
 

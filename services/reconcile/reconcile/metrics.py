@@ -11,6 +11,14 @@ order_outcome_events_total = Counter(
     "Outcome events seen by reconcile.",
     ("event", "step"),
 )
+# queue: a DLQ of the topology (bounded: copies naming anything else are refused, not counted). Counted
+# once per dead letter recorded in `dead_letter_events`, so redeliveries of the copy do not count again.
+dead_letters_total = Counter(
+    "esim_dead_letters_total",
+    "Messages a consumer copied to a dead-letter queue, as recorded by reconcile (not those the broker "
+    "dead-lettered by itself: see esim_dlq_depth).",
+    ("queue",),
+)
 unknown_order_events_total = Counter(
     "esim_unknown_order_events_total",
     "Outcome events naming an order this database does not have.",
@@ -28,4 +36,42 @@ oldest_unfinished_order_seconds = Gauge(
     "esim_oldest_unfinished_order_seconds",
     "Seconds since the oldest order in this state last changed (0 when none is in it).",
     ("status",),
+)
+
+# The scheduled sweep (reconcile.sweep). status: redriven | moved_on (changed before its lock) | refused
+# (its facts do not allow a re-drive: an operator's) | failed (not published, or an error).
+reconcile_redrives_total = Counter(
+    "esim_reconcile_redrives_total",
+    "Stuck orders the scheduled sweep re-drove, by what became of the re-drive.",
+    ("status",),
+)
+# outcome: ok | degraded (a re-drive or a check failed) | failed (the run raised) | skipped (another
+# replica holds the sweep's lock).
+reconcile_runs_total = Counter(
+    "esim_reconcile_runs_total",
+    "Scheduled reconciliation runs, by outcome.",
+    ("outcome",),
+)
+reconcile_check_failures_total = Counter(
+    "esim_reconcile_check_failures_total",
+    "Reconciliation checks that raised, by check (a fixed set of functions).",
+    ("check",),
+)
+reconcile_last_success = Gauge(
+    "esim_reconcile_last_success_timestamp_seconds",
+    "Unix time of the last reconciliation run that re-drove what it found and ran every check.",
+)
+
+# Scheduled reconciliation (ledger_checks): open mismatches per kind, set from Postgres after each run
+# (every kind of reconcile.mismatches.MISMATCH_KINDS, 0 included); and sources a run could not read
+# (zendit_purchases, zendit_ledger, stripe_refunds, or an extra check's source: bounded).
+reconcile_mismatches = Gauge(
+    "esim_reconcile_mismatches",
+    "Open reconciliation mismatches between our records and Stripe or Zendit, per kind.",
+    ("kind",),
+)
+reconcile_source_errors_total = Counter(
+    "esim_reconcile_source_errors_total",
+    "Reconciliation runs that could not read a source (its mismatch kinds were not checked).",
+    ("source",),
 )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -166,9 +167,25 @@ async def redrive(
 ) -> RedriveResponse:
     if request.to is not None:
         return await _redrive_by_hand(pool, publisher, transaction_id, request)
-    note = order_ops.stored_note(request.note)
+    return await redrive_from_state(pool, publisher, transaction_id, note=order_ops.stored_note(request.note))
+
+
+async def redrive_from_state(
+    pool: asyncpg.Pool,
+    publisher: EventPublisher,
+    transaction_id: str,
+    *,
+    note: str | None = None,
+    action: str = order_ops.REDRIVE_ACTION,
+    found_stuck: tuple[OrderStatus, datetime] | None = None,
+) -> RedriveResponse:
+    """The driving event of the order's state again, audited as `action`: the operator's re-drive and
+    the scheduled sweep's (`auto_redrive`, which passes the state and `updated_at` it found the order
+    stuck with: MovedOn if the order changed since, and nothing is written)."""
     async with pool.acquire() as conn, conn.transaction():
         order = await _locked(conn, transaction_id)
+        if found_stuck is not None:
+            order_ops.check_unchanged(order, *found_stuck)
         event_type = order_ops.redrive_event(order)
         queued = await q.latest_event(conn, transaction_id, event_type.routing_key)
         source: EventSource
@@ -181,17 +198,19 @@ async def redrive(
             await outbox.add(conn, event)
             source = "rebuilt"
         detail = _detail_of(order.status, None, event, source)
-        action_id = await q.record_action(conn, transaction_id, "redrive", detail, note)
+        action_id = await q.record_action(conn, transaction_id, action, detail, note)
     # After the commit, as the outbox publishes: what the audit row says was asked is durable before the
     # event can go out, and the order's row is not locked while the broker confirms.
-    log.info("operator re-drive", extra={"action_id": action_id, **detail})
+    by = "operator" if action == order_ops.REDRIVE_ACTION else "automatic"
+    log.info(f"{by} re-drive", extra={"action_id": action_id, **detail})
     try:
         if source == "republished":  # stamped already: the same event, sent once more
             await publisher.publish(event)
         else:
             await outbox.publish_pending(pool, publisher, event)
     except Exception as exc:  # PublishFailed and connection errors alike: not durable
-        await _record_outcome(pool, transaction_id, "redrive_not_published", {**detail, "error": _name(exc)})
+        failure = {**detail, "error": _name(exc)}
+        await _record_outcome(pool, transaction_id, f"{action}_not_published", failure)
         log.warning("re-drive not published", extra={"routing_key": event.routing_key, "error": str(exc)})
         waits = "" if source == "republished" else ", it waits in the outbox"
         raise TryAgain(

@@ -64,6 +64,8 @@ _CONFLICT: Responses = {
 _INVALID: Responses = {
     status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Invalid request; the error says why."}
 }
+# The bodies are read by `json_body` (admin.MAX_BODY_BYTES).
+_TOO_LARGE: Responses = {status.HTTP_413_CONTENT_TOO_LARGE: _error("Request body too large.")}
 _UNAVAILABLE: Responses = {
     status.HTTP_503_SERVICE_UNAVAILABLE: _error("The broker or Stripe did not answer.")
 }
@@ -131,7 +133,7 @@ def order_admin_router(ctx: ServiceContext) -> APIRouter:
 
     @router.post(
         "/orders/{transaction_id}/redrive",
-        responses={**_NOT_FOUND, **_CONFLICT, **_INVALID, **_UNAVAILABLE},
+        responses={**_NOT_FOUND, **_CONFLICT, **_TOO_LARGE, **_INVALID, **_UNAVAILABLE},
         openapi_extra=_documented_body(RedriveRequest, required=False),
     )
     async def redrive(
@@ -150,6 +152,7 @@ def order_admin_router(ctx: ServiceContext) -> APIRouter:
         responses={
             **_NOT_FOUND,
             **_CONFLICT,
+            **_TOO_LARGE,
             **_INVALID,
             status.HTTP_502_BAD_GATEWAY: _error("Stripe refused the refund again (needs_attention)."),
             **_UNAVAILABLE,
@@ -178,7 +181,7 @@ def order_admin_router(ctx: ServiceContext) -> APIRouter:
 
     @router.post(
         "/orders/{transaction_id}/resolve",
-        responses={**_NOT_FOUND, **_CONFLICT, **_INVALID},
+        responses={**_NOT_FOUND, **_CONFLICT, **_TOO_LARGE, **_INVALID},
         openapi_extra=_documented_body(ResolveRequest, required=True),
     )
     async def resolve(

@@ -69,6 +69,10 @@ class NotAllowed(Exception):
     """The order's state does not allow the operation; the message says what to do instead."""
 
 
+class MovedOn(NotAllowed):
+    """The order changed after the sweep found it stuck: its own consumer is at work again."""
+
+
 class OrderFacts(Protocol):
     """What the rules read of an order (`esim_common.order_repository.Order` has all of it)."""
 
@@ -126,6 +130,30 @@ def parse_statuses(values: Sequence[str] | None) -> tuple[OrderStatus, ...]:
 
 
 # ------------------------------------------------------------------------------------------- re-drive
+# `operator_actions.action` of a re-drive: asked for by an operator, made by the scheduled sweep, or
+# refused to the sweep (the order cannot be re-driven from its state's facts). Each of them holds the
+# sweep off the order for a deadline (stuck_rules).
+REDRIVE_ACTION = "redrive"
+AUTO_REDRIVE_ACTION = "auto_redrive"
+AUTO_REDRIVE_REFUSED_ACTION = "auto_redrive_refused"
+REDRIVE_ACTIONS: tuple[str, ...] = (REDRIVE_ACTION, AUTO_REDRIVE_ACTION, AUTO_REDRIVE_REFUSED_ACTION)
+
+
+class LastChange(Protocol):
+    @property
+    def transaction_id(self) -> str: ...
+    @property
+    def status(self) -> OrderStatus: ...
+    @property
+    def updated_at(self) -> datetime: ...
+
+
+def check_unchanged(order: LastChange, status: OrderStatus, updated_at: datetime) -> None:
+    """MovedOn unless the order is still as the sweep found it (same state, not updated since)."""
+    if order.status != status or order.updated_at != updated_at:
+        raise MovedOn(f"order {order.transaction_id} moved on since it was found stuck in {status.value}")
+
+
 def redrive_event(order: OrderFacts) -> type[Event]:
     """The event that drives `order` on from its current state, or NotAllowed saying what to do."""
     event = REDRIVE_EVENT.get(order.status)

@@ -22,7 +22,10 @@ from reconcile.order_queries import (
     TransitionRow,
 )
 
-Note = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+# No NUL character: Postgres text cannot store one (it came back as a 500; now a 422).
+Note = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=r"^[^\x00]*$")
+]
 
 
 class Amount(BaseModel):

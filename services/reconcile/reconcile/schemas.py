@@ -75,6 +75,10 @@ class ReconcileResponse(BaseModel):
     refunded: list[Total] = Field(description="Sum of the prices of refunded orders, per currency.")
     zendit_balance: ZenditBalance | None = Field(description="Null when Zendit could not be asked.")
     zendit_error: str | None = Field(None, description="Why the balance is missing.")
+    mismatches: dict[str, int] = Field(
+        default_factory=dict,
+        description="Open reconciliation mismatches per kind (GET /api/admin/mismatches lists them).",
+    )
 
 
 AdminResponse = Annotated[

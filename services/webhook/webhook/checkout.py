@@ -66,6 +66,7 @@ from webhook.idempotency import (
 )
 from webhook.ports import Ports, PortsDep
 from webhook.quotes import NotForSale, Quote, Refusal, quote
+from webhook.responses import api_errors
 from webhook.schemas import CheckoutCreated, CheckoutRequest
 from webhook.unavailable import DEPENDENCY_UNAVAILABLE
 
@@ -331,7 +332,18 @@ async def _release(ports: Ports, key: str, txn: str) -> None:
 # ------------------------------------------------------------------------------------------ route
 
 
-@router.post("/create-checkout-session", status_code=status.HTTP_200_OK)
+@router.post(
+    "/create-checkout-session",
+    status_code=status.HTTP_200_OK,
+    responses=api_errors(
+        e400="Malformed Idempotency-Key.",
+        e404="Unknown offer, or not for sale.",
+        e409="A request with this Idempotency-Key is still in progress.",
+        e422="Invalid body, an offer that cannot be sold at a valid price, or a reused Idempotency-Key.",
+        e502="Zendit refused our request (misconfiguration).",
+        e503="Zendit, Stripe or the database is unavailable; try again.",
+    ),
+)
 async def create_checkout_session(
     body: CheckoutRequest,
     ports: PortsDep,

@@ -44,6 +44,7 @@ from webhook.issuing_rules import (
     read_authorization_request,
 )
 from webhook.ports import PortsDep
+from webhook.responses import signed_body, webhook_errors
 from webhook.stripe_webhooks import MAX_BODY_BYTES, BodyTooLarge, read_bounded_body
 from webhook.unavailable import DEPENDENCY_UNAVAILABLE
 
@@ -124,7 +125,14 @@ def _forget(task: asyncio.Task[CardOnRecord | None]) -> None:
         task.exception()  # mark it retrieved: a late failure of an abandoned lookup is expected
 
 
-@router.post("/issuing-authorization")
+@router.post(
+    "/issuing-authorization",
+    responses=webhook_errors(
+        e400="Missing or invalid Stripe-Signature, or not an issuing_authorization.request event.",
+        e413="Body larger than the limit.",
+    ),
+    openapi_extra=signed_body("Stripe-Signature", "A Stripe issuing_authorization.request event."),
+)
 async def issuing_authorization(request: Request, ports: PortsDep) -> JSONResponse:
     started = time.monotonic()
     try:

@@ -55,7 +55,7 @@ def _operations(ctx: ServiceContext, ports: Ports) -> APIRouter:
 
     router = APIRouter(tags=["operations"], lifespan=close_ports)
 
-    @router.get("/readyz")
+    @router.get("/readyz", responses={503: {"description": "The database or the broker does not answer."}})
     async def readyz() -> JSONResponse:
         """Ready for traffic: the database answers and the broker connection is up (publishes work)."""
         checks = await ctx.health()

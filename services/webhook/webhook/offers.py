@@ -18,6 +18,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query, Response
 
 from webhook.catalogue import Catalogue, CatalogueNotLoaded
 from webhook.ports import PortsDep
+from webhook.responses import api_errors
 from webhook.schemas import OfferList
 
 # The first load usually takes a second or two; the shop's retry should not hammer us meanwhile.
@@ -40,7 +41,11 @@ async def run_catalogue(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(prefix="/api", tags=["offers"], lifespan=run_catalogue)
 
 
-@router.get("/offers", response_model=OfferList)
+@router.get(
+    "/offers",
+    response_model=OfferList,
+    responses=api_errors(e503="The catalogue is not loaded yet; retry after Retry-After seconds."),
+)
 async def list_offers(
     ports: PortsDep,
     country: Annotated[

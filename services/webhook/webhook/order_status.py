@@ -15,6 +15,7 @@ from fastapi import APIRouter, HTTPException, Query
 from esim_common.order_repository import Order, get_order
 from esim_common.order_states import OrderStatus
 from webhook.ports import PortsDep
+from webhook.responses import api_errors
 from webhook.schemas import OrderView
 from webhook.unavailable import DEPENDENCY_UNAVAILABLE
 
@@ -48,7 +49,13 @@ def public_view(order: Order) -> OrderView:
     )
 
 
-@router.get("/orders/{transaction_id}")
+@router.get(
+    "/orders/{transaction_id}",
+    responses=api_errors(
+        e404="No such order, or the session_id does not match it.",
+        e503="The database is unavailable; try again.",
+    ),
+)
 async def order_status(
     transaction_id: str, ports: PortsDep, session_id: str | None = Query(default=None, max_length=255)
 ) -> OrderView:

@@ -30,6 +30,7 @@ from webhook import metrics
 from webhook.load_shedding import Overloaded
 from webhook.payments import process_event
 from webhook.ports import PortsDep
+from webhook.responses import signed_body, webhook_errors
 from webhook.unavailable import DEPENDENCY_UNAVAILABLE
 
 log = logging.getLogger("esim.webhook.stripe")
@@ -95,7 +96,17 @@ def _answer(status_code: int, outcome: str, message: str, *, close: bool = False
     return JSONResponse(body, status_code=status_code, headers={"Connection": "close"} if close else None)
 
 
-@router.post("/stripe")
+@router.post(
+    "/stripe",
+    responses=webhook_errors(
+        e400="Missing or invalid Stripe-Signature, or not a Stripe event.",
+        e408="The body did not arrive in time.",
+        e413="Body larger than the limit.",
+        e500="Unexpected error; Stripe retries.",
+        e503="The database or the broker is unavailable, or too many deliveries in flight; Stripe retries.",
+    ),
+    openapi_extra=signed_body("Stripe-Signature", "A Stripe event, verified against its signature."),
+)
 async def stripe_webhook(request: Request, ports: PortsDep) -> JSONResponse:
     # Refusals before the whole body is read close the connection: whatever the client still sends is
     # not read, and the socket is not kept alive for it.

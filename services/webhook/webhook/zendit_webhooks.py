@@ -36,6 +36,7 @@ from esim_common.logging import bind_transaction_id
 from esim_common.order_repository import get_order
 from webhook import metrics
 from webhook.ports import PortsDep
+from webhook.responses import signed_body, webhook_errors
 from webhook.stripe_webhooks import BodyTooLarge, read_bounded_body
 from webhook.unavailable import DEPENDENCY_UNAVAILABLE
 
@@ -91,12 +92,28 @@ def _answer(status_code: int, outcome: str, message: str = "") -> Response:
     return JSONResponse({"error": message}, status_code=status_code)
 
 
-@router.head("/zendit")
+@router.head(
+    "/zendit",
+    response_class=Response,
+    responses={200: {"description": "Empty: the URL check of Zendit's console."}},
+)
 async def zendit_webhook_check() -> Response:
     return Response(status_code=200)
 
 
-@router.post("/zendit")
+@router.post(
+    "/zendit",
+    responses=webhook_errors(
+        e400="Not a Zendit purchase notification.",
+        e401="Missing or wrong secret header (ZENDIT_WEBHOOK_HEADER).",
+        e413="Body larger than the limit.",
+        e500="Unexpected error; Zendit retries.",
+        e503="The database or the broker is unavailable; Zendit retries.",
+    ),
+    openapi_extra=signed_body(
+        "X-Zendit-Webhook-Secret", "A Zendit purchase notification; a hint only (re-fetched by id)."
+    ),
+)
 async def zendit_webhook(request: Request, ports: PortsDep) -> Response:
     settings = ports.ctx.settings
     provided = request.headers.get(settings.zendit_webhook_header)

@@ -169,6 +169,7 @@ class Refund:
     payment_intent_id: str | None
     reason: str | None
     metadata: dict[str, str]
+    created: int | None = None  # unix time; filled by list_refunds
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,34 @@ class IssuedCard:
     exp_month: int
     exp_year: int
     metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class IssuingAuthorization:
+    """A request to spend on one of our cards. `amount` is what is still held (0 once captured or
+    closed); `approved` says whether the network was told yes."""
+
+    id: str
+    card_id: str
+    status: str  # pending | closed | expired | reversed
+    approved: bool
+    amount: int
+    currency: str
+    created: int
+
+
+@dataclass(frozen=True)
+class IssuingTransaction:
+    """Money that left (capture) or came back to (refund) the Issuing balance through a card. Stripe
+    signs it from the cardholder's side: a capture is negative."""
+
+    id: str
+    card_id: str
+    authorization_id: str | None
+    type: str  # capture | refund
+    amount: int
+    currency: str
+    created: int
 
 
 @dataclass(frozen=True, repr=False)
@@ -408,6 +437,22 @@ class StripeGateway:
             metadata=_metadata(refund.metadata),
         )
 
+    async def list_refunds(self, *, created_gte: int) -> list[Refund]:
+        """Every refund created at or after `created_gte` (epoch seconds), newest first, all pages."""
+        found: list[Refund] = []
+        starting_after: str | None = None
+        while True:
+            params: dict[str, Any] = {"created": {"gte": created_gte}, "limit": 100}
+            if starting_after is not None:
+                params["starting_after"] = starting_after
+            page = await self._call(
+                "list_refunds", self._client.v1.refunds.list_async(params=cast(Any, params))
+            )
+            found.extend(_refund(refund) for refund in page.data)
+            if not page.has_more or not page.data:
+                return found
+            starting_after = page.data[-1].id
+
     # --- Issuing ---------------------------------------------------------------------------------
 
     async def create_cardholder(
@@ -563,6 +608,77 @@ class StripeGateway:
             ),
         )
         return _issued_card(card)
+
+    async def list_issuing_cards(
+        self, *, created_gte: int, cardholder_id: str | None = None
+    ) -> list[IssuedCard]:
+        """Every Issuing card created at or after `created_gte` (epoch seconds), of one cardholder or
+        of the whole account; all pages."""
+        params: dict[str, Any] = {"created": {"gte": created_gte}}
+        if cardholder_id is not None:
+            params["cardholder"] = cardholder_id
+        cards = await self._all_pages("list_cards", self._client.v1.issuing.cards.list_async, params)
+        return [_issued_card(card) for card in cards]
+
+    async def list_issuing_authorizations(
+        self, *, created_gte: int, card_id: str | None = None
+    ) -> list[IssuingAuthorization]:
+        """Authorisations created at or after `created_gte`, of one card or of every card; all pages."""
+        params: dict[str, Any] = {"created": {"gte": created_gte}}
+        if card_id is not None:
+            params["card"] = card_id
+        found = await self._all_pages(
+            "list_issuing_authorizations", self._client.v1.issuing.authorizations.list_async, params
+        )
+        return [
+            IssuingAuthorization(
+                id=auth.id,
+                card_id=_id_of(auth.card) or "",
+                status=auth.status,
+                approved=auth.approved,
+                amount=auth.amount,
+                currency=_from_stripe_currency(auth.currency),
+                created=auth.created,
+            )
+            for auth in found
+        ]
+
+    async def list_issuing_transactions(
+        self, *, created_gte: int, card_id: str | None = None
+    ) -> list[IssuingTransaction]:
+        """Issuing transactions (captures, refunds) created at or after `created_gte`; all pages."""
+        params: dict[str, Any] = {"created": {"gte": created_gte}}
+        if card_id is not None:
+            params["card"] = card_id
+        found = await self._all_pages(
+            "list_issuing_transactions", self._client.v1.issuing.transactions.list_async, params
+        )
+        return [
+            IssuingTransaction(
+                id=item.id,
+                card_id=_id_of(item.card) or "",
+                authorization_id=_id_of(item.authorization),
+                type=item.type,
+                amount=item.amount,
+                currency=_from_stripe_currency(item.currency),
+                created=item.created,
+            )
+            for item in found
+        ]
+
+    async def _all_pages(self, operation: str, list_page: Any, params: dict[str, Any]) -> list[Any]:
+        """Walk a Stripe list with `starting_after` until `has_more` is false (100 per page)."""
+        items: list[Any] = []
+        starting_after: str | None = None
+        while True:
+            page_params = {**params, "limit": 100}
+            if starting_after is not None:
+                page_params["starting_after"] = starting_after
+            page = await self._call(operation, list_page(params=cast(Any, page_params)))
+            items.extend(page.data)
+            if not page.has_more or not page.data:
+                return items
+            starting_after = page.data[-1].id
 
     async def issuing_available_balance(self, currency: str) -> int:
         """The Issuing float available to spend in `currency` (0 when Stripe lists none)."""
@@ -768,4 +884,17 @@ def _issued_card(card: stripe.issuing.Card) -> IssuedCard:
         exp_month=card.exp_month,
         exp_year=card.exp_year,
         metadata=_metadata(card.metadata),
+    )
+
+
+def _refund(refund: stripe.Refund) -> Refund:
+    return Refund(
+        id=refund.id,
+        status=refund.status,
+        amount=refund.amount,
+        currency=_from_stripe_currency(refund.currency),
+        payment_intent_id=_id_of(refund.payment_intent),
+        reason=refund.reason,
+        metadata=_metadata(refund.metadata),
+        created=refund.created,
     )

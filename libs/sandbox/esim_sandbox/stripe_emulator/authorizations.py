@@ -10,7 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.routing import Route
-from stripe.params.issuing import AuthorizationRetrieveParams, TransactionRetrieveParams
+from stripe.params.issuing import (
+    AuthorizationListParams,
+    AuthorizationRetrieveParams,
+    TransactionListParams,
+    TransactionRetrieveParams,
+)
 from stripe.params.test_helpers.issuing import AuthorizationCaptureParams, AuthorizationCreateParams
 
 from . import auth_rules, issuing_objects
@@ -19,6 +24,7 @@ from .auth_rules import Decision, Spend
 from .coerce import as_bool, as_currency, as_int, opt_int, opt_str, require
 from .errors import StripeApiError, invalid_value
 from .ids import new_id, now
+from .lists import paginate
 from .render import render
 from .state import StripeState
 from .webhooks import Webhooks
@@ -203,6 +209,20 @@ async def retrieve_transaction(call: Call) -> dict[str, Any]:
     return call.render(call.state.get("issuing.transaction", call.path["transaction"]))
 
 
+async def list_authorizations(call: Call) -> dict[str, Any]:
+    """Newest first; `card`, `cardholder`, `status` and `created` narrow it, as at Stripe."""
+    filters = {k: call.params[k] for k in ("card", "cardholder", "status") if call.params.get(k)}
+    found = call.state.find("issuing.authorization", **filters)
+    return paginate(call, found, "/v1/issuing/authorizations")
+
+
+async def list_transactions(call: Call) -> dict[str, Any]:
+    """Newest first; `card`, `cardholder`, `type` (capture | refund) and `created` narrow it."""
+    filters = {k: call.params[k] for k in ("card", "cardholder", "type") if call.params.get(k)}
+    found = call.state.find("issuing.transaction", **filters)
+    return paginate(call, found, "/v1/issuing/transactions")
+
+
 def routes() -> list[Route]:
     return [
         api_route(
@@ -217,6 +237,10 @@ def routes() -> list[Route]:
             method="POST",
             spec=AuthorizationCaptureParams,
         ),
+        api_route(
+            "/v1/issuing/authorizations", list_authorizations, method="GET", spec=AuthorizationListParams
+        ),
+        api_route("/v1/issuing/transactions", list_transactions, method="GET", spec=TransactionListParams),
         api_route(
             "/v1/issuing/authorizations/{authorization}",
             retrieve_authorization,
