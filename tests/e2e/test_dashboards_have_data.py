@@ -4,7 +4,9 @@ The whole stack runs with the emulators; a real Prometheus (Debian's, the one `m
 scrapes it with the scrape jobs of deploy/prometheus/prometheus.yml pointed at this test's ports, and
 RabbitMQ's rabbitmq_prometheus endpoint. After one delivered order and one whose Zendit purchase fails
 and is refunded, each panel query (Grafana's variables filled in as Grafana would) must return at least
-one number, not an empty result and not only NaN.
+one number, not an empty result and not only NaN; and the panels that scenario must move (MUST_MOVE) must
+show it: a number above 0 in the series it moves. Present is not enough there: the order series exist from
+start-up at 0, so a panel whose feature is broken still returns its zeros.
 """
 
 from __future__ import annotations
@@ -44,6 +46,39 @@ SCRAPE_INTERVAL = "1s"
 DATA_DEADLINE_SECONDS = 45
 ORDER_TIMEOUT_SECONDS = 30
 LABEL_VALUES = re.compile(r"^\s*label_values\((?P<selector>.+),\s*(?P<label>\w+)\)\s*$")
+FULFILMENT = dashboards.DASHBOARDS_DIR / "esim-fulfilment.json"
+# The states the two orders leave on their way (the first is funded by an Issuing top-up).
+STEPS_LEFT = (
+    *("pending_payment", "paid", "funding", "funded", "purchasing", "provisioned"),
+    *("purchase_failed", "refund_pending"),
+)
+# Every panel of the fulfilment dashboard that one delivered order and one refunded after its Zendit
+# purchase failed must move: panel title -> refId -> the series (by labels; {} is any) that must be
+# above 0. Left out: balances, backlogs, DLQs, mismatches, top-up failures, awaiting funds and needs
+# attention, which this scenario leaves where they were (at a value, or 0); and the provider error
+# ratio: Zendit reports the failed purchase as a FAILED status to calls that succeed.
+MUST_MOVE: dict[str, dict[str, list[dict[str, str]]]] = {
+    "Orders paid / min": {"A": [{}]},
+    "Success ratio": {"A": [{}]},
+    "eSIM success rate (all time)": {"A": [{}]},
+    "Average time to eSIM": {"A": [{}]},
+    "Stripe refunds issued": {"A": [{}]},
+    "Orders per minute, by state entered": {
+        "A": [{"to_state": s} for s in ("paid", "delivered", "purchase_failed", "refunded")]
+    },
+    "Time to eSIM (p50, p99)": {"A": [{}], "B": [{}]},
+    "Time spent in each step (p50)": {"A": [{"step": step} for step in STEPS_LEFT]},
+    "Time spent in each step (p99)": {"A": [{"step": step} for step in STEPS_LEFT]},
+    "Failures by step, per 15 min": {"A": [{"step": "purchase"}]},
+    "Refunds by failed step, per 15 min": {"A": [{"step": "purchase"}]},
+    "Purchases by outcome, per 15 min": {"A": [{"outcome": "done"}, {"outcome": "failed"}]},
+    "Messages settled, by outcome": {"A": [{"outcome": "ok"}]},
+    "Broker: messages processed per service (FastStream)": {"A": [{}]},
+    "Provider calls, by outcome": {
+        "A": [{"provider": "stripe", "outcome": "ok"}, {"provider": "zendit", "outcome": "ok"}]
+    },
+    "Provider call duration (p99)": {"A": [{"provider": "stripe"}, {"provider": "zendit"}]},
+}
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -174,6 +209,49 @@ async def queries_without_data(client: httpx.AsyncClient) -> list[str]:
     return missing
 
 
+def must_move_queries() -> list[tuple[dashboards.Query, list[dict[str, str]]]]:
+    """MUST_MOVE's queries; every title and refId it names must be on the dashboard, so that renaming a
+    panel cannot take it out of the check unnoticed."""
+    found = [
+        (query, MUST_MOVE[query.panel_title][query.ref_id])
+        for query in dashboards.queries(FULFILMENT)
+        if query.ref_id in MUST_MOVE.get(query.panel_title, {})
+    ]
+    wanted = {(title, ref) for title, refs in MUST_MOVE.items() for ref in refs}
+    absent = wanted - {(query.panel_title, query.ref_id) for query, _ in found}
+    assert not absent, f"MUST_MOVE names panel queries that {FULFILMENT.name} does not have: {absent}"
+    return found
+
+
+async def panels_not_moved(client: httpx.AsyncClient) -> list[str]:
+    """The MUST_MOVE series that are missing, or not above 0."""
+    variables = await resolve_variables(client, dashboards.load(FULFILMENT))
+    still = []
+    for query, wanted in must_move_queries():
+        expr = dashboards.substitute(query.expr, variables)
+        result = await instant(client, expr)
+        for labels in wanted:
+            values = [
+                float(sample["value"][1]) for sample in result if labels.items() <= sample["metric"].items()
+            ]
+            if not any(value > 0 for value in values):
+                seen = {tuple(sorted(r["metric"].items())): r["value"][1] for r in result}
+                still.append(f"{query}\n    -> {labels or 'any series'}: {values or 'none'} in {seen}")
+    return still
+
+
+async def success_ratio_before_any_order(client: httpx.AsyncClient) -> list[dict]:
+    """The "Success ratio" query while no order has finished, once Prometheus holds the two samples of
+    the (zero) order counters that increase() needs to return 0 rather than nothing."""
+    [query] = [q for q in dashboards.queries(FULFILMENT) if q.panel_title == "Success ratio"]
+    deadline = time.monotonic() + 30
+    two_samples = 'min(count_over_time(esim_order_transitions_total{to_state="delivered"}[1m])) >= 2'
+    while not await instant(client, two_samples):
+        assert time.monotonic() < deadline, "Prometheus holds no two samples of the order counters"
+        await asyncio.sleep(0.5)
+    return await instant(client, dashboards.substitute(query.expr, {}))
+
+
 # --------------------------------------------------------------------------- orders
 
 
@@ -247,8 +325,11 @@ async def run_reconciliation(stack: Stack) -> None:
 async def test_every_dashboard_panel_shows_data_after_a_delivered_and_a_refunded_order(
     stack: Stack, prometheus_client: httpx.AsyncClient
 ):
+    must_move_queries()  # before the slow part: a panel MUST_MOVE names is gone
     down = await every_target_scraped(prometheus_client)
     assert not down, f"Prometheus cannot scrape: {down}"
+    # Nothing finished yet: no ratio (Grafana shows the panel's "No finished orders"), not a NaN.
+    assert await success_ratio_before_any_order(prometheus_client) == []
     # The sandbox wallet starts empty: this order is funded through an Issuing card top-up.
     assert await final_status(stack, await paid_order(stack)) == "delivered"
     zendit_control(stack, "POST", "wallet", {"balance": 1_000_000})
@@ -258,7 +339,10 @@ async def test_every_dashboard_panel_shows_data_after_a_delivered_and_a_refunded
 
     deadline = time.monotonic() + DATA_DEADLINE_SECONDS
     missing = await queries_without_data(prometheus_client)
-    while missing and time.monotonic() < deadline:
+    unmoved = await panels_not_moved(prometheus_client)
+    while (missing or unmoved) and time.monotonic() < deadline:
         await asyncio.sleep(1)
         missing = await queries_without_data(prometheus_client)
+        unmoved = await panels_not_moved(prometheus_client)
     assert not missing, f"{len(missing)} panel queries show no data:\n" + "\n".join(missing)
+    assert not unmoved, f"{len(unmoved)} panel series the orders must move did not:\n" + "\n".join(unmoved)

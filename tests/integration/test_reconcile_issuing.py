@@ -13,25 +13,38 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import aio_pika
+import httpx
 import pytest
+from prometheus_client import REGISTRY
+from pydantic import SecretStr
 
 from esim_common.errors import FailPermanently
 from esim_common.money import Money
 from esim_common.providers.stripe import StripeGateway, StripeTransientError
 from esim_common.providers.topup_gateway import TopupGatewayClient
+from esim_common.providers.zendit import ZenditClient
 from esim_common.settings import Settings, load_settings
+from esim_common.topology import delete
 from funding import repository as funding_repo
 from funding.cardholder import PlatformCardholder
 from funding.repository import WalletTopup
 from funding.topups import TopupPhases
+from reconcile import mismatch_store
 from reconcile.issuing_check import IssuingSourceUnavailable, issuing_mismatches
-from reconcile.issuing_rules import ENDED_GRACE, LOOKBACK
+from reconcile.issuing_rules import ENDED_GRACE
+from reconcile.ledger_checks import ExtraCheck, LedgerRunResult, run_ledger_checks
+from reconcile.main import create_app
 
 pytestmark = pytest.mark.db
 
 TOPUP = 5000  # USD cents, the default ZENDIT_MIN_TOPUP
 CANCEL_FAULT = {"method": "POST", "status": 500, "count": 20}  # outlasts the SDK's network retries
+CARD_KINDS = ("card_charged_without_credit", "card_still_active")
+TOKEN = "admin-token-for-issuing-tests-0123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def kinds(found) -> list[tuple[str, str]]:
@@ -116,7 +129,7 @@ async def test_a_card_left_active_after_a_declined_topup_is_reported_once_its_gr
         ("card_still_active", declined.card_id)
     ]
     # Older than the look-back, it is still checked while our books call it active.
-    much_later = datetime.now(UTC) + LOOKBACK + timedelta(days=1)
+    much_later = datetime.now(UTC) + timedelta(hours=settings.reconcile_lookback_hours, days=1)
     assert kinds(await issuing_mismatches(db, settings, now=much_later)) == [
         ("card_still_active", declined.card_id)
     ]
@@ -214,3 +227,195 @@ async def test_issuing_lists_filter_by_card_and_creation_time_and_page_like_stri
     assert [(t.card_id, t.type, t.amount, t.currency) for t in mine] == [(first, "capture", -300, "USD")]
     listed = await stripe_gateway.list_issuing_cards(created_gte=cards[0].created, cardholder_id=holder.id)
     assert {card.id for card in listed} == {card.id for card in cards}
+
+
+# ------------------------------------------------------------------------- stored, as the sweep stores them
+
+
+async def leaked_and_extra_cards(
+    topup, stripe_emulator, stripe_gateway, stripe_client, stripe_webhook_receiver
+) -> tuple[str, str]:
+    """Two cards an operator must look at, one of each kind: (charged card, extra active card).
+
+    - a declined top-up's card left active (cancel fault), then charged by another merchant: charged
+      without credit; our books still call it active, so only its charge ages out of a run's window;
+    - a card Stripe made for a funded top-up that our books lack (e.g. a retried create), left active:
+      a run sees it only while its top-up is in the window."""
+    stripe_emulator.inject_fault("/v1/issuing/cards/*", **CANCEL_FAULT)
+    declined = await topup()
+    stripe_emulator.clear_faults()
+    assert declined.status.value == "declined" and declined.card_active is True
+    stripe_webhook_receiver.approve_authorizations = True
+    funded = await topup()
+    assert funded.status.value == "succeeded"
+    extra = await stripe_client.v1.issuing.cards.create_async(
+        params={
+            "cardholder": stripe_emulator.state.objects[funded.card_id]["cardholder"],
+            "currency": "usd",
+            "type": "virtual",
+            "status": "active",
+            "metadata": {"topup_id": funded.id},
+        }
+    )
+    card = await stripe_gateway.reveal_card(declined.card_id)
+    charge = await asyncio.to_thread(
+        stripe_emulator.charge_card,
+        number=card.number,
+        exp_month=card.exp_month,
+        exp_year=card.exp_year,
+        cvc=card.cvc,
+        amount=TOPUP,
+        currency="usd",
+        merchant_name="Somewhere Else",
+    )
+    assert charge["approved"] is True
+    return declined.card_id, extra.id
+
+
+@pytest.fixture
+def stored_run(db, settings, stripe_gateway, zendit_client: ZenditClient):
+    """One reconciliation run at `at`, the Issuing checks stored with the ledger checks as main.py wires
+    them (the same moment for both, so the store's window is the checks' window)."""
+
+    async def run(at: datetime) -> LedgerRunResult:
+        issuing = ExtraCheck("stripe_issuing", CARD_KINDS, lambda: issuing_mismatches(db, settings, now=at))
+        return await run_ledger_checks(
+            db,
+            zendit=zendit_client,
+            stripe=stripe_gateway,
+            lookback=timedelta(hours=settings.reconcile_lookback_hours),
+            grace=timedelta(minutes=30),
+            extra=[issuing],
+            now=lambda: at,
+        )
+
+    return run
+
+
+async def test_issuing_mismatches_older_than_the_window_stay_open_until_an_operator_acknowledges_them(
+    db,
+    settings,
+    topup,
+    stored_run,
+    stripe_emulator,
+    stripe_gateway,
+    stripe_client,
+    stripe_webhook_receiver,
+    declining_card_network,
+) -> None:
+    charged, extra = await leaked_and_extra_cards(
+        topup, stripe_emulator, stripe_gateway, stripe_client, stripe_webhook_receiver
+    )
+    first = await stored_run(after_grace())
+    assert (first.open["card_charged_without_credit"], first.open["card_still_active"]) == (1, 1)
+
+    # Past the window no run lists the charge or reads the funded top-up: finding nothing proves nothing.
+    later = datetime.now(UTC) + timedelta(hours=settings.reconcile_lookback_hours, days=1)
+    aged = await stored_run(later)
+
+    assert set(CARD_KINDS) <= set(aged.kinds_checked) and aged.found["card_still_active"] == 0
+    assert aged.resolved == 0
+    assert (aged.open["card_charged_without_credit"], aged.open["card_still_active"]) == (1, 1)
+    still_open = await mismatch_store.list_mismatches(db, kind=None, include_resolved=False, limit=10)
+    assert {(m.kind, m.subject) for m in still_open} == {
+        ("card_charged_without_credit", charged),
+        ("card_still_active", extra),
+    }
+
+
+async def test_a_card_cancelled_at_stripe_within_the_window_resolves_its_mismatch(
+    db, topup, stored_run, stripe_emulator, stripe_client, declining_card_network
+) -> None:
+    stripe_emulator.inject_fault("/v1/issuing/cards/*", **CANCEL_FAULT)
+    declined = await topup()
+    stripe_emulator.clear_faults()
+    assert declined.card_active is True
+    extra = await stripe_client.v1.issuing.cards.create_async(  # one more for it, not in our books
+        params={
+            "cardholder": stripe_emulator.state.objects[declined.card_id]["cardholder"],
+            "currency": "usd",
+            "type": "virtual",
+            "status": "active",
+            "metadata": {"topup_id": declined.id},
+        }
+    )
+    first = await stored_run(after_grace())
+    assert first.open["card_still_active"] == 2
+
+    # The operator cancels both in the Dashboard; our books still call the declined top-up's card active.
+    for card_id in (declined.card_id, extra.id):
+        await stripe_client.v1.issuing.cards.update_async(card_id, params={"status": "canceled"})
+    fixed = await stored_run(after_grace())
+
+    assert (fixed.resolved, fixed.open["card_still_active"]) == (2, 0)
+
+
+async def test_the_issuing_window_is_reconcile_lookback_hours(
+    db,
+    settings,
+    topup,
+    stripe_emulator,
+    stripe_gateway,
+    stripe_client,
+    stripe_webhook_receiver,
+    declining_card_network,
+) -> None:
+    await leaked_and_extra_cards(
+        topup, stripe_emulator, stripe_gateway, stripe_client, stripe_webhook_receiver
+    )
+    a_day_later = datetime.now(UTC) + timedelta(hours=26)
+
+    assert len(await issuing_mismatches(db, settings, now=a_day_later)) == 2  # the default: 72 h
+    short = settings.model_copy(update={"reconcile_lookback_hours": 25})
+    assert await issuing_mismatches(db, short, now=a_day_later) == []
+
+
+# ------------------------------------------------------------------------ through the reconcile service
+
+
+@pytest.fixture
+async def admin(service_settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The reconcile service as `python -m reconcile` builds it (create_app), in-process."""
+    app = create_app(service_settings.model_copy(update={"admin_api_token": SecretStr(TOKEN)}))
+    ctx = app.state.ctx
+    await ctx.start()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://reconcile"
+        ) as client:
+            yield client
+    finally:
+        await ctx.stop()
+        connection = await aio_pika.connect(service_settings.amqp_url)
+        async with connection:
+            await delete(await connection.channel(), ctx.topology)
+
+
+@pytest.mark.broker
+async def test_the_reconcile_service_reports_a_card_left_active_through_its_admin_api(
+    admin, db, topup, stripe_emulator, declining_card_network
+) -> None:
+    stripe_emulator.inject_fault("/v1/issuing/cards/*", **CANCEL_FAULT)
+    declined = await topup()
+    stripe_emulator.clear_faults()
+    assert declined.card_active is True
+    # The top-up ended longer ago than the grace in which funding may still cancel its card.
+    await db.execute(
+        "UPDATE wallet_topups SET created_at = created_at - $2::interval,"
+        " updated_at = updated_at - $2::interval WHERE id = $1",
+        declined.id,
+        ENDED_GRACE + timedelta(minutes=1),
+    )
+
+    response = await admin.post("/api/admin/reconcile/run", headers=AUTH)
+
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    assert "stripe_issuing" not in result["sources_failed"]
+    assert result["open"]["card_still_active"] == 1
+    listed = await admin.get("/api/admin/mismatches", params={"kind": "card_still_active"}, headers=AUTH)
+    [found] = listed.json()["mismatches"]
+    assert (found["subject"], found["transaction_id"]) == (declined.card_id, declined.order_ids[0])
+    assert found["detail"]["topup_id"] == declined.id
+    gauge = REGISTRY.get_sample_value("esim_reconcile_mismatches", {"kind": "card_still_active"})
+    assert gauge == 1

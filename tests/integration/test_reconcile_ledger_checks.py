@@ -17,9 +17,10 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from esim_common.providers.stripe import StripeGateway
+from esim_common.providers.stripe import CaptureMethod, StripeGateway
 from esim_common.providers.zendit import ZenditClient
 from esim_common.topology import delete
+from reconcile import mismatch_store
 from reconcile.ledger_checks import ExtraCheck, run_ledger_checks, run_with_settings, scheduled_check
 from reconcile.main import create_app
 from reconcile.mismatches import Mismatch
@@ -361,3 +362,234 @@ async def test_a_mismatch_older_than_the_window_stays_open_until_an_operator_ack
     action = await db.fetchrow("SELECT action, detail::text AS detail FROM operator_actions")
     assert action["action"] == "acknowledge_mismatch"
     assert foreign in action["detail"]
+
+    # Acknowledged for good: a run that still sees the purchase inside its window opens no new row.
+    assert (await run(admin))["open"]["purchased_unknown"] == 0
+    assert len(await listed(admin, include_resolved="true", kind="purchased_unknown")) == 1
+
+
+async def test_the_balance_drift_is_settled_by_accepting_the_balance_not_by_acknowledging(
+    admin, zendit_emulator
+):
+    await run(admin)
+    wallet = zendit_emulator.control("GET", "state")["wallet"]
+    zendit_emulator.control("POST", "wallet", {"balance": wallet["balance"] + 700})
+    await run(admin)
+    [drift] = await listed(admin, kind="wallet_balance_drift")
+
+    refused = await admin.post(
+        f"/api/admin/mismatches/{drift['id']}/acknowledge", json={"note": "looks fine"}, headers=AUTH
+    )
+
+    assert refused.status_code == 409
+    assert "wallet/accept" in refused.json()["detail"]
+    assert [m["id"] for m in await listed(admin, kind="wallet_balance_drift")] == [drift["id"]]
+
+
+async def test_an_accepted_balance_is_not_undone_by_a_run_that_read_the_old_anchor(
+    admin, db, zendit_emulator, monkeypatch
+):
+    await run(admin)  # sets the anchor
+    wallet = zendit_emulator.control("GET", "state")["wallet"]
+    zendit_emulator.control("POST", "wallet", {"balance": wallet["balance"] + 700})
+    assert (await run(admin))["open"]["wallet_balance_drift"] == 1
+    read, go = asyncio.Event(), asyncio.Event()
+    real_anchor = mismatch_store.wallet_anchor
+
+    async def anchor_then_wait(pool: asyncpg.Pool) -> Any:
+        anchor = await real_anchor(pool)
+        read.set()
+        await go.wait()
+        return anchor
+
+    monkeypatch.setattr(mismatch_store, "wallet_anchor", anchor_then_wait)
+    during = asyncio.create_task(run(admin))
+    await read.wait()
+    accepted = await admin.post("/api/admin/reconcile/wallet/accept", json={"note": "settled"}, headers=AUTH)
+    assert accepted.json()["accepted"] is True
+    go.set()
+    await during
+    monkeypatch.setattr(mismatch_store, "wallet_anchor", real_anchor)
+
+    await run(admin)  # sets a fresh anchor from today's balance: no drift any more
+    assert (await run(admin))["open"]["wallet_balance_drift"] == 0
+
+
+def conflicts(stripe_status: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "esim_reconcile_payment_state_conflicts_total", {"stripe_status": stripe_status}
+        )
+        or 0.0
+    )
+
+
+async def checkout(gateway: StripeGateway, txn: str, *, capture: CaptureMethod = "automatic") -> str:
+    session = await gateway.create_checkout_session(
+        transaction_id=txn,
+        amount=PRICE,
+        currency="USD",
+        product_name=OFFER,
+        success_url="http://shop.test/ok",
+        cancel_url="http://shop.test/cancel",
+        capture_method=capture,
+    )
+    return session.id
+
+
+async def pending_order(db: asyncpg.Pool, txn: str, session_id: str) -> None:
+    """The order as create-checkout-session leaves it: pending_payment, no PaymentIntent yet."""
+    await db.execute(
+        """INSERT INTO esim_purchases (transaction_id, offer_id, price, currency, zendit_cost,
+                                       zendit_cost_currency, recipient_email, recipient_name, status,
+                                       stripe_checkout_session_id)
+           VALUES ($1, $2, $3, 'USD', $4, 'USD', 'c@example.com', 'C', 'pending_payment', $5)""",
+        txn,
+        OFFER,
+        PRICE,
+        COST,
+        session_id,
+    )
+
+
+async def test_a_payment_whose_webhook_never_came_is_reported_after_the_grace_and_resolved_once_recorded(
+    admin, db, make_stripe_emulator, stripe_webhook_receiver, zendit_client
+):
+    stripe_emulator = make_stripe_emulator()  # its own: the list holds only this test's payments
+    stripe_emulator.set_webhook(stripe_webhook_receiver.url)
+    stripe_emulator.set_delivery(hold=True)  # Stripe keeps the events: our webhook never hears of them
+    async with StripeGateway(api_key=stripe_emulator.api_key, api_base=stripe_emulator.url) as stripe:
+        txn = f"txn-{uuid.uuid4().hex[:16]}"
+        session_id = await checkout(stripe, txn)
+        await pending_order(db, txn, session_id)
+        paid = await asyncio.to_thread(stripe_emulator.pay, session_id)
+        intent = paid["payment_intent"]["id"]
+        # Money for a transaction id none of our orders has, and another integration's payment.
+        lost_session = await checkout(stripe, f"txn-lost-{uuid.uuid4().hex[:8]}")
+        lost = (await asyncio.to_thread(stripe_emulator.pay, lost_session))["payment_intent"]["id"]
+        async with stripe_emulator.sdk() as sdk:
+            other = await sdk.v1.checkout.sessions.create_async(
+                params={
+                    "mode": "payment",
+                    "line_items": [
+                        {
+                            "price_data": {
+                                "currency": "usd",
+                                "unit_amount": 500,
+                                "product_data": {"name": "T-shirt"},
+                            },
+                            "quantity": 1,
+                        }
+                    ],
+                    "success_url": "http://other.test/ok",
+                }
+            )
+        foreign = (await asyncio.to_thread(stripe_emulator.pay, other.id))["payment_intent"]["id"]
+        assert stripe_webhook_receiver.received == []
+        assert await db.fetchval("SELECT status FROM esim_purchases WHERE transaction_id = $1", txn) == (
+            "pending_payment"
+        )
+
+        async def reconcile(at: datetime) -> Any:
+            return await run_ledger_checks(
+                db,
+                zendit=zendit_client,
+                stripe=stripe,
+                lookback=timedelta(hours=72),
+                grace=timedelta(minutes=30),
+                now=lambda: at,
+            )
+
+        within_grace = await reconcile(datetime.now(UTC))  # the webhook may still be on its way
+        assert "paid_not_purchased" in within_grace.kinds_checked
+        assert within_grace.open["paid_not_purchased"] == 0
+
+        later = datetime.now(UTC) + timedelta(minutes=31)
+        first = await reconcile(later)
+        assert first.sources_failed == {}
+        assert (first.found["paid_not_purchased"], first.open["paid_not_purchased"]) == (2, 2)
+        assert gauge("paid_not_purchased") == 2
+        mismatches = await listed(admin, kind="paid_not_purchased")
+        assert {m["subject"] for m in mismatches} == {txn, lost}  # not `foreign`: not ours
+        ours = next(m for m in mismatches if m["subject"] == txn)
+        assert ours["transaction_id"] == txn
+        assert {
+            k: ours["detail"][k] for k in ("reason", "status", "payment_intent", "amount", "currency")
+        } == {
+            "reason": "payment_not_recorded",
+            "status": "pending_payment",
+            "payment_intent": intent,
+            "amount": PRICE,
+            "currency": "USD",
+        }
+        assert ours["detail"]["payment_intent_status"] == "succeeded"
+        assert foreign not in str(mismatches)
+
+        # The payment is recorded after all (say an operator replayed the events and the order was
+        # fulfilled); the stray payment is refunded. While Stripe cannot be read, nothing is resolved.
+        await db.execute(
+            """UPDATE esim_purchases SET status = 'delivered', paid_at = now(), stripe_payment_intent_id = $2,
+                                         zendit_transaction_id = $1, zendit_status = 'DONE'
+                WHERE transaction_id = $1""",
+            txn,
+            intent,
+        )
+        await bought(zendit_client, txn)
+        await stripe.create_refund(transaction_id="lost", payment_intent_id=lost)
+        errors = source_errors("stripe_payment_intents")
+        stripe_emulator.inject_fault("/v1/payment_intents", method="GET", status=503, count=100)
+        during = await reconcile(later + timedelta(seconds=1))
+        assert during.sources_failed == {"stripe_payment_intents": "StripeTransientError"}
+        assert "paid_not_purchased" not in during.kinds_checked
+        assert (during.resolved, during.open["paid_not_purchased"]) == (0, 2)
+        assert source_errors("stripe_payment_intents") == errors + 1
+
+        stripe_emulator.clear_faults()
+        fixed = await reconcile(later + timedelta(seconds=2))
+
+    assert "paid_not_purchased" in fixed.kinds_checked
+    assert (fixed.resolved, fixed.open["paid_not_purchased"]) == (2, 0)
+    assert gauge("paid_not_purchased") == 0
+    assert await listed(admin, kind="paid_not_purchased") == []
+
+
+async def test_a_paid_order_whose_payment_intent_took_nothing_is_warned_about_and_counted(
+    db, make_stripe_emulator, zendit_client, caplog
+):
+    stripe_emulator = make_stripe_emulator()
+    async with StripeGateway(api_key=stripe_emulator.api_key, api_base=stripe_emulator.url) as stripe:
+        txn = f"txn-{uuid.uuid4().hex[:16]}"
+        session_id = await checkout(stripe, txn, capture="manual")
+        await pending_order(db, txn, session_id)
+        intent = (await asyncio.to_thread(stripe_emulator.pay, session_id))["payment_intent"]["id"]
+        await db.execute(
+            """UPDATE esim_purchases SET status = 'paid', paid_at = now(), stripe_payment_intent_id = $2,
+                                         capture_method = 'manual'
+                WHERE transaction_id = $1""",
+            txn,
+            intent,
+        )
+        held = await run_ledger_checks(
+            db,
+            zendit=zendit_client,
+            stripe=stripe,
+            lookback=timedelta(hours=72),
+            grace=timedelta(minutes=30),
+        )
+        assert held.open["paid_not_purchased"] == 0  # authorised and recorded: fine
+        before = conflicts("canceled")
+
+        # Someone cancels the authorisation in the Stripe dashboard: no money will come for this order.
+        await stripe.cancel_payment_intent(transaction_id=txn, payment_intent_id=intent)
+        caplog.set_level("WARNING", logger="esim.reconcile.ledger")
+        await run_ledger_checks(
+            db,
+            zendit=zendit_client,
+            stripe=stripe,
+            lookback=timedelta(hours=72),
+            grace=timedelta(minutes=30),
+        )
+
+    assert conflicts("canceled") == before + 1
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("order is paid in our records")]
+    assert (warning.levelname, warning.transaction_id, warning.payment_intent) == ("WARNING", txn, intent)

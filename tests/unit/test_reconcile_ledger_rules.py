@@ -9,7 +9,16 @@ import pytest
 
 from esim_common.money import Money
 from reconcile import ledger_rules as rules
-from reconcile.ledger_rules import LedgerRow, OrderFacts, StripeRefund, Wallet, WalletAnchor, ZenditPurchase
+from reconcile.ledger_rules import (
+    LedgerRow,
+    OrderFacts,
+    PaymentConflict,
+    StripePayment,
+    StripeRefund,
+    Wallet,
+    WalletAnchor,
+    ZenditPurchase,
+)
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 GRACE = timedelta(minutes=30)
@@ -60,6 +69,7 @@ def test_a_paid_order_without_any_zendit_purchase_is_paid_not_purchased():
     assert kinds(found) == [("paid_not_purchased", "txn-1")]
     assert found[0].transaction_id == "txn-1"
     assert found[0].detail["status"] == "funded"
+    assert found[0].detail["reason"] == "no_purchase"
 
 
 def test_a_retry_purchase_under_txn_r2_counts_as_the_orders_purchase():
@@ -96,6 +106,127 @@ def test_a_refund_made_at_stripe_but_not_recorded_by_us_means_not_paid_not_purch
     assert paid_not_purchased([order(status="purchase_failed")], refunds=[refund(status="pending")]) == []
     found = paid_not_purchased([order(status="purchase_failed")], refunds=[refund(status="failed")])
     assert kinds(found) == [("paid_not_purchased", "txn-1")]
+
+
+# ------------------------------------------------------------------------------ payment_not_recorded
+def intent(
+    txn: str | None = "txn-1", status: str = "succeeded", minutes_ago: int = 45, amount: int = 1000
+) -> StripePayment:
+    held = status == "requires_capture"
+    return StripePayment(
+        id=f"pi_{txn}",
+        status=status,
+        amount_received=0 if held else amount,
+        amount_capturable=amount if held else 0,
+        currency="USD",
+        created=NOW - timedelta(minutes=minutes_ago),
+        transaction_id=txn,
+    )
+
+
+def not_recorded(intents, orders=(), refunds=()):
+    by_id = {o.transaction_id: o for o in orders}
+    return rules.payment_not_recorded(list(intents), by_id, list(refunds), now=NOW, grace=GRACE)
+
+
+UNPAID = order(status="pending_payment", paid_at=None, stripe_payment_intent_id=None, zendit_status=None)
+
+
+def test_money_taken_for_an_order_we_still_have_unpaid_is_paid_not_purchased():
+    [found] = not_recorded([intent()], [UNPAID])
+    assert (found.kind, found.subject, found.transaction_id) == ("paid_not_purchased", "txn-1", "txn-1")
+    assert dict(found.detail) == {
+        "evidence_at": (NOW - timedelta(minutes=45)).isoformat(),
+        "reason": "payment_not_recorded",
+        "status": "pending_payment",
+        "payment_intent": "pi_txn-1",
+        "payment_intent_status": "succeeded",
+        "metadata_transaction_id": "txn-1",
+        "amount": 1000,
+        "currency": "USD",
+    }
+
+
+def test_a_payment_we_gave_up_on_is_payment_not_recorded_too():
+    found = not_recorded([intent()], [order(status="payment_failed", paid_at=None)])
+    assert kinds(found) == [("paid_not_purchased", "txn-1")]
+
+
+def test_money_for_a_transaction_id_no_order_has_is_reported_under_the_payment_intent():
+    [found] = not_recorded([intent("txn-lost")], [UNPAID])
+    assert (found.subject, found.transaction_id) == ("pi_txn-lost", None)
+    assert found.detail["metadata_transaction_id"] == "txn-lost"
+    assert found.detail["status"] is None
+
+
+def test_an_authorised_manual_capture_hold_counts_as_money_taken_with_its_held_amount():
+    [found] = not_recorded([intent(status="requires_capture", amount=3900)], [UNPAID])
+    assert (found.detail["payment_intent_status"], found.detail["amount"]) == ("requires_capture", 3900)
+
+
+@pytest.mark.parametrize(
+    ("the_intent", "orders", "refunds"),
+    [
+        (intent(None), [], []),  # another integration on the same Stripe account
+        (intent(), [UNPAID], [refund(status="succeeded")]),  # refunded at Stripe
+        (intent(), [UNPAID], [refund(status="pending")]),  # refund on its way
+        (intent(minutes_ago=29), [UNPAID], []),  # within the grace: the webhook may still come
+        (intent(), [order(status="delivered")], []),  # paid in our records: not this reason
+        (intent(status="requires_capture"), [order(status="paid")], []),  # a manual order awaiting capture
+        (intent(status="canceled"), [UNPAID], []),  # took nothing
+        (intent(status="processing"), [UNPAID], []),  # not taken yet
+        (intent(status="requires_payment_method"), [UNPAID], []),  # the customer has not paid
+        (intent(), [replace(UNPAID, status="payment_failed", refund_status="succeeded")], []),  # we refunded
+    ],
+    ids=[
+        "not-ours",
+        "refunded",
+        "refund-pending",
+        "in-grace",
+        "recorded",
+        "manual-paid",
+        "canceled",
+        "processing",
+        "unpaid",
+        "our-refund",
+    ],
+)
+def test_payments_that_are_not_payment_not_recorded(the_intent, orders, refunds):
+    assert not_recorded([the_intent], orders, refunds) == []
+
+
+def test_a_failed_refund_gives_nothing_back_so_the_payment_is_still_reported():
+    assert kinds(not_recorded([intent()], [UNPAID], [refund(status="failed")])) == [
+        ("paid_not_purchased", "txn-1")
+    ]
+
+
+def test_two_intents_of_one_order_are_one_mismatch():
+    second = replace(intent(), id="pi_second")
+    assert kinds(not_recorded([intent(), second], [UNPAID])) == [("paid_not_purchased", "txn-1")]
+
+
+def test_a_paid_order_whose_intent_took_nothing_is_a_conflict_unless_we_released_it():
+    orders = {
+        "txn-1": order(status="delivered"),
+        "txn-2": order("txn-2", status="needs_attention", refund_status="canceled"),  # our released hold
+        "txn-3": order("txn-3", status="provisioned"),
+        "txn-4": order("txn-4", status="pending_payment", paid_at=None),
+    }
+    intents = [
+        intent("txn-1", status="canceled"),
+        intent("txn-2", status="canceled"),
+        intent("txn-3", status="succeeded"),
+        intent("txn-4", status="requires_payment_method"),
+        intent("txn-9", status="canceled"),  # no order of ours
+    ]
+    assert rules.payment_state_conflicts(intents, orders) == [
+        PaymentConflict("txn-1", "pi_txn-1", "canceled", "delivered")
+    ]
+    lapsed = [intent("txn-3", status="requires_payment_method")]
+    assert [c.intent_status for c in rules.payment_state_conflicts(lapsed, orders)] == [
+        "requires_payment_method"
+    ]
 
 
 # ------------------------------------------------------------------------------ purchased_unknown

@@ -90,6 +90,16 @@ def test_reconcile_interval_must_be_a_positive_number_of_seconds(value, monkeypa
     assert Settings().reconcile_interval == 5
 
 
+@pytest.mark.parametrize("value", ["0", "-600", "hourly"])
+def test_the_ledger_checks_interval_must_be_a_positive_number_of_seconds(value, monkeypatch):
+    assert Settings().reconcile_ledger_interval == 600
+    monkeypatch.setenv("RECONCILE_LEDGER_INTERVAL", value)
+    with pytest.raises(ValidationError, match="reconcile_ledger_interval"):
+        Settings()
+    monkeypatch.setenv("RECONCILE_LEDGER_INTERVAL", "3600")
+    assert Settings().reconcile_ledger_interval == 3600
+
+
 @dataclass(frozen=True)
 class Found:
     status: OrderStatus

@@ -130,3 +130,34 @@ def test_expanded_card_number_is_the_only_way_to_see_it(emulated_objects: dict[s
     card = emulated_objects["issuing.card"]
     assert "number" not in card and "cvc" not in card
     assert isinstance(card["cardholder"], dict) and card["cardholder"]["object"] == "issuing.cardholder"
+
+
+async def test_listed_payment_intents_have_stripes_shape_in_a_list_envelope(
+    reference_shapes: dict[str, Any],
+) -> None:
+    app = create_app()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://stripe.test", headers=AUTH
+    ) as http:
+        session = (
+            await http.post(
+                "/v1/checkout/sessions",
+                data={
+                    "line_items[0][price_data][currency]": "usd",
+                    "line_items[0][price_data][unit_amount]": "1500",
+                    "line_items[0][price_data][product_data][name]": "eSIM",
+                    "line_items[0][quantity]": "1",
+                    "mode": "payment",
+                    "success_url": "https://shop.test/ok",
+                },
+            )
+        ).json()
+        paid = (await http.post(f"/_sandbox/checkout/sessions/{session['id']}/pay")).json()
+        listed = (await http.get("/v1/payment_intents")).json()
+    assert {key: listed[key] for key in ("object", "has_more", "url")} == {
+        "object": "list",
+        "has_more": False,
+        "url": "/v1/payment_intents",
+    }
+    assert listed["data"] == [paid["payment_intent"]]
+    assert shape_problems(reference_shapes["payment_intent"], listed["data"][0]) == []

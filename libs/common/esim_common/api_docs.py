@@ -86,7 +86,10 @@ DEAD_LETTER_KEY = "<queue>.dlq"
 DEAD_LETTER_OBSERVER = (
     "Bound to the dead-letter exchange under the name of every other queue's DLQ: a copy of each dead "
     "letter, body as it failed (an event, or the poison that could not be read), with the "
-    "`x-esim-origin-queue`, `x-esim-last-error` and `x-esim-failed-at` headers."
+    "`x-esim-origin-queue`, `x-esim-last-error` and `x-esim-failed-at` headers, and the dead-letter "
+    "stamp that the observer's own retries (counted in `x-esim-observer-attempt`) and a replay leave "
+    "alone: `x-esim-dead-letter-queue`, `x-esim-dead-letter-error`, `x-esim-dead-lettered-at`, "
+    "`x-esim-dead-letter-attempt`."
 )
 
 # Our AMQP headers (esim_common.publisher, esim_common.consumer); the viewer shows them per message.

@@ -65,10 +65,7 @@ async def fail_and_refund(
         order = await _reload(pool, transaction_id)
 
     if order.status == S.REFUND_PENDING:
-        order = await _give_money_back(pool, stripe, order)
-        if order.status == S.REFUNDED:
-            # Counted where the refund is made, not when announced: a redelivery re-announces it.
-            metrics.refunds_total.labels(step=step).inc()
+        order = await _give_money_back(pool, stripe, order, step)
 
     reason_now = order.failure_reason or reason
     if order.status == S.REFUNDED:
@@ -89,7 +86,9 @@ async def fail_and_refund(
     return order.status
 
 
-async def _give_money_back(pool: asyncpg.Pool, stripe: StripeGateway, order: Order) -> Order:
+async def _give_money_back(
+    pool: asyncpg.Pool, stripe: StripeGateway, order: Order, step: FailedStep
+) -> Order:
     """Refund (or cancel the uncaptured payment); a refusal leaves the order for an operator."""
     txn = order.transaction_id
     if not order.stripe_payment_intent_id:
@@ -106,7 +105,7 @@ async def _give_money_back(pool: asyncpg.Pool, stripe: StripeGateway, order: Ord
                 # customer they were not charged; reconcile does not count it as a Stripe refund), and
                 # order.refunded carries an empty refund_id.
                 await record(pool, txn, refund_status=RELEASED)
-                return await _refunded(pool, txn)
+                return await _refunded(pool, txn, step)
         refund = await stripe.create_refund(
             transaction_id=txn, payment_intent_id=order.stripe_payment_intent_id, amount=order.price
         )
@@ -116,13 +115,17 @@ async def _give_money_back(pool: asyncpg.Pool, stripe: StripeGateway, order: Ord
     await record(pool, txn, refund_id=refund.id, refund_status=refund.status)
     if refund.status in ("failed", "canceled"):
         return await _needs_attention(pool, txn, f"refund_failed: refund {refund.status}")
-    return await _refunded(pool, txn)
+    return await _refunded(pool, txn, step)
 
 
-async def _refunded(pool: asyncpg.Pool, transaction_id: str) -> Order:
+async def _refunded(pool: asyncpg.Pool, transaction_id: str, step: FailedStep) -> Order:
     async with pool.acquire() as conn:
-        await transition(conn, transaction_id, S.REFUNDED)
-    log.info("order refunded")
+        moved = await transition(conn, transaction_id, S.REFUNDED)
+    # Counted by the one run whose move took the order to refunded: a redelivery, or a second run racing
+    # this one on the same order, gets the same refund back (same key) but moves nothing.
+    if moved.changed:
+        metrics.refunds_total.labels(step=step).inc()
+        log.info("order refunded")
     return await _reload(pool, transaction_id)
 
 

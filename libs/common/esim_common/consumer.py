@@ -18,8 +18,11 @@ nothing; what it raises decides the message's fate (see `esim_common.errors`):
 
 A DLQ copy goes through the dead-letter exchange (`esim.dead-letters`, routing key = the DLQ's name),
 which hands it to the DLQ and a second copy to reconcile's history (`reconcile.dead-letters`); the DLQ
-itself is never consumed. `consume_raw` subscribes a handler that takes the message itself (that
-history, whose messages are any event or none) with the same fates minus the failure hook.
+itself is never consumed. The copy carries the dead-letter stamp (`x-esim-dead-letter-*`: which DLQ,
+why, when, at which attempt), which the observer's own retries, its own DLQ copy and a replay leave
+alone. `consume_raw` subscribes a handler that takes the message itself (that history, whose messages
+are any event or none) with the same fates minus the failure hook; it counts its retries in its own
+header, and may be given more patience with a database outage than with other transient errors.
 
 "Copy, then ack" means the broker has confirmed the copy before the original goes, so a crash in
 between duplicates the message (handlers are idempotent) but never loses it. Nothing is ever requeued
@@ -52,6 +55,10 @@ from esim_common.logging import bind_transaction_id, redact
 from esim_common.publisher import publish_raw
 from esim_common.topology import (
     ATTEMPT_HEADER,
+    DEAD_LETTER_ATTEMPT_HEADER,
+    DEAD_LETTER_ERROR_HEADER,
+    DEAD_LETTER_QUEUE_HEADER,
+    DEAD_LETTERED_AT_HEADER,
     FAILED_AT_HEADER,
     LAST_ERROR_HEADER,
     ORIGIN_QUEUE_HEADER,
@@ -141,11 +148,12 @@ class MessageRouter:
         )
 
     async def to_retry_tier(self, message: RabbitMessage, attempt: int, exc: BaseException) -> None:
-        delay = self.retry_delays[attempt - 1]
+        # Past the last tier (a consumer given more attempts than tiers) every retry waits the longest.
+        delay = self.retry_delays[min(attempt, len(self.retry_delays)) - 1]
         await self._copy(
             message,
             self.queue.retry_tier(delay),
-            {ATTEMPT_HEADER: attempt + 1, LAST_ERROR_HEADER: error_summary(exc)},
+            {self.queue.attempt_header: attempt + 1, LAST_ERROR_HEADER: error_summary(exc)},
         )
 
     async def check_again_later(self, message: RabbitMessage, delay_seconds: float) -> int:
@@ -156,17 +164,29 @@ class MessageRouter:
         return delay
 
     async def to_dlq(self, message: RabbitMessage, exc: BaseException | str) -> None:
-        summary = exc if isinstance(exc, str) else error_summary(exc)
-        await self._copy(
-            message,
-            self.queue.dlq,
-            {
-                LAST_ERROR_HEADER: summary[:MAX_ERROR_HEADER_LENGTH],
-                ORIGIN_QUEUE_HEADER: self.queue.name,
-                FAILED_AT_HEADER: datetime.now(UTC).isoformat(),
-            },
-            self._dead_letters,
-        )
+        summary = (exc if isinstance(exc, str) else error_summary(exc))[:MAX_ERROR_HEADER_LENGTH]
+        failed_at = datetime.now(UTC).isoformat()
+        headers: dict[str, Any] = {
+            LAST_ERROR_HEADER: summary,
+            ORIGIN_QUEUE_HEADER: self.queue.name,
+            FAILED_AT_HEADER: failed_at,
+        }
+        if not self.queue.observes_dead_letters:
+            # An observer leaves the stamp alone: it names the dead letter the observer could not record
+            # (its own DLQ is not observed), so a replay to the observer records that one as it was.
+            attempt = attempt_of(message, self.queue.attempt_header)
+            headers |= dead_letter_stamp(self.queue, summary, failed_at, attempt)
+        await self._copy(message, self.queue.dlq, headers, self._dead_letters)
+
+
+def dead_letter_stamp(queue: ConsumerQueue, error: str, failed_at: str, attempt: int) -> dict[str, Any]:
+    """The headers the dead-letter history records (see `esim_common.topology`)."""
+    return {
+        DEAD_LETTER_QUEUE_HEADER: queue.dlq,
+        DEAD_LETTER_ERROR_HEADER: error,
+        DEAD_LETTERED_AT_HEADER: failed_at,
+        DEAD_LETTER_ATTEMPT_HEADER: attempt,
+    }
 
 
 def _routing_key(message: RabbitMessage) -> str | None:
@@ -175,10 +195,10 @@ def _routing_key(message: RabbitMessage) -> str | None:
     return key if isinstance(key, str) and key else None
 
 
-def attempt_of(message: RabbitMessage) -> int:
+def attempt_of(message: RabbitMessage, header: str = ATTEMPT_HEADER) -> int:
     """1 for the first delivery; our header counts the retries (x-death is rewritten per hop)."""
     try:
-        return max(1, int(message.headers.get(ATTEMPT_HEADER, 1)))
+        return max(1, int(message.headers.get(header, 1)))
     except (TypeError, ValueError):
         return 1
 
@@ -201,7 +221,7 @@ async def handle_delivery(
         await router.to_dlq(message, f"invalid {event_type.__name__}: {error_summary(exc)}")
         return "dead_lettered"
 
-    attempt = attempt_of(message)
+    attempt = attempt_of(message, router.queue.attempt_header)
     with bind_transaction_id(event.transaction_id):
         try:
             await handler(event)
@@ -211,17 +231,8 @@ async def handle_delivery(
             log.info("not finished yet, checking again later", extra={"queue": queue_name, "delay_s": delay})
             return "deferred"
         except RETRYABLE as exc:
-            if attempt <= len(router.retry_delays):
-                log.warning(
-                    "transient failure, retrying",
-                    extra={"queue": queue_name, "attempt": attempt, "error": error_summary(exc)},
-                )
-                await router.to_retry_tier(message, attempt, exc)
+            if await _retried(message, exc, attempt, router, attempts=len(router.retry_delays)):
                 return "retried"
-            log.error(
-                "retries exhausted",
-                extra={"queue": queue_name, "attempt": attempt, "error": error_summary(exc)},
-            )
             return await _take_failure_path(message, event, exc, attempt, router, on_failure)
         except PermanentError as exc:
             log.error(
@@ -237,31 +248,48 @@ async def handle_delivery(
             return "dead_lettered"
 
 
-async def handle_raw_delivery(message: RabbitMessage, *, handler: RawHandler, router: MessageRouter) -> str:
+async def handle_raw_delivery(
+    message: RabbitMessage,
+    *,
+    handler: RawHandler,
+    router: MessageRouter,
+    database_outage_attempts: int | None = None,
+) -> str:
     """The fates for a handler that takes the message itself: returns → ack; a retryable error → the
-    retry tiers, then the DLQ; anything else → the DLQ. There is no failure hook: no order to fail."""
-    queue_name = router.queue.name
-    attempt = attempt_of(message)
+    retry tiers, then the DLQ; anything else → the DLQ. There is no failure hook: no order to fail.
+
+    `database_outage_attempts`: how often a database outage is retried (the tiers, then the longest
+    one again) before the DLQ, for a handler that can wait out a failover, default as other errors."""
+    attempt = attempt_of(message, router.queue.attempt_header)
     try:
         await handler(message)
         return "ok"
     except RETRYABLE as exc:
-        if attempt <= len(router.retry_delays):
-            log.warning(
-                "transient failure, retrying",
-                extra={"queue": queue_name, "attempt": attempt, "error": error_summary(exc)},
-            )
-            await router.to_retry_tier(message, attempt, exc)
+        attempts = len(router.retry_delays)
+        if database_outage_attempts is not None and isinstance(exc, DATABASE_UNAVAILABLE):
+            attempts = database_outage_attempts
+        if await _retried(message, exc, attempt, router, attempts=attempts):
             return "retried"
-        log.error(
-            "retries exhausted", extra={"queue": queue_name, "attempt": attempt, "error": error_summary(exc)}
-        )
         await router.to_dlq(message, exc)
         return "dead_lettered"
     except Exception as exc:
-        log.exception("unexpected error, dead-lettered for an operator", extra={"queue": queue_name})
+        log.exception("unexpected error, dead-lettered for an operator", extra={"queue": router.queue.name})
         await router.to_dlq(message, exc)
         return "dead_lettered"
+
+
+async def _retried(
+    message: RabbitMessage, exc: BaseException, attempt: int, router: MessageRouter, *, attempts: int
+) -> bool:
+    """Copy the message to its next retry tier while `attempt` is within `attempts` (True); False once
+    they are used up, and the caller decides what comes next."""
+    facts = {"queue": router.queue.name, "attempt": attempt, "error": error_summary(exc)}
+    if attempt <= attempts:
+        log.warning("transient failure, retrying", extra=facts)
+        await router.to_retry_tier(message, attempt, exc)
+        return True
+    log.error("retries exhausted", extra=facts)
+    return False
 
 
 async def _take_failure_path(
@@ -344,7 +372,12 @@ def consume(
 
 
 def consume_raw(
-    broker: RabbitBroker, topology: Topology, queue_name: str, handler: RawHandler
+    broker: RabbitBroker,
+    topology: Topology,
+    queue_name: str,
+    handler: RawHandler,
+    *,
+    database_outage_attempts: int | None = None,
 ) -> RabbitSubscriber:
     """Subscribe `handler` to a queue whose messages are not one event type (see `handle_raw_delivery`)."""
     queue = topology.queue(queue_name)
@@ -353,7 +386,9 @@ def consume_raw(
     )
 
     async def settle(message: RabbitMessage) -> str:
-        return await handle_raw_delivery(message, handler=handler, router=router)
+        return await handle_raw_delivery(
+            message, handler=handler, router=router, database_outage_attempts=database_outage_attempts
+        )
 
     return _subscribe(broker, queue, queue.name, handler.__doc__, settle)
 

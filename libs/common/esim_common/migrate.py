@@ -2,11 +2,16 @@
 
     esim-migrate                      # DATABASE_URL from the environment / .env
     esim-migrate --database-url URL --create-database
+    esim-migrate --wait 600           # change nothing: wait until another migrator has applied them all
 
 Each file runs in its own transaction together with the row that records it, so a failed file leaves
 nothing behind and is retried next time. An advisory lock serialises concurrent migrators (several
 replicas starting at once). A file that changed after it was applied is refused: migrations are
 append-only, fix forward with a new file.
+
+`--wait` is for a Kubernetes pod's init container: the migration Job changes the schema, and a new pod
+starts only once every migration its image carries is applied (read-only; no lock, works through a
+transaction pooler).
 """
 
 from __future__ import annotations
@@ -86,6 +91,46 @@ async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration]
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
 
 
+async def pending_migrations(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
+    """The versions not applied yet, read without taking the lock. An applied file that changed is an
+    error, not something to wait for."""
+    applied: dict[str, str] = {}
+    if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        applied = {r["version"]: r["checksum"] for r in await conn.fetch("SELECT * FROM schema_migrations")}
+    for migration in migrations:
+        if applied.get(migration.version, migration.checksum) != migration.checksum:
+            raise MigrationError(f"migration {migration.version} differs from the one applied")
+    return [m.version for m in migrations if m.version not in applied]
+
+
+async def wait_for_schema(
+    dsn: str, *, directory: Path = DEFAULT_MIGRATIONS_DIR, max_wait: float, interval: float = 2.0
+) -> None:
+    """Return once every migration in `directory` is applied; MigrationError after `max_wait` seconds.
+    An unreachable database counts as "not yet": the pod may start before the database answers."""
+    migrations = load_migrations(directory)
+    deadline = asyncio.get_running_loop().time() + max_wait
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+            try:
+                missing = await pending_migrations(conn, migrations)
+            finally:
+                await conn.close()
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            waiting_for = f"the database ({type(exc).__name__})"
+        else:
+            if not missing:
+                return
+            waiting_for = "migrations " + ", ".join(missing)
+        if asyncio.get_running_loop().time() >= deadline:
+            raise MigrationError(
+                f"schema not up to date after {max_wait:g} s: still waiting for {waiting_for}"
+            )
+        log.info("waiting for the schema", extra={"waiting_for": waiting_for})
+        await asyncio.sleep(interval)
+
+
 def _split_database(dsn: str) -> tuple[str, str]:
     """(dsn of the maintenance database `postgres`, name of the target database)."""
     parts = urlsplit(dsn)
@@ -129,11 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="defaults to DATABASE_URL")
     parser.add_argument("--migrations-dir", type=Path, help="defaults to MIGRATIONS_DIR or deploy/migrations")
     parser.add_argument("--create-database", action="store_true", help="create the database if missing")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="apply nothing: wait up to SECONDS until every migration is applied (by another migrator)",
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging(service="migrate", level=settings.log_level, secrets=settings.secret_values().values())
     dsn = args.database_url or settings.database_url
     directory = args.migrations_dir or Path(settings.migrations_dir or DEFAULT_MIGRATIONS_DIR)
+    if args.wait is not None:
+        try:
+            asyncio.run(wait_for_schema(dsn, directory=directory, max_wait=args.wait))
+        except MigrationError as exc:
+            log.error("schema not ready", extra={"error": str(exc)})
+            return 1
+        log.info("schema up to date")
+        return 0
     try:
         applied = asyncio.run(migrate(dsn, directory=directory, create_database=args.create_database))
     except (MigrationError, OSError, asyncpg.PostgresError) as exc:

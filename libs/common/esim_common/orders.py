@@ -45,6 +45,12 @@ class TransitionResult:
 # `{stamp_sql}` is filled from STEP_TIMESTAMP_COLUMN (our constants), never from input.
 # `seconds_in_previous` (for esim_order_step_seconds): since the order's last recorded move, or its creation;
 # the main SELECT does not see the row `recorded` inserts (one snapshot), so that is the previous move.
+# It uses now() (the transaction's start), not clock_timestamp(), on purpose: the move itself is stamped
+# with now() (`at`'s default, updated_at, the step columns), so the observed time is exactly the gap
+# between two rows of the order's timeline, and the steps add up to the whole. clock_timestamp() here
+# would count a caller's time inside its transaction twice: in this step, and in the next one, which is
+# measured from this move's now()-stamped `at`. (A move stamped before the previous one, by a transaction
+# that started first but locked the order second, gives a negative gap: observed as 0.)
 _UPDATE_TEMPLATE = """
     WITH previous AS (
         SELECT status, created_at FROM esim_purchases WHERE transaction_id = $1 FOR UPDATE

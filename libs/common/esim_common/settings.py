@@ -238,6 +238,9 @@ class Settings(BaseSettings):
     reconcile_paid_grace_minutes: int = Field(default=30, ge=1)
     # How often reconcile sweeps for orders stuck past their state's deadline (reconcile.stuck_rules).
     reconcile_interval: int = Field(default=60, gt=0)  # seconds
+    # How often one replica (across all) runs the ledger and Issuing checks, which page 72 h of Zendit
+    # and Stripe: a mismatch is money already moved, so ten minutes late costs nothing.
+    reconcile_ledger_interval: int = Field(default=600, gt=0)  # seconds
 
     # --- recovery tests only (ENVIRONMENT=sandbox): the process dies abruptly at these named points
     crash_points: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -49,6 +49,18 @@ FAILED_AT_HEADER = "x-esim-failed-at"
 # The routing key the event was first published with: a retry tier hands the message back under the
 # work queue's name, so the consumer keeps the original here for the DLQ's observers.
 ROUTING_KEY_HEADER = "x-esim-routing-key"
+# The dead-letter stamp, set by a work queue's consumer when it dead-letters a message: which DLQ, why,
+# when, at which attempt. The failure headers above say where the message is in *its current* trip and
+# are rewritten by the observer's own retries and DLQ copy, and stripped by a replay; the stamp is not,
+# so a copy the observer records late (after a database blip, or replayed from the observer's DLQ) is
+# recorded as it was. The next dead-lettering (after a replay) stamps it anew: a new dead letter.
+DEAD_LETTER_QUEUE_HEADER = "x-esim-dead-letter-queue"
+DEAD_LETTER_ERROR_HEADER = "x-esim-dead-letter-error"
+DEAD_LETTERED_AT_HEADER = "x-esim-dead-lettered-at"
+DEAD_LETTER_ATTEMPT_HEADER = "x-esim-dead-letter-attempt"
+# An observer handles copies of other consumers' messages, which carry their consumer's attempt count
+# (4 once its retries ran out): it counts its own retries here instead.
+OBSERVER_ATTEMPT_HEADER = "x-esim-observer-attempt"
 
 DEFAULT_EXCHANGE = ""  # AMQP's default exchange routes a message to the queue named by its routing key
 
@@ -68,6 +80,11 @@ class ConsumerQueue:
 
     def retry_tier(self, delay_seconds: int) -> str:
         return f"{self.name}.retry.{delay_seconds}s"
+
+    @property
+    def attempt_header(self) -> str:
+        """The header its consumer counts attempts in."""
+        return OBSERVER_ATTEMPT_HEADER if self.observes_dead_letters else ATTEMPT_HEADER
 
 
 @dataclass(frozen=True)

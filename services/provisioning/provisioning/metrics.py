@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from prometheus_client import Counter, Histogram
 
@@ -17,6 +17,10 @@ purchase_outcomes_total = Counter(
     "Zendit purchase attempts by how they ended for the order.",
     ("outcome",),
 )
+# Each outcome from start-up at 0: one born at its first attempt, already at 1, hides that attempt from
+# increase() (no earlier sample), so the first purchase after a restart would miss the dashboard.
+for _outcome in get_args(PurchaseOutcome):
+    purchase_outcomes_total.labels(outcome=_outcome)
 
 # From the attempt's start to the moment we saw it DONE: Zendit's ~15 s typical, hours in an outage.
 purchase_seconds = Histogram(

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
+import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -35,8 +36,19 @@ UNAUTHORIZED = HTTPException(
 # An admin request body is a few fields; anything larger is not one.
 MAX_BODY_BYTES = 4096
 
+# What the admin routes take for "the database is away" (down, restarting, refusing the query): a 503
+# or a degraded answer, never a 500.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
 
-def _admin_guard(ctx: ServiceContext):  # type: ignore[no-untyped-def]
+
+def admin_guard(ctx: ServiceContext) -> Callable[..., Awaitable[None]]:
+    """The dependency every admin route declares (before its body or query is read): 401 unless the
+    request carries the configured bearer token."""
     expected = ctx.settings.admin_api_token.get_secret_value().encode()
 
     async def require_admin(
@@ -82,7 +94,7 @@ _ZENDIT_ERRORS: dict[int | str, dict[str, Any]] = {
 
 def admin_router(ctx: ServiceContext) -> APIRouter:
     router = APIRouter(prefix="/api/admin", tags=["admin"])
-    require_admin = _admin_guard(ctx)
+    require_admin = admin_guard(ctx)
 
     @router.post(
         "/reconcile-zendit",

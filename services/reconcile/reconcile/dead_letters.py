@@ -44,6 +44,7 @@ from esim_common.topology import (
     ATTEMPT_HEADER,
     FAILED_AT_HEADER,
     LAST_ERROR_HEADER,
+    OBSERVER_ATTEMPT_HEADER,
     ORIGIN_QUEUE_HEADER,
     ConsumerQueue,
     Topology,
@@ -61,8 +62,16 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"
 # Headers the broker writes when it dead-letters or returns a message; they describe the last trip,
 # not the next one, so a replayed copy starts without them.
 BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", DELIVERY_COUNT_HEADER)
-# Our failure headers: a replayed copy starts from attempt 1 and the full retry tiers again.
-FAILURE_HEADERS = (ATTEMPT_HEADER, LAST_ERROR_HEADER, FAILED_AT_HEADER, ORIGIN_QUEUE_HEADER)
+# Our failure headers: a replayed copy starts from attempt 1 and the full retry tiers again. The
+# dead-letter stamp (`x-esim-dead-letter-*`) is kept: replayed from the observer's own DLQ, a copy is
+# still recorded as the dead letter it was; a consumer that dead-letters it again stamps it anew.
+FAILURE_HEADERS = (
+    ATTEMPT_HEADER,
+    OBSERVER_ATTEMPT_HEADER,
+    LAST_ERROR_HEADER,
+    FAILED_AT_HEADER,
+    ORIGIN_QUEUE_HEADER,
+)
 
 DLQ_SUFFIX = ".dlq"
 # Enough of a body to recognise the event; the audit row of a discard keeps the whole body.

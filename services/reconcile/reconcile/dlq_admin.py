@@ -1,7 +1,9 @@
 """Dead-letter endpoints of the admin API, behind the same bearer guard as the rest of it:
 
     GET  /api/admin/dead-letters                    every DLQ: depth, consumers, origin queue, and
-                                                    its history: counts, last error, last at
+                                                    its history: counts, last error, last at (null,
+                                                    with `history_available: false`, while the
+                                                    database is away: the depths still answer)
     GET  /api/admin/dead-letters/{queue}?limit=n    peek at the oldest n (nothing is taken away)
     POST /api/admin/dead-letters/{queue}/replay     back to the work queue, attempts reset
     POST /api/admin/dead-letters/{queue}/discard    dropped, each recorded in `operator_actions`
@@ -14,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel
 
@@ -27,7 +28,7 @@ from esim_common.publisher import PublishFailed, publish_raw
 from esim_common.service import ServiceContext
 from esim_common.topology import ConsumerQueue
 from reconcile import dead_letters
-from reconcile.admin import _admin_guard, json_body
+from reconcile.admin import DATABASE_ERRORS, admin_guard, json_body
 from reconcile.dead_letters import AuditEntry, DeadLetter, Settled, find_dead_letter_queue, origin_queue
 from reconcile.dlq_audit import record_operator_actions
 from reconcile.dlq_broker import BrokerUnavailable, DeadLetterBroker, QueueCounts, QueueMissing
@@ -51,15 +52,6 @@ log = logging.getLogger("esim.reconcile.dlq")
 # 500 ids of up to 200 characters and a note fit; anything larger is not a dead-letter request.
 MAX_BODY_BYTES = 128 * 1024
 
-# A database that is away or refuses the audit row: the messages stay where they are.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
-)
-
-
 # The list's default window for recent dead letters: a day, what an on-call shift looks back over.
 DEFAULT_RECENT_HOURS = 24
 MAX_RECENT_HOURS = 90 * 24
@@ -67,10 +59,6 @@ MAX_RECENT_HOURS = 90 * 24
 
 class AuditUnavailable(Exception):
     """The audit rows could not be written; nothing was acked."""
-
-
-class HistoryUnavailable(Exception):
-    """The dead-letter history could not be read."""
 
 
 Responses = dict[int | str, dict[str, Any]]
@@ -83,6 +71,12 @@ def _error(description: str) -> dict[str, Any]:
 _UNAUTHORIZED: Responses = {status.HTTP_401_UNAUTHORIZED: _error("No valid bearer token.")}
 _UNKNOWN_QUEUE: Responses = {
     status.HTTP_404_NOT_FOUND: _error("Not a DLQ of this topology; the answer lists them.")
+}
+_BROKER_UNAVAILABLE: Responses = {
+    status.HTTP_503_SERVICE_UNAVAILABLE: _error(
+        "The broker is unavailable. (A database outage is no 503 here: the depths are listed with "
+        "`history_available: false` and the history fields null.)"
+    )
 }
 _UNAVAILABLE: Responses = {
     status.HTTP_503_SERVICE_UNAVAILABLE: _error(
@@ -130,11 +124,6 @@ def _unavailable_as_503() -> Iterator[None]:
             "copies of the messages before the failure may already be on the work queue (a retry "
             "publishes them again: harmless, consumers check the order's state first)",
         ) from exc
-    except HistoryUnavailable as exc:
-        log.warning("dead-letter history unavailable", extra={"error": str(exc)})
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, detail="the database is unavailable"
-        ) from exc
     except AuditUnavailable as exc:
         log.error("audit trail not written", extra={"error": str(exc)})
         raise HTTPException(
@@ -145,7 +134,7 @@ def _unavailable_as_503() -> Iterator[None]:
 
 def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
     router = APIRouter(prefix="/api/admin", tags=["dead letters"])
-    require_admin = _admin_guard(ctx)
+    require_admin = admin_guard(ctx)
     broker = DeadLetterBroker(ctx.settings.amqp_url)
     topology = ctx.topology
 
@@ -172,13 +161,25 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
     async def record(entries: Sequence[AuditEntry]) -> None:
         try:
             await record_operator_actions(ctx.pool, entries)
-        except DATABASE_ERRORS as exc:
+        except DATABASE_ERRORS as exc:  # the messages stay where they are
             raise AuditUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def read_history(names: Sequence[str], since: datetime) -> dict[str, DeadLetterStats] | None:
+        """None while the database is away: the list must still show the DLQs filling up during the
+        very incident that fills them."""
+        try:
+            return await dead_letter_stats(ctx.pool, names, since=since)
+        except DATABASE_ERRORS as exc:
+            log.warning(
+                "dead-letter history unavailable, listing the depths without it",
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
+            return None
 
     @router.get(
         "/dead-letters",
         dependencies=[Depends(require_admin)],
-        responses={**_UNAUTHORIZED, **_UNAVAILABLE},
+        responses={**_UNAUTHORIZED, **_BROKER_UNAVAILABLE},
     )
     async def list_dead_letters(
         recent_hours: Annotated[
@@ -187,20 +188,19 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
     ) -> DeadLetterQueuesResponse:
         """Every DLQ of the topology with its depth, read by passive declares (no message is touched),
         and its history from reconcile's observation copies: how many were dead-lettered (all time and
-        recently), the latest error and when. Every message's error and id is in the peek."""
+        recently), the latest error and when. Every message's error and id is in the peek. While the
+        database is away the history fields are null and `history_available` is false."""
         now = datetime.now(UTC)
         names = [q.dlq for q in topology.queues]
         with _unavailable_as_503():
             counts = await broker.counts(names)
-            try:
-                history = await dead_letter_stats(ctx.pool, names, since=now - timedelta(hours=recent_hours))
-            except DATABASE_ERRORS as exc:
-                raise HistoryUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        queues = [_summary(q, counts.get(q.dlq), history.get(q.dlq)) for q in topology.queues]
+        history = await read_history(names, now - timedelta(hours=recent_hours))
+        queues = [_summary(q, counts.get(q.dlq), history) for q in topology.queues]
         return DeadLetterQueuesResponse(
             generated_at=now,
             total=sum(q.depth or 0 for q in queues),
             recent_hours=recent_hours,
+            history_available=history is not None,
             queues=queues,
         )
 
@@ -305,19 +305,22 @@ def dlq_admin_router(ctx: ServiceContext) -> APIRouter:
 
 
 def _summary(
-    work: ConsumerQueue, counts: QueueCounts | None, history: DeadLetterStats | None
+    work: ConsumerQueue, counts: QueueCounts | None, history: Mapping[str, DeadLetterStats] | None
 ) -> DeadLetterQueueSummary:
+    """`history` None: it could not be read, so the counts are null (unknown), not 0."""
+    stats = history.get(work.dlq) if history is not None else None
+    count_if_known = None if history is None else 0
     return DeadLetterQueueSummary(
         queue=work.dlq,
         origin_queue=work.name,
         depth=counts.ready if counts else None,
         consumers=counts.consumers if counts else None,
-        dead_lettered_total=history.total if history else 0,
-        dead_lettered_recent=history.recent if history else 0,
-        last_error=history.last_error if history else None,
-        last_at=history.last_at if history else None,
-        last_message_id=history.last_message_id if history else None,
-        last_transaction_id=history.last_transaction_id if history else None,
+        dead_lettered_total=stats.total if stats else count_if_known,
+        dead_lettered_recent=stats.recent if stats else count_if_known,
+        last_error=stats.last_error if stats else None,
+        last_at=stats.last_at if stats else None,
+        last_message_id=stats.last_message_id if stats else None,
+        last_transaction_id=stats.last_transaction_id if stats else None,
     )
 
 

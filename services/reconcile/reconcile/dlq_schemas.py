@@ -34,14 +34,17 @@ class DeadLetterQueueSummary(BaseModel):
     consumers: int | None = Field(
         description="Consumers attached. Should be 0: a consumer on a DLQ takes dead letters away."
     )
-    dead_lettered_total: int = Field(
-        0,
+    dead_lettered_total: int | None = Field(
+        None,
         description="Dead letters recorded for this DLQ since the history began, replayed or discarded "
         "ones included. Only copies a consumer made: a message the broker dead-lettered by itself (its "
         "copy unconfirmed, the delivery limit) or one from a publisher older than the dead-letter "
-        "exchange is in `depth` but not here.",
+        "exchange is in `depth` but not here. Null (like every history field) while the history "
+        "cannot be read: see `history_available`.",
     )
-    dead_lettered_recent: int = Field(0, description="The same, over the last `recent_hours` hours.")
+    dead_lettered_recent: int | None = Field(
+        None, description="The same, over the last `recent_hours` hours."
+    )
     last_error: str | None = Field(
         None, description="The latest recorded dead letter's error (redacted, at most 500 chars)."
     )
@@ -54,6 +57,10 @@ class DeadLetterQueuesResponse(BaseModel):
     generated_at: datetime
     total: int = Field(description="Dead letters over every DLQ.")
     recent_hours: int = Field(description="The window of each queue's `dead_lettered_recent`.")
+    history_available: bool = Field(
+        description="False while the database is away: the depths are listed, every history field "
+        "(`dead_lettered_*`, `last_*`) is null."
+    )
     queues: list[DeadLetterQueueSummary]
 
 

@@ -11,13 +11,12 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, get_args
 
-import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
 from esim_common.events import FailedStep
 from esim_common.service import ServiceContext
-from reconcile.admin import _admin_guard
+from reconcile.admin import DATABASE_ERRORS, admin_guard
 from reconcile.history_repository import StepFailures, failures_since
 from reconcile.schemas import ErrorResponse
 
@@ -27,8 +26,6 @@ log = logging.getLogger("esim.reconcile.admin")
 DEFAULT_SINCE_HOURS = 24
 MAX_SINCE_HOURS = 90 * 24
 STEPS: tuple[str, ...] = get_args(FailedStep)
-
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 class StepFailureSummary(BaseModel):
@@ -75,7 +72,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 def failure_admin_router(ctx: ServiceContext) -> APIRouter:
     router = APIRouter(prefix="/api/admin", tags=["failures"])
 
-    @router.get("/failures", dependencies=[Depends(_admin_guard(ctx))], responses=_RESPONSES)
+    @router.get("/failures", dependencies=[Depends(admin_guard(ctx))], responses=_RESPONSES)
     async def list_failures(
         since_hours: Annotated[
             int, Query(ge=1, le=MAX_SINCE_HOURS, description="How far back, in hours.")

@@ -6,6 +6,11 @@ a `dead_letter_events` row and acks it; the DLQ's own message is never touched, 
 discards it as before. The row is keyed by (DLQ, message id, the consumer's failed-at stamp): the same
 copy delivered twice is one row, the same message dead-lettered again after a replay is a second one.
 
+The row is read from the consumer's dead-letter stamp (`x-esim-dead-letter-*`), which the observer's own
+retries and DLQ copy and a replay from the observer's DLQ leave alone: a copy recorded late is recorded
+as it was dead-lettered, not as the observer last failed. A copy without the stamp (a consumer of an
+earlier build) is read from the failure headers, which those hops rewrite.
+
 Not in the history: messages the broker dead-letters by itself (a DLQ copy that was not confirmed, the
 delivery limit) and those an older publisher still sends through the default exchange. They skip the
 dead-letter exchange; the DLQ depth (passive declare) still counts them.
@@ -19,7 +24,15 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from esim_common.logging import redact
-from esim_common.topology import ORIGIN_QUEUE_HEADER, ROUTING_KEY_HEADER, Topology
+from esim_common.topology import (
+    DEAD_LETTER_ATTEMPT_HEADER,
+    DEAD_LETTER_ERROR_HEADER,
+    DEAD_LETTER_QUEUE_HEADER,
+    DEAD_LETTERED_AT_HEADER,
+    ORIGIN_QUEUE_HEADER,
+    ROUTING_KEY_HEADER,
+    Topology,
+)
 from reconcile.dead_letters import DeadLetter
 
 # The column bounds of deploy/migrations/0009_failure_history.sql.
@@ -55,7 +68,8 @@ def observed_dead_letter_queues(topology: Topology) -> frozenset[str]:
 
 def record_of(letter: DeadLetter, observed: Collection[str], *, received_at: datetime) -> DeadLetterRecord:
     """The history row for one observation copy. Raises `UnattributedDeadLetter`."""
-    failed_at = letter.failed_at
+    failed_at = _header(letter, DEAD_LETTERED_AT_HEADER) or letter.failed_at
+    error = _header(letter, DEAD_LETTER_ERROR_HEADER) or letter.last_error
     return DeadLetterRecord(
         queue=dead_letter_queue_of(letter, observed),
         event_id=_bounded(letter.message_id, MAX_ID_CHARS)
@@ -65,23 +79,24 @@ def record_of(letter: DeadLetter, observed: Collection[str], *, received_at: dat
         event_type=_bounded(letter.event_type, MAX_EVENT_TYPE_CHARS),
         transaction_id=_bounded(letter.transaction_id, MAX_ID_CHARS),
         # The consumer redacted it already; a header from anywhere else is redacted here.
-        error=_bounded(redact(letter.last_error) if letter.last_error else None, MAX_ERROR_CHARS),
+        error=_bounded(redact(error) if error else None, MAX_ERROR_CHARS),
         # As the consumer counts (`attempt_of`): a message never retried carries no attempt header.
-        attempt=letter.attempt or 1,
+        attempt=_int_header(letter, DEAD_LETTER_ATTEMPT_HEADER) or letter.attempt or 1,
         dead_lettered_at=_parse_time(failed_at) or received_at,
     )
 
 
 def dead_letter_queue_of(letter: DeadLetter, observed: Collection[str]) -> str:
-    """The DLQ a copy is about: the origin queue's DLQ (our header survives the observer's own retry
-    tiers), else the routing key it was published with (first delivery only)."""
+    """The DLQ a copy is about: the stamp's, else the origin queue's DLQ (an unstamped copy, before the
+    observer dead-lettered it itself), else the routing key it was published with (first delivery)."""
+    stamped = _header(letter, DEAD_LETTER_QUEUE_HEADER)
     origin = _header(letter, ORIGIN_QUEUE_HEADER)
-    for candidate in (f"{origin}.dlq" if origin else None, letter.routing_key):
+    for candidate in (stamped, f"{origin}.dlq" if origin else None, letter.routing_key):
         if candidate is not None and candidate in observed:
             return candidate
     raise UnattributedDeadLetter(
-        f"names no observed DLQ (origin {redact(str(origin))[:100]!r}, routing key "
-        f"{redact(str(letter.routing_key))[:100]!r})"
+        f"names no observed DLQ (stamp {redact(str(stamped))[:100]!r}, origin "
+        f"{redact(str(origin))[:100]!r}, routing key {redact(str(letter.routing_key))[:100]!r})"
     )
 
 
@@ -90,6 +105,13 @@ def _header(letter: DeadLetter, name: str) -> str | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return None if value is None else str(value)
+
+
+def _int_header(letter: DeadLetter, name: str) -> int | None:
+    try:
+        return int(letter.headers[name])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _bounded(text: str | None, limit: int) -> str | None:

@@ -28,6 +28,11 @@ from reconcile.metrics import dead_letters_total, order_outcome_events_total, un
 # failed, a payment that could not be captured (money owed to the shop).
 OPERATOR_STEPS: frozenset[str] = frozenset({"refund", "delivery", "capture"})
 
+# A Postgres restart or failover takes seconds to minutes. The observer waits one out for about an hour
+# (the 1 s and 3 s tiers, then every 10 s) before dead-lettering a copy to its own DLQ for a replay:
+# retrying is safe (the insert is idempotent) and the DLQ keeps the message itself meanwhile.
+DATABASE_OUTAGE_ATTEMPTS = 360
+
 log = logging.getLogger("esim.reconcile")
 
 
@@ -87,6 +92,9 @@ class DeadLetterHistory:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
         self._observed = observed_dead_letter_queues(ctx.topology)
+        # Every series at 0 from the start, so increase() sees the first dead letter after a restart.
+        for queue in self._observed:
+            dead_letters_total.labels(queue=queue)
 
     async def on_dead_letter(self, message: RabbitMessage) -> None:
         """A copy of a message some consumer dead-lettered (the DLQ keeps its own): recorded once in
@@ -118,5 +126,11 @@ def register(ctx: ServiceContext) -> OutcomeLog:
     )
     consume(ctx.broker, ctx.topology, "reconcile.order-failed", OrderFailed, outcomes.on_order_failed)
     consume(ctx.broker, ctx.topology, "reconcile.order-refunded", OrderRefunded, outcomes.on_order_refunded)
-    consume_raw(ctx.broker, ctx.topology, "reconcile.dead-letters", DeadLetterHistory(ctx).on_dead_letter)
+    consume_raw(
+        ctx.broker,
+        ctx.topology,
+        "reconcile.dead-letters",
+        DeadLetterHistory(ctx).on_dead_letter,
+        database_outage_attempts=DATABASE_OUTAGE_ATTEMPTS,
+    )
     return outcomes

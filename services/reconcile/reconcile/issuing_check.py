@@ -50,7 +50,7 @@ class IssuingSourceUnavailable(Exception):
 
 
 async def issuing_mismatches(pool: asyncpg.Pool, settings: Settings, *, now: datetime) -> list[Mismatch]:
-    since = now - rules.LOOKBACK - CLOCK_SKEW
+    since = now - timedelta(hours=settings.reconcile_lookback_hours) - CLOCK_SKEW
     topups, recorded = await _our_topups(pool, since)
     if not topups:
         return []
@@ -117,16 +117,22 @@ async def _stripe_facts(
         by_id[card_id] = await stripe.retrieve_card(card_id)
     cards = [_card(card, recorded.get(card.id)) for card in by_id.values()]
     authorizations = [
-        rules.Authorization(card_id=a.card_id, approved=a.approved, status=a.status, amount=a.amount)
+        rules.Authorization(
+            card_id=a.card_id, approved=a.approved, status=a.status, amount=a.amount, created=_at(a.created)
+        )
         for a in await stripe.list_issuing_authorizations(created_gte=since)
         if a.card_id in by_id
     ]
     transactions = [
-        rules.CardTransaction(card_id=t.card_id, amount=t.amount)
+        rules.CardTransaction(card_id=t.card_id, amount=t.amount, created=_at(t.created))
         for t in await stripe.list_issuing_transactions(created_gte=since)
         if t.card_id in by_id
     ]
     return cards, authorizations, transactions
+
+
+def _at(epoch_seconds: int) -> datetime:
+    return datetime.fromtimestamp(epoch_seconds, UTC)
 
 
 def _card(card: IssuedCard, recorded: asyncpg.Record | None) -> rules.Card:

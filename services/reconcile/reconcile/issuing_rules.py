@@ -16,6 +16,12 @@ Two kinds of mismatch, both keyed by the Issuing card id (what an operator opens
 
 Cards whose `metadata.topup_id` names none of our top-ups are left alone: they belong to another
 deployment sharing the Stripe account, or to a top-up older than the look-back.
+
+Each mismatch carries `evidence_at` (as `ledger_rules` does): the oldest fact a later run must read again
+to find it. A run reads top-ups created in its window (older ones only while our books call their card
+active) and charges created in it; once the evidence is older than the window, not finding the mismatch
+proves nothing, and the store keeps the row open until an operator acknowledges it. None means any run
+sees it again: a card our books call active is re-read at any age.
 """
 
 from __future__ import annotations
@@ -32,9 +38,6 @@ ENDED_GRACE = timedelta(minutes=10)
 # A top-up still open after an hour is stuck, not slow: funding's retry tiers end in the DLQ and
 # `abandon` within minutes. Until then its card is meant to be usable and a charge may be in flight.
 OPEN_GRACE = timedelta(hours=1)
-# How far back a sweep looks at top-ups and at Stripe's and Zendit's lists (cards our books still call
-# active are checked whatever their age).
-LOOKBACK = timedelta(hours=72)
 
 FINAL_TOPUP_STATUSES = frozenset({"succeeded", "declined", "failed"})
 
@@ -80,14 +83,16 @@ class Card:
 class Authorization:
     card_id: str
     approved: bool
-    status: str  # pending | closed | expired | reversed
-    amount: int  # what is still held
+    status: str  # pending | closed | reversed
+    amount: int  # counted only while `pending`: then it is what the approval holds
+    created: datetime
 
 
 @dataclass(frozen=True)
 class CardTransaction:
     card_id: str
     amount: int  # Stripe's sign: a capture is negative, a refund positive
+    created: datetime
 
 
 @dataclass(frozen=True)
@@ -101,15 +106,41 @@ class WalletCredit:
     currency: str
 
 
+def _counted(
+    card_id: str, authorizations: Iterable[Authorization], transactions: Iterable[CardTransaction]
+) -> list[tuple[int, datetime]]:
+    """The card's charges as (paid, when): captures net of refunds, and approved holds not captured yet."""
+    captured = [(-t.amount, t.created) for t in transactions if t.card_id == card_id]
+    held = [
+        (a.amount, a.created)
+        for a in authorizations
+        if a.card_id == card_id and a.approved and a.status == "pending"
+    ]
+    return captured + held
+
+
 def charged(
     card_id: str, authorizations: Iterable[Authorization], transactions: Iterable[CardTransaction]
 ) -> int:
     """What the card has paid: captured (net of refunds) plus approved holds not captured yet."""
-    captured = -sum(t.amount for t in transactions if t.card_id == card_id)
-    held = sum(
-        a.amount for a in authorizations if a.card_id == card_id and a.approved and a.status == "pending"
-    )
-    return captured + held
+    return sum(paid for paid, _ in _counted(card_id, authorizations, transactions))
+
+
+def _in_view_since(topup: Topup, card: Card) -> datetime | None:
+    """From when a run must look back to see this card again. None while our books call it active
+    (its top-up is read at any age, the card fetched by id; our books turn it inactive only once Stripe
+    cancelled it, so dropping out of view that way is a fix). Else its top-up's creation: an older
+    top-up is not read, and a card missing from our books is listed from the window only (it is made
+    after its top-up; issuing_check.CLOCK_SKEW covers Stripe's clock)."""
+    return None if card.recorded_active is True else topup.created_at
+
+
+def _oldest(*moments: datetime | None) -> datetime | None:
+    return min((moment for moment in moments if moment is not None), default=None)
+
+
+def _stamp(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
 
 
 def card_still_active(topup: Topup, card: Card, *, now: datetime) -> Mismatch | None:
@@ -130,15 +161,24 @@ def card_still_active(topup: Topup, card: Card, *, now: datetime) -> Mismatch | 
             "stripe_status": card.status,
             "recorded_active": None if card.recorded_active is None else str(card.recorded_active).lower(),
             "age_seconds": int(overdue.total_seconds()),
+            # A cancel at Stripe resolves it on the next run while the card is in view; after that, a person.
+            "evidence_at": _stamp(_in_view_since(topup, card)),
         },
         transaction_id=_order_of(topup),
     )
 
 
 def card_charged_without_credit(
-    topup: Topup, card: Card, *, paid: int, credit: WalletCredit | None, now: datetime
+    topup: Topup,
+    card: Card,
+    *,
+    paid: int,
+    first_charge: datetime | None,
+    credit: WalletCredit | None,
+    now: datetime,
 ) -> Mismatch | None:
-    """`credit`: the ledger's CREDIT for this top-up, unless another card of it already matched it."""
+    """`credit`: the ledger's CREDIT for this top-up, unless another card of it already matched it;
+    `first_charge`: when the oldest charge counted in `paid` was made."""
     if paid <= 0 or (topup.is_open and topup.overdue(now) is None):
         return None  # nothing paid, or the gateway may be crediting right now
     if paid > topup.amount:
@@ -163,6 +203,8 @@ def card_charged_without_credit(
             "gateway_topup_id": topup.gateway_topup_id,
             "credit_amount": credit.amount if credit is not None else None,
             "credit_status": credit.status if credit is not None else None,
+            # Charges older than the window are not listed: the card would look paid-for, wrongly.
+            "evidence_at": _stamp(_oldest(first_charge, _in_view_since(topup, card))),
         },
         transaction_id=_order_of(topup),
     )
@@ -189,12 +231,16 @@ def issuing_mismatches(
         topup = by_id[card.topup_id]
         if (active := card_still_active(topup, card, now=now)) is not None:
             found.append(active)
-        paid = charged(card.id, authorizations, transactions)
+        counted = _counted(card.id, authorizations, transactions)
+        paid = sum(amount for amount, _ in counted)
+        first_charge = min((when for _, when in counted), default=None)
         credit = credits_by_id.get(topup.gateway_topup_id or "")
         if credit is not None and credit.transaction_id in claimed:
             credit = None
         if (
-            unmatched := card_charged_without_credit(topup, card, paid=paid, credit=credit, now=now)
+            unmatched := card_charged_without_credit(
+                topup, card, paid=paid, first_charge=first_charge, credit=credit, now=now
+            )
         ) is not None:
             found.append(unmatched)
         elif paid > 0 and credit is not None:

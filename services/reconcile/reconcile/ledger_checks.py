@@ -9,14 +9,22 @@ Sources and the kinds that need them (a kind is checked only when all its source
                                                                          refunded_and_delivered
     stripe_refunds    GET /v1/refunds?created[gte]=<window start>        paid_not_purchased,
                                                                          refunded_and_delivered
+    stripe_payment_intents                                               paid_not_purchased
+                      GET /v1/payment_intents?created[gte]=<window start>
     zendit_ledger     GET /balance and GET /transactions (from the       wallet_balance_drift
                       wallet anchor's `since`), read twice around the
                       balance so that a purchase moving meanwhile is not taken for a drift
     <extra>.source    whatever the caller passes (the Issuing checks)    its own kinds
 
 A source that fails is logged, counted in `esim_reconcile_source_errors_total{source}` and recorded on
-the run; the open mismatches of its kinds stay open (an outage must not "resolve" them). Our database
-failing fails the whole run: the caller's loop tries again.
+the run; the open mismatches of its kinds stay open (an outage must not "resolve" them). A kind's rule
+that needs only the sources that were read still runs (paid_not_purchased/payment_not_recorded during a
+Zendit outage): what it finds is stored, nothing of the kind is resolved. Our database failing fails the
+whole run: the caller's loop tries again.
+
+An order we have as paid whose PaymentIntent took nothing (`ledger_rules.payment_state_conflicts`) is
+logged as a WARNING and counted in `esim_reconcile_payment_state_conflicts_total{stripe_status}` by every
+run that sees it.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ ZENDIT_PAGE_SIZE = 500
 BALANCE_READ_ATTEMPTS = 3
 
 NEEDS: dict[MismatchKind, frozenset[str]] = {
-    "paid_not_purchased": frozenset({"zendit_purchases", "stripe_refunds"}),
+    "paid_not_purchased": frozenset({"zendit_purchases", "stripe_refunds", "stripe_payment_intents"}),
     "purchased_unknown": frozenset({"zendit_purchases"}),
     "refunded_and_delivered": frozenset({"zendit_purchases", "stripe_refunds"}),
     "wallet_balance_drift": frozenset({"zendit_ledger"}),
@@ -183,6 +191,37 @@ async def stripe_refunds(stripe: StripeGateway, since: datetime) -> list[rules.S
     ]
 
 
+async def stripe_payment_intents(stripe: StripeGateway, since: datetime) -> list[rules.StripePayment]:
+    intents = await stripe.list_payment_intents(created_gte=int(since.timestamp()))
+    return [
+        rules.StripePayment(
+            id=i.id,
+            status=i.status,
+            amount_received=i.amount_received,
+            amount_capturable=i.amount_capturable,
+            currency=i.currency,
+            # Stripe always dates an intent; an undated one is treated as new (inside the grace period).
+            created=datetime.fromtimestamp(i.created, UTC) if i.created is not None else utc_now(),
+            transaction_id=i.transaction_id,
+        )
+        for i in intents
+    ]
+
+
+def report_conflicts(conflicts: Sequence[rules.PaymentConflict]) -> None:
+    for conflict in conflicts:
+        metrics.reconcile_payment_state_conflicts_total.labels(stripe_status=conflict.intent_status).inc()
+        log.warning(
+            "order is paid in our records but its PaymentIntent took no money; an operator must look",
+            extra={
+                "transaction_id": conflict.transaction_id,
+                "payment_intent": conflict.payment_intent_id,
+                "stripe_status": conflict.intent_status,
+                "order_status": conflict.order_status,
+            },
+        )
+
+
 # ------------------------------------------------------------------------------------------ the run
 class _Sources:
     """Runs each fetch, turning a failure into a recorded, counted, logged source error."""
@@ -220,11 +259,12 @@ async def run_ledger_checks(
     anchor = await mismatch_store.wallet_anchor(pool)
     purchases = await sources.read("zendit_purchases", zendit_purchases(zendit, window))
     refunds = await sources.read("stripe_refunds", stripe_refunds(stripe, window))
+    intents = await sources.read("stripe_payment_intents", stripe_payment_intents(stripe, window))
     ledger_since = rules.window_start(anchor, started_at, lookback)
     ledger = await sources.read("zendit_ledger", zendit_ledger(zendit, ledger_since, started_at))
 
     paid = await mismatch_store.paid_orders_since(pool, window)
-    orders = await _orders_concerned(pool, paid, purchases, refunds, ledger)
+    orders = await _orders_concerned(pool, paid, purchases, refunds, ledger, intents)
     found: list[Mismatch] = []
     new_anchor: rules.WalletAnchor | None = None
     if purchases is not None:
@@ -232,6 +272,10 @@ async def run_ledger_checks(
         if refunds is not None:
             found += rules.paid_not_purchased(paid, purchases, refunds, now=started_at, grace=grace)
             found += rules.refunded_and_delivered(refunds, list(orders.values()), purchases)
+    if intents is not None:
+        if refunds is not None:
+            found += rules.payment_not_recorded(intents, orders, refunds, now=started_at, grace=grace)
+        report_conflicts(rules.payment_state_conflicts(intents, orders))
     if ledger is not None:
         found += rules.debit_mismatches(ledger.rows, orders, ledger.wallet)
         check = rules.check_balance(anchor, ledger.wallet, ledger.rows, now=started_at, lookback=lookback)
@@ -253,6 +297,7 @@ async def run_ledger_checks(
         kinds_checked=checked,
         sources_failed=list(sources.failed),
         anchor=new_anchor,
+        anchor_read=anchor,
     )
     open_now = await refresh_gauge(pool)
     result = LedgerRunResult(
@@ -275,13 +320,18 @@ async def _orders_concerned(
     purchases: list[rules.ZenditPurchase] | None,
     refunds: list[rules.StripeRefund] | None,
     ledger: LedgerRead | None,
+    intents: list[rules.StripePayment] | None,
 ) -> dict[str, rules.OrderFacts]:
-    """The orders paid in the window, and the older ones owning a purchase, a debit or a refund in it."""
+    """The orders paid in the window, and the others (older, or not paid) owning a purchase, a debit,
+    a refund or a PaymentIntent in it."""
     rows = ledger.rows if ledger is not None else []
     zendit_ids = [p.transaction_id for p in purchases or []] + [r.transaction_id for r in rows]
+    candidates = {candidate for zid in zendit_ids for candidate in rules.order_candidates(zid)}
+    # Our PaymentIntents name their order in the metadata (whether or not we have it as paid).
+    candidates |= {i.transaction_id for i in intents or [] if i.transaction_id is not None}
     related = await mismatch_store.orders_matching(
         pool,
-        sorted({candidate for zid in zendit_ids for candidate in rules.order_candidates(zid)}),
+        sorted(candidates),
         sorted({r.payment_intent_id for r in refunds or [] if r.payment_intent_id}),
     )
     return {order.transaction_id: order for order in [*paid, *related]}
@@ -338,7 +388,7 @@ def scheduled_check(
     """The ledger checks as one of the sweep's checks (`ReconcileSweep(checks=[...])`): `pool` is a
     getter because the pool exists only once the service has started."""
 
-    async def check() -> LedgerRunResult:
+    async def ledger() -> LedgerRunResult:  # its name labels its failures (check="ledger")
         return await run_with_settings(pool(), settings, extra=extra())
 
-    return check
+    return ledger

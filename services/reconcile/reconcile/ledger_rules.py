@@ -3,13 +3,23 @@ wallet ledger and Stripe's refunds. Each function takes what the shell fetched a
 
 What each kind means exactly (the look-back window W = RECONCILE_LOOKBACK_HOURS):
 
-paid_not_purchased   an order paid within W but longer than the grace period ago (RECONCILE_PAID_GRACE_
-                     MINUTES), with no Zendit purchase of any of its attempts (`<txn>`, `<txn>-r2`, ...)
-                     that is DONE or still on its way, and no refund (ours, or a pending or succeeded
-                     Stripe refund of its PaymentIntent). Not one: an order in `awaiting_funds` (it waits
-                     for the operator to fund the wallet on purpose, alerted and refunded by its own
-                     deadline, AWAITING_FUNDS_MAX_AGE), never paid, or a manual-capture hold we
-                     released (our refund_status `canceled`: no money was taken).
+paid_not_purchased   the customer's money was taken and no eSIM is on its way, for one of two reasons
+                     (`detail.reason`); the grace period is RECONCILE_PAID_GRACE_MINUTES:
+  - no_purchase: an order paid within W but longer than the grace period ago, with no Zendit purchase
+    of any of its attempts (`<txn>`, `<txn>-r2`, ...) that is DONE or still on its way, and no refund
+    (ours, or a pending or succeeded Stripe refund of its PaymentIntent). Not one: an order in
+    `awaiting_funds` (it waits for the operator to fund the wallet on purpose, alerted and refunded by
+    its own deadline, AWAITING_FUNDS_MAX_AGE), never paid, or a manual-capture hold we released (our
+    refund_status `canceled`: no money was taken).
+  - payment_not_recorded: a Stripe PaymentIntent created within W but longer than the grace period ago,
+    carrying our `transaction_id` metadata, that took the money (`succeeded`) or holds it for our
+    manual capture (`requires_capture`), with no pending or succeeded refund, while our database has
+    its order unpaid (`pending_payment`, `payment_failed`) or has no such order at all: the payment
+    events never reached us (or were refused). Subject: the transaction id, or the PaymentIntent id
+    when no order has it. PaymentIntents without our metadata belong to another integration on the
+    same Stripe account and are ignored; canceled ones took nothing.
+  An order our database says is paid while its PaymentIntent took nothing (canceled, or back to
+  requires_payment_method) is no mismatch kind: `payment_state_conflicts` finds it for a warning.
 purchased_unknown    a Zendit purchase created within W, not FAILED (a failed one moved no money and made
                      no eSIM), whose transactionId is no order's transaction id, no order's recorded
                      Zendit id, and not `<an order's transaction id>-r<n>`.
@@ -57,6 +67,10 @@ REFUNDING = frozenset({"pending", "succeeded", "requires_action"})
 # Our `refund_status` also says `canceled` for a manual-capture hold released instead of refunded
 # (esim_common.compensation.RELEASED): the customer's money was never taken.
 OUR_REFUNDED = REFUNDING | {"canceled"}
+# PaymentIntent statuses in which the customer's money is taken, or held for our manual capture.
+TOOK_MONEY = frozenset({"succeeded", "requires_capture"})
+# ... and in which it is not (a released or lapsed hold, a payment that failed after all).
+TOOK_NOTHING = frozenset({"canceled", "requires_payment_method"})
 # Zendit purchase statuses that mean "an eSIM exists or is being made" (FAILED is the only other one).
 LIVE_PURCHASE = frozenset({"ACCEPTED", "PENDING", "AUTHORIZED", "IN_PROGRESS", "DONE"})
 HOLDING = frozenset({"AUTHORIZED", "IN_PROGRESS", "DONE"})
@@ -113,6 +127,29 @@ class StripeRefund:
     currency: str
     payment_intent_id: str | None
     created: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StripePayment:
+    """A PaymentIntent; `transaction_id` from its metadata (None: another integration's)."""
+
+    id: str
+    status: str
+    amount_received: int  # taken (succeeded, or partly captured)
+    amount_capturable: int  # held for a manual capture (requires_capture)
+    currency: str
+    created: datetime
+    transaction_id: str | None
+
+
+@dataclass(frozen=True)
+class PaymentConflict:
+    """An order we have as paid whose PaymentIntent Stripe says took nothing."""
+
+    transaction_id: str
+    payment_intent_id: str
+    intent_status: str
+    order_status: str
 
 
 @dataclass(frozen=True)
@@ -184,6 +221,7 @@ def paid_not_purchased(
                 transaction_id=order.transaction_id,
                 detail={
                     "evidence_at": order.paid_at.isoformat(),
+                    "reason": "no_purchase",
                     "status": order.status,
                     "payment_intent": order.stripe_payment_intent_id,
                     "zendit_transaction_id": order.zendit_transaction_id,
@@ -193,6 +231,67 @@ def paid_not_purchased(
             )
         )
     return found
+
+
+def payment_not_recorded(
+    intents: Sequence[StripePayment],
+    orders: Mapping[str, OrderFacts],
+    refunds: Sequence[StripeRefund],
+    *,
+    now: datetime,
+    grace: timedelta,
+) -> list[Mismatch]:
+    """paid_not_purchased for money Stripe took for an order we do not have as paid (see the module
+    doc). `orders`: by transaction id, every order the intents' metadata may name."""
+    refunded_intents = {r.payment_intent_id for r in refunds if r.status in REFUNDING and r.payment_intent_id}
+    found: dict[str, Mismatch] = {}
+    for intent in intents:
+        if intent.transaction_id is None or intent.status not in TOOK_MONEY:
+            continue
+        if intent.created > now - grace or intent.id in refunded_intents:
+            continue
+        order = orders.get(intent.transaction_id)
+        if order is not None and (
+            order.status not in NEVER_PAID_STATES or order.refund_status in OUR_REFUNDED
+        ):
+            continue
+        subject = order.transaction_id if order is not None else intent.id
+        found.setdefault(  # one per order: a second intent of it would only repeat the news
+            subject,
+            Mismatch(
+                kind="paid_not_purchased",
+                subject=subject,
+                transaction_id=order.transaction_id if order is not None else None,
+                detail={
+                    "evidence_at": intent.created.isoformat(),
+                    "reason": "payment_not_recorded",
+                    "status": order.status if order is not None else None,
+                    "payment_intent": intent.id,
+                    "payment_intent_status": intent.status,
+                    "metadata_transaction_id": intent.transaction_id,
+                    "amount": intent.amount_received + intent.amount_capturable,
+                    "currency": intent.currency,
+                },
+            ),
+        )
+    return list(found.values())
+
+
+def payment_state_conflicts(
+    intents: Sequence[StripePayment], orders: Mapping[str, OrderFacts]
+) -> list[PaymentConflict]:
+    """Orders we have as paid whose PaymentIntent took nothing, unless we released the hold ourselves
+    (our refund_status `canceled`). `orders`: every order that may own one of the intents."""
+    by_intent = {o.stripe_payment_intent_id: o for o in orders.values() if o.stripe_payment_intent_id}
+    conflicts = []
+    for intent in intents:
+        order = by_intent.get(intent.id)
+        if order is None or intent.status not in TOOK_NOTHING:
+            continue
+        if order.paid_at is None or order.status in NEVER_PAID_STATES or order.refund_status in OUR_REFUNDED:
+            continue
+        conflicts.append(PaymentConflict(order.transaction_id, intent.id, intent.status, order.status))
+    return conflicts
 
 
 def purchased_unknown(

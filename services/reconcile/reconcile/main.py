@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from fastapi import FastAPI
 
@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
         rules=stuck_rules(settings),
         interval_seconds=settings.reconcile_interval,
         checks=[scheduled_check(lambda: ctx.pool, settings, extra=issuing_checks)],
+        checks_every=timedelta(seconds=settings.reconcile_ledger_interval),
     )
     app.state.reconcile_sweep = sweep
     run_while_serving(app, sweep.run_forever)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import Counter, Gauge
+
+from esim_common.events import FailedStep, OrderDelivered, OrderFailed, OrderRefunded
 
 # event: order.delivered | order.failed | order.refunded; step: the failed step, or "none".
 # Counted per message handled, so a redelivery counts twice; the gauges (from Postgres) are exact.
@@ -11,6 +15,15 @@ order_outcome_events_total = Counter(
     "Outcome events seen by reconcile.",
     ("event", "step"),
 )
+# Each series from start-up at 0: one born at its first event, already at 1, hides that event from
+# increase() (no earlier sample), so the first failure after a restart would miss "Failures by step".
+for _event, _steps in (
+    (OrderDelivered.routing_key, ("none",)),
+    (OrderRefunded.routing_key, ("none",)),
+    (OrderFailed.routing_key, get_args(FailedStep)),
+):
+    for _step in _steps:
+        order_outcome_events_total.labels(event=_event, step=_step)
 # queue: a DLQ of the topology (bounded: copies naming anything else are refused, not counted). Counted
 # once per dead letter recorded in `dead_letter_events`, so redeliveries of the copy do not count again.
 dead_letters_total = Counter(
@@ -46,7 +59,7 @@ reconcile_redrives_total = Counter(
     ("status",),
 )
 # outcome: ok | degraded (a re-drive or a check failed) | failed (the run raised) | skipped (another
-# replica holds the sweep's lock).
+# replica held the re-drive lock and the checks were not due).
 reconcile_runs_total = Counter(
     "esim_reconcile_runs_total",
     "Scheduled reconciliation runs, by outcome.",
@@ -59,12 +72,24 @@ reconcile_check_failures_total = Counter(
 )
 reconcile_last_success = Gauge(
     "esim_reconcile_last_success_timestamp_seconds",
-    "Unix time of the last reconciliation run that re-drove what it found and ran every check.",
+    "Unix time of this replica's last reconciliation run that did its re-drives or checks with nothing "
+    "failing (0 until then).",
+)
+# For ReconcileNotRunning: the alert compares the age of the last success with the interval in force,
+# and counts from the sweep's start while a replica has had no success yet (the gauge above is 0).
+reconcile_interval = Gauge(
+    "esim_reconcile_interval_seconds",
+    "RECONCILE_INTERVAL: seconds between two runs of the scheduled sweep.",
+)
+reconcile_sweep_started = Gauge(
+    "esim_reconcile_sweep_started_timestamp_seconds",
+    "Unix time this replica's scheduled sweep started.",
 )
 
 # Scheduled reconciliation (ledger_checks): open mismatches per kind, set from Postgres after each run
 # (every kind of reconcile.mismatches.MISMATCH_KINDS, 0 included); and sources a run could not read
-# (zendit_purchases, zendit_ledger, stripe_refunds, or an extra check's source: bounded).
+# (zendit_purchases, zendit_ledger, stripe_refunds, stripe_payment_intents, or an extra check's source:
+# bounded).
 reconcile_mismatches = Gauge(
     "esim_reconcile_mismatches",
     "Open reconciliation mismatches between our records and Stripe or Zendit, per kind.",
@@ -74,4 +99,11 @@ reconcile_source_errors_total = Counter(
     "esim_reconcile_source_errors_total",
     "Reconciliation runs that could not read a source (its mismatch kinds were not checked).",
     ("source",),
+)
+# An order we have as paid whose PaymentIntent took no money (ledger_checks.report_conflicts), counted by
+# every run that sees it. stripe_status: canceled | requires_payment_method (bounded).
+reconcile_payment_state_conflicts_total = Counter(
+    "esim_reconcile_payment_state_conflicts_total",
+    "Orders paid in our records whose Stripe PaymentIntent took no money, per reconciliation run.",
+    ("stripe_status",),
 )

@@ -1,4 +1,4 @@
-"""The reconciliation mismatches in the admin API, behind the admin bearer token (`admin._admin_guard`).
+"""The reconciliation mismatches in the admin API, behind the admin bearer token (`admin.admin_guard`).
 
     GET  /api/admin/mismatches?kind=…&include_resolved=…&limit=…   open ones (and resolved ones), newest first
     POST /api/admin/mismatches/{id}/acknowledge {"note"}            close one by hand (aged out, or settled)
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from esim_common.service import ServiceContext
 from reconcile import ledger_checks, mismatch_store
-from reconcile.admin import _admin_guard, json_body
+from reconcile.admin import admin_guard, json_body
 from reconcile.domain import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 from reconcile.ledger_checks import ExtraCheck, LedgerRunResult
 from reconcile.mismatch_store import StoredMismatch
@@ -74,7 +74,7 @@ def mismatch_admin_router(
     router = APIRouter(
         prefix="/api/admin",
         tags=["admin: reconciliation"],
-        dependencies=[Depends(_admin_guard(ctx))],
+        dependencies=[Depends(admin_guard(ctx))],
         responses={status.HTTP_401_UNAUTHORIZED: {"model": ErrorResponse, "description": "No valid token."}},
     )
 
@@ -106,7 +106,10 @@ def mismatch_admin_router(
         "/mismatches/{mismatch_id}/acknowledge",
         responses={
             status.HTTP_404_NOT_FOUND: {"model": ErrorResponse, "description": "No such mismatch."},
-            status.HTTP_409_CONFLICT: {"model": ErrorResponse, "description": "Resolved already."},
+            status.HTTP_409_CONFLICT: {
+                "model": ErrorResponse,
+                "description": "Resolved already, or a balance drift (accept it).",
+            },
             **_INVALID,
         },
         openapi_extra={
@@ -124,7 +127,7 @@ def mismatch_admin_router(
         than the look-back window (runs no longer re-check those, so they never resolve by themselves)."""
         try:
             found = await mismatch_store.acknowledge(ctx.pool, mismatch_id, body.note)
-        except mismatch_store.AlreadyResolved as exc:
+        except (mismatch_store.AlreadyResolved, mismatch_store.UseAcceptWallet) as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
         if not found:
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no mismatch {mismatch_id}")

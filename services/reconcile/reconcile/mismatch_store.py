@@ -22,10 +22,14 @@ from reconcile.mismatches import MISMATCH_KINDS, Mismatch, MismatchKind
 # pg_advisory_xact_lock key of the store phase ("reconc" in ASCII): runs never interleave their writes.
 STORE_LOCK_KEY = 0x7265636F6E63
 
+# A (kind, subject) an operator acknowledged stays closed: the same finding in later runs opens no new
+# row (else an acknowledged purchase or refund would page again every run until it left the window).
 UPSERT_MISMATCH = """
     INSERT INTO reconcile_mismatches (kind, subject, transaction_id, detail, evidence_at, first_seen_at,
                                       last_seen_at)
-    VALUES ($1, $2, $3, $4::jsonb, ($4::jsonb ->> 'evidence_at')::timestamptz, $5, $5)
+    SELECT $1, $2, $3, $4::jsonb, ($4::jsonb ->> 'evidence_at')::timestamptz, $5, $5
+     WHERE NOT EXISTS (SELECT 1 FROM reconcile_mismatches
+                        WHERE kind = $1 AND subject = $2 AND resolution_note IS NOT NULL)
     ON CONFLICT (kind, subject) WHERE resolved_at IS NULL
     DO UPDATE SET last_seen_at = GREATEST(reconcile_mismatches.last_seen_at, EXCLUDED.last_seen_at),
                   detail = EXCLUDED.detail, evidence_at = EXCLUDED.evidence_at,
@@ -45,6 +49,7 @@ ACKNOWLEDGE = """
      WHERE id = $1 AND resolved_at IS NULL
     RETURNING kind, subject, transaction_id
 """
+GET_MISMATCH = "SELECT kind, subject, resolved_at FROM reconcile_mismatches WHERE id = $1"
 RECORD_ACKNOWLEDGE = """
     INSERT INTO operator_actions (transaction_id, action, detail, note)
     VALUES ($1, 'acknowledge_mismatch', $2::jsonb, $3)
@@ -134,7 +139,12 @@ async def orders_matching(
 
 async def wallet_anchor(pool: asyncpg.Pool) -> WalletAnchor | None:
     """The anchor of the wallet (one wallet per Zendit account; the latest if the currency changed)."""
-    rows = await pool.fetch(GET_ANCHOR + " ORDER BY updated_at DESC LIMIT 1")
+    async with pool.acquire() as conn:
+        return await _current_anchor(conn)
+
+
+async def _current_anchor(conn: asyncpg.Connection) -> WalletAnchor | None:
+    rows = await conn.fetch(GET_ANCHOR + " ORDER BY updated_at DESC LIMIT 1")
     if not rows:
         return None
     row = rows[0]
@@ -163,8 +173,11 @@ async def store_run(
     kinds_checked: Sequence[MismatchKind],
     sources_failed: Sequence[str],
     anchor: WalletAnchor | None,
+    anchor_read: WalletAnchor | None = None,
 ) -> tuple[int, int]:
-    """Store a run's findings; returns (opened, resolved). Only `kinds_checked` are resolved."""
+    """Store a run's findings; returns (opened, resolved). Only `kinds_checked` are resolved. The new
+    `anchor` is written only while the stored one is still `anchor_read` (what the run started from): an
+    operator who accepted the balance meanwhile dropped it, and the run must not write the old one back."""
     opened = 0
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", STORE_LOCK_KEY)
@@ -180,7 +193,7 @@ async def store_run(
             opened += bool(inserted)
         status = await conn.execute(RESOLVE_MISSING, list(kinds_checked), started_at, window_start)
         resolved = int(status.split()[-1])
-        if anchor is not None:
+        if anchor is not None and await _current_anchor(conn) == anchor_read:
             await conn.execute(PUT_ANCHOR, anchor.currency, anchor.divisor, anchor.since, anchor.base)
         await conn.execute(
             INSERT_RUN,
@@ -198,19 +211,35 @@ class AlreadyResolved(Exception):
     pass
 
 
+class UseAcceptWallet(Exception):
+    """A balance drift is closed by accepting the balance, not by acknowledging it (which would silence
+    every later drift of the wallet)."""
+
+
 async def acknowledge(pool: asyncpg.Pool, mismatch_id: int, note: str) -> bool:
-    """Close an open mismatch by hand; False when there is no such mismatch, AlreadyResolved if closed."""
+    """Close an open mismatch by hand for good; False when there is no such mismatch, AlreadyResolved if
+    closed, UseAcceptWallet for the wallet's balance drift (settled by accepting the balance instead)."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", STORE_LOCK_KEY)
-        row = await conn.fetchrow(ACKNOWLEDGE, mismatch_id, note)
-        if row is None:
-            exists = await conn.fetchval("SELECT true FROM reconcile_mismatches WHERE id = $1", mismatch_id)
-            if exists:
-                raise AlreadyResolved(f"mismatch {mismatch_id} is resolved already")
+        found = await conn.fetchrow(GET_MISMATCH, mismatch_id)
+        if found is None:
             return False
+        if found["resolved_at"] is not None:
+            raise AlreadyResolved(f"mismatch {mismatch_id} is resolved already")
+        if found["kind"] == "wallet_balance_drift" and is_balance_subject(found["subject"]):
+            raise UseAcceptWallet(
+                f"mismatch {mismatch_id} is the wallet's balance drift: once it is settled, accept the "
+                "balance with POST /api/admin/reconcile/wallet/accept (esimctl reconcile accept-wallet)"
+            )
+        row = await conn.fetchrow(ACKNOWLEDGE, mismatch_id, note)
         detail = {"mismatch_id": mismatch_id, "kind": row["kind"], "subject": row["subject"]}
         await conn.execute(RECORD_ACKNOWLEDGE, row["transaction_id"], json.dumps(detail), note)
         return True
+
+
+def is_balance_subject(subject: str) -> bool:
+    """The balance check's subject is the wallet currency; a debit's is a Zendit transaction id."""
+    return len(subject) == 3 and subject.isalpha() and subject.isupper()
 
 
 async def open_counts(pool: asyncpg.Pool) -> dict[str, int]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -37,9 +36,9 @@ from esim_common.order_states import OrderStatus
 from esim_common.orders import transition
 from esim_common.providers.stripe import StripeGateway
 from esim_common.publisher import EventPublisher
-from reconcile import order_ops
+from reconcile import order_ops, sweep_queries
 from reconcile import order_queries as q
-from reconcile.order_ops import NotAllowed
+from reconcile.order_ops import MovedOn, NotAllowed
 from reconcile.order_schemas import (
     Amount,
     EventSource,
@@ -56,6 +55,7 @@ from reconcile.order_schemas import (
     StripeFacts,
     ZenditFacts,
 )
+from reconcile.sweep_queries import StuckOrder
 
 log = logging.getLogger("esim.reconcile.orders")
 
@@ -177,15 +177,15 @@ async def redrive_from_state(
     *,
     note: str | None = None,
     action: str = order_ops.REDRIVE_ACTION,
-    found_stuck: tuple[OrderStatus, datetime] | None = None,
+    found_stuck: StuckOrder | None = None,
 ) -> RedriveResponse:
     """The driving event of the order's state again, audited as `action`: the operator's re-drive and
-    the scheduled sweep's (`auto_redrive`, which passes the state and `updated_at` it found the order
-    stuck with: MovedOn if the order changed since, and nothing is written)."""
+    the scheduled sweep's (`auto_redrive`, which passes the order as it found it stuck: MovedOn if the
+    order changed since, or someone re-drove it since, and nothing is written)."""
     async with pool.acquire() as conn, conn.transaction():
         order = await _locked(conn, transaction_id)
         if found_stuck is not None:
-            order_ops.check_unchanged(order, *found_stuck)
+            await _check_still_stuck(conn, order, found_stuck)
         event_type = order_ops.redrive_event(order)
         queued = await q.latest_event(conn, transaction_id, event_type.routing_key)
         source: EventSource
@@ -226,6 +226,14 @@ async def redrive_from_state(
         event_source=source,
         action_id=action_id,
     )
+
+
+async def _check_still_stuck(conn: asyncpg.Connection, order: Order, found: StuckOrder) -> None:
+    """Under the order's row lock: the sweep's search is stale if the order changed, or if a re-drive
+    (an operator's, committed between the search and this lock) now holds it off for a deadline."""
+    order_ops.check_unchanged(order, found.status, found.updated_at)
+    if await sweep_queries.redriven_within(conn, order.transaction_id, found.deadline):
+        raise MovedOn(f"order {order.transaction_id} was re-driven since it was found stuck")
 
 
 async def _redrive_by_hand(

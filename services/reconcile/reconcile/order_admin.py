@@ -1,4 +1,4 @@
-"""The admin order API under `/api/admin/orders`, behind the admin bearer token (`admin._admin_guard`).
+"""The admin order API under `/api/admin/orders`, behind the admin bearer token (`admin.admin_guard`).
 
     GET  /orders?status=…&older_than_minutes=…&limit=…   orders by state and age, most recently stuck first
     GET  /orders/{transaction_id}                        the order's whole timeline
@@ -24,7 +24,7 @@ from esim_common.orders import IllegalTransition
 from esim_common.providers import stripe_gateway
 from esim_common.service import ServiceContext
 from reconcile import order_actions, order_ops
-from reconcile.admin import _admin_guard, json_body
+from reconcile.admin import admin_guard, json_body
 from reconcile.domain import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 from reconcile.order_actions import OrderNotFound, RefundRefused, TryAgain
 from reconcile.order_ops import NotAllowed
@@ -100,7 +100,7 @@ def order_admin_router(ctx: ServiceContext) -> APIRouter:
     router = APIRouter(
         prefix="/api/admin",
         tags=["admin: orders"],
-        dependencies=[Depends(_admin_guard(ctx))],
+        dependencies=[Depends(admin_guard(ctx))],
         responses=_UNAUTHORIZED,
     )
 

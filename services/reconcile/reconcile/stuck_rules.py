@@ -76,7 +76,8 @@ class StuckRules:
         self, status: OrderStatus, unchanged_for: timedelta, since_last_redrive: timedelta | None
     ) -> bool:
         """The order sat in `status` past its deadline and was not re-driven (by the sweep or by an
-        operator) within the last deadline either. The sweep's SQL selects by the same rule."""
+        operator) within the last deadline either. The sweep's SQL (sweep_queries.STUCK_ORDERS) selects
+        by the same rule: tests/integration/test_reconcile_sweep.py holds it to this one."""
         deadline = self.deadline(status)
         if deadline is None or unchanged_for <= deadline:
             return False

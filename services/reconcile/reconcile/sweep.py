@@ -1,17 +1,23 @@
-"""Scheduled reconciliation: every RECONCILE_INTERVAL seconds, one replica re-drives the orders stuck past
-their state's deadline (stuck_rules), then runs the extra checks it was given.
+"""Scheduled reconciliation: every RECONCILE_INTERVAL seconds each replica runs two phases, each gated
+across replicas on its own.
 
-    lock        pg_try_advisory_xact_lock in the run's own transaction: a replica that does not get
-                it skips the run (another one is sweeping), and a replica that dies lets it go
-    re-drive    each stuck order through the operator's path (order_actions.redrive_from_state):
-                under its row lock, only if unchanged since it was found; an `auto_redrive` audit
-                row, committed before the event is published. An order whose facts refuse a
-                re-drive gets an `auto_redrive_refused` row and an operator alert in the log; either
-                row holds the sweep off it for a deadline. One order failing never stops the rest
-    checks      each awaited in turn; one that raises is logged and counted, and the others still run
+    re-drive    under pg_try_advisory_xact_lock in the phase's own transaction (a replica that does
+                not get it skips the phase: another one is re-driving; one that dies lets it go), each
+                order stuck past its state's deadline (stuck_rules) goes through the operator's path
+                (order_actions.redrive_from_state): under its row lock, only if unchanged and not
+                re-driven by anyone since it was found; an `auto_redrive` audit row, committed before
+                the event is published. An order whose facts refuse a re-drive gets an
+                `auto_redrive_refused` row and an operator alert in the log; either row holds the sweep
+                off it for a deadline. One order failing never stops the rest
+    checks      the ledger and Issuing checks page Stripe and Zendit, so they run on one replica per
+                `checks_every` (RECONCILE_LEDGER_INTERVAL), claimed in reconcile_schedule by one
+                statement: no lock or transaction is held while they run. Each is awaited in turn; one
+                that raises is logged and counted, and the others still run. Old reconcile_runs rows
+                are pruned as one of them
 
-Every run ends in `esim_reconcile_runs_total{outcome}`; a run that found nothing wrong also sets
-`esim_reconcile_last_success_timestamp_seconds`, whose age an alert can watch.
+Every run ends in `esim_reconcile_runs_total{outcome}`; a run that did some of this and had nothing
+fail sets `esim_reconcile_last_success_timestamp_seconds` (on this replica: alerts take the max), whose
+age ReconcileNotRunning watches against `esim_reconcile_interval_seconds`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 
 import asyncpg
 
@@ -45,40 +52,71 @@ class ReconcileSweep:
         rules: StuckRules,
         interval_seconds: float,
         checks: Sequence[Check] = (),
+        checks_every: timedelta,
     ) -> None:
         self._pool = pool  # a getter: the pool exists only once the service has started
         self._publisher = publisher
         self._rules = rules
         self._interval_seconds = interval_seconds
-        self._checks = tuple(checks)
+        self._checks_every = checks_every
+        self._checks: tuple[Check, ...] = (*checks, self.prune_run_history)
+        for check in self._checks:
+            # Exported at 0 from the start, so that increase() sees a check's first failure.
+            metrics.reconcile_check_failures_total.labels(check=_name(check))
 
     async def run_once(self) -> int:
-        """One run, if no other replica is sweeping; the number of orders re-driven (0 when skipped).
-        Raises only if the run itself could not be made (database away), counted as failed."""
+        """One run: the re-drives, if no other replica is re-driving, then the checks, if due; the
+        number of orders re-driven. Raises only if the run itself could not be made (database away),
+        counted as failed."""
         try:
-            async with self._pool().acquire() as lock_conn, lock_conn.transaction():
-                if not await sweep_queries.try_sweep_lock(lock_conn):
-                    log.info("reconciliation skipped: another replica is sweeping")
-                    metrics.reconcile_runs_total.labels(outcome="skipped").inc()
-                    return 0
-                redriven, failed = await self._redrive_stuck()
-                failed += await self._run_checks()
+            redriven, failed, redrove = await self._redrive_phase()
+            checked, failed_checks = await self._checks_phase()
         except Exception:
             metrics.reconcile_runs_total.labels(outcome="failed").inc()
             raise
-        metrics.reconcile_runs_total.labels(outcome="degraded" if failed else "ok").inc()
-        if not failed:
+        failed += failed_checks
+        if not redrove and not checked:
+            outcome = "skipped"
+        else:
+            outcome = "degraded" if failed else "ok"
+        metrics.reconcile_runs_total.labels(outcome=outcome).inc()
+        if outcome == "ok":
             metrics.reconcile_last_success.set(time.time())
         return redriven
 
     async def run_forever(self) -> None:
         """Sweep until cancelled; a failed run is logged (and counted) and the next one tries again."""
+        metrics.reconcile_interval.set(self._interval_seconds)
+        metrics.reconcile_sweep_started.set(time.time())
         while True:
             try:
                 await self.run_once()
             except Exception as exc:
                 log.error("reconciliation run failed", extra={"error": f"{type(exc).__name__}: {exc}"})
             await asyncio.sleep(self._interval_seconds)
+
+    async def prune_run_history(self) -> None:
+        """reconcile_runs would grow by a row per ledger run for ever: keep RUN_HISTORY_RETENTION."""
+        pruned = await sweep_queries.prune_runs(self._pool())
+        if pruned:
+            log.info("old reconciliation runs pruned", extra={"pruned": pruned})
+
+    async def _redrive_phase(self) -> tuple[int, int, bool]:
+        """(re-driven, failed, whether this replica re-drove): the lock is held for this phase only."""
+        async with self._pool().acquire() as lock_conn, lock_conn.transaction():
+            if not await sweep_queries.try_sweep_lock(lock_conn):
+                log.info("re-drives skipped: another replica is re-driving")
+                return 0, 0, False
+            redriven, failed = await self._redrive_stuck()
+        return redriven, failed, True
+
+    async def _checks_phase(self) -> tuple[bool, int]:
+        """(whether this replica ran the checks, how many raised): at most once per `checks_every`
+        across replicas."""
+        job, every = sweep_queries.LEDGER_JOB, self._checks_every
+        if not await sweep_queries.claim_job(self._pool(), job, every):
+            return False, 0
+        return True, await self._run_checks()
 
     async def _redrive_stuck(self) -> tuple[int, int]:
         """(re-driven, failed) over this run's stuck orders, oldest first."""
@@ -98,7 +136,7 @@ class ReconcileSweep:
                 self._publisher,
                 stuck.transaction_id,
                 action=order_ops.AUTO_REDRIVE_ACTION,
-                found_stuck=(stuck.status, stuck.updated_at),
+                found_stuck=stuck,
             )
         except MovedOn:
             return "moved_on"  # its consumer got to it first: nothing to do
@@ -134,7 +172,7 @@ class ReconcileSweep:
         """Each check in turn; the number that raised (each logged and counted by name)."""
         failed = 0
         for check in self._checks:
-            name = getattr(check, "__name__", type(check).__name__)
+            name = _name(check)
             try:
                 await check()
             except Exception as exc:
@@ -145,3 +183,7 @@ class ReconcileSweep:
                     extra={"check": name, "error": f"{type(exc).__name__}: {exc}"},
                 )
         return failed
+
+
+def _name(check: Check) -> str:
+    return getattr(check, "__name__", type(check).__name__)

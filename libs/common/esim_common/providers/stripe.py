@@ -52,6 +52,10 @@ CaptureMethod = Literal["automatic", "automatic_async", "manual"]
 RefundReason = Literal["duplicate", "fraudulent", "requested_by_customer"]
 CancellationReason = Literal["abandoned", "duplicate", "fraudulent", "requested_by_customer"]
 
+# The metadata key that names our order on a Checkout Session, its PaymentIntent and our refunds.
+TRANSACTION_ID_KEY = "transaction_id"
+# Stripe's largest page: the fewest round trips when reading a whole window.
+LIST_PAGE_SIZE = 100
 # Stripe's webhook timestamp tolerance: older signatures are replays.
 WEBHOOK_TOLERANCE_SECONDS = 300
 _CARD_LIKE_DIGITS = re.compile(r"\d[\d -]{10,22}\d")
@@ -158,6 +162,12 @@ class PaymentIntent:
     # Unix time until which an authorised card payment can be captured (the charge's
     # `payment_method_details.card.capture_before`); only when retrieved `with_charge`, else None.
     capture_before: int | None = None
+    created: int | None = None  # unix time
+
+    @property
+    def transaction_id(self) -> str | None:
+        """Our order's transaction id (`payment_intent_data.metadata`); None on another integration's."""
+        return self.metadata.get(TRANSACTION_ID_KEY) or None
 
 
 @dataclass(frozen=True)
@@ -207,8 +217,11 @@ class IssuedCard:
 
 @dataclass(frozen=True)
 class IssuingAuthorization:
-    """A request to spend on one of our cards. `amount` is what is still held (0 once captured or
-    closed); `approved` says whether the network was told yes."""
+    """A request to spend on one of our cards; `approved` says whether the network was told yes.
+    `amount` as Stripe documents it: the hold while `pending` (an undecided request asks for
+    `pending_request.amount` more), 0 once voided, what is left for late captures once expired. After
+    a capture the docs say nothing explicit (an API sample shows 0, as the emulator does): read it only
+    while `pending`."""
 
     id: str
     card_id: str
@@ -311,7 +324,7 @@ class StripeGateway:
     ) -> CheckoutSession:
         """One line item of `amount`; our transaction id goes in client_reference_id and in the metadata
         of both the session and the PaymentIntent (Stripe does not copy session metadata over)."""
-        tagged = {**(metadata or {}), "transaction_id": transaction_id}
+        tagged = {**(metadata or {}), TRANSACTION_ID_KEY: transaction_id}
         params: SessionCreateParams = {
             "mode": "payment",
             "line_items": [
@@ -415,7 +428,7 @@ class StripeGateway:
         params: RefundCreateParams = {
             "payment_intent": payment_intent_id,
             "reason": reason,
-            "metadata": {"transaction_id": transaction_id},
+            "metadata": {TRANSACTION_ID_KEY: transaction_id},
         }
         if amount is not None:
             params["amount"] = _positive(amount, "amount")
@@ -436,6 +449,29 @@ class StripeGateway:
             reason=refund.reason,
             metadata=_metadata(refund.metadata),
         )
+
+    async def list_payment_intents(
+        self, *, created_gte: int, page_size: int = LIST_PAGE_SIZE
+    ) -> list[PaymentIntent]:
+        """Every PaymentIntent created at or after `created_gte` (epoch seconds), newest first, all pages
+        (whoever created them: filter on `transaction_id`). Pages follow the cursor, so an intent created
+        while we page is before the first one and cannot shift the rest."""
+        found: list[PaymentIntent] = []
+        starting_after: str | None = None
+        while True:
+            params: stripe.params.PaymentIntentListParams = {
+                "created": {"gte": created_gte},
+                "limit": page_size,
+            }
+            if starting_after is not None:
+                params["starting_after"] = starting_after
+            page = await self._call(
+                "list_payment_intents", self._client.v1.payment_intents.list_async(params=params)
+            )
+            found.extend(_payment_intent(intent) for intent in page.data)
+            if not page.has_more or not page.data:
+                return found
+            starting_after = page.data[-1].id
 
     async def list_refunds(self, *, created_gte: int) -> list[Refund]:
         """Every refund created at or after `created_gte` (epoch seconds), newest first, all pages."""
@@ -855,6 +891,7 @@ def _payment_intent(intent: stripe.PaymentIntent) -> PaymentIntent:
         latest_charge_id=_id_of(intent.latest_charge),
         cancellation_reason=getattr(intent, "cancellation_reason", None),
         capture_before=_capture_before(intent.latest_charge),
+        created=intent.created,
     )
 
 

@@ -164,6 +164,8 @@ def capture(
         bookkeeping["spent"] -= bookkeeping["held"]
         bookkeeping["held"] = 0
         auth["status"] = "closed"
+    # UNVERIFIED: what Stripe's `amount` reads after a capture. Its docs give 0 once voided and the
+    # remainder once expired; the API reference's capture sample shows 0. We report what is still held.
     auth["amount"] = bookkeeping["held"]
     return transaction
 

@@ -1,4 +1,4 @@
-"""PaymentIntents (retrieve, capture, cancel), their charges, refunds, and the payments balance.
+"""PaymentIntents (list, retrieve, capture, cancel), their charges, refunds, and the payments balance.
 
 An authorised (manual-capture) card payment lapses like Stripe's: the charge says until when it can be
 captured (`payment_method_details.card.capture_before`, 7 days after authorisation); after that Stripe
@@ -19,6 +19,7 @@ from stripe.params import (
     ChargeRetrieveParams,
     PaymentIntentCancelParams,
     PaymentIntentCaptureParams,
+    PaymentIntentListParams,
     PaymentIntentRetrieveParams,
     RefundCreateParams,
     RefundListParams,
@@ -135,6 +136,16 @@ def _intent(call: Call) -> dict[str, Any]:
 
 async def retrieve_intent(call: Call) -> dict[str, Any]:
     return call.render(_intent(call))
+
+
+async def list_intents(call: Call) -> dict[str, Any]:
+    """`GET /v1/payment_intents`: newest first, filtered by `customer` / `customer_account` and `created`,
+    cursor-paginated. Listing looks at every intent, so a lapsed authorisation shows as canceled here too."""
+    filters = {key: call.params[key] for key in ("customer", "customer_account") if call.params.get(key)}
+    intents = call.state.find("payment_intent", **filters)
+    for intent in intents:
+        expire_if_lapsed(call.state, call.webhooks, intent)
+    return paginate(call, intents, "/v1/payment_intents")
 
 
 async def capture_intent(call: Call) -> dict[str, Any]:
@@ -298,6 +309,7 @@ def routes() -> list[Route]:
         control_route(
             "/_sandbox/payment_intents/{intent}/expire_authorization", expire_authorization, method="POST"
         ),
+        api_route("/v1/payment_intents", list_intents, method="GET", spec=PaymentIntentListParams),
         api_route(
             "/v1/payment_intents/{intent}", retrieve_intent, method="GET", spec=PaymentIntentRetrieveParams
         ),
