@@ -24,6 +24,9 @@ CREATE TABLE reconcile_mismatches (
 CREATE UNIQUE INDEX reconcile_mismatches_open_idx ON reconcile_mismatches (kind, subject)
     WHERE resolved_at IS NULL;
 CREATE INDEX reconcile_mismatches_seen_idx ON reconcile_mismatches (last_seen_at DESC);
+-- Every run asks whether an operator acknowledged (kind, subject) before it opens a row again.
+CREATE INDEX reconcile_mismatches_acknowledged_idx ON reconcile_mismatches (kind, subject)
+    WHERE resolution_note IS NOT NULL;
 
 -- One row per run: which kinds it checked and which sources it could not read (a source that failed
 -- resolves nothing: its kinds keep their open rows until a run reads it again).

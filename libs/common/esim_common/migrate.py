@@ -112,12 +112,12 @@ async def wait_for_schema(
     deadline = asyncio.get_running_loop().time() + max_wait
     while True:
         try:
-            conn = await asyncpg.connect(dsn, timeout=10)
+            conn = await asyncpg.connect(dsn, timeout=10, statement_cache_size=0)  # fine behind a pooler
             try:
                 missing = await pending_migrations(conn, migrations)
             finally:
                 await conn.close()
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             waiting_for = f"the database ({type(exc).__name__})"
         else:
             if not missing:

@@ -62,6 +62,11 @@ NEEDS: dict[MismatchKind, frozenset[str]] = {
     "wallet_balance_drift": frozenset({"zendit_ledger"}),
 }
 LEDGER_KINDS: tuple[MismatchKind, ...] = tuple(NEEDS)
+# Every source a run reads (the Issuing checks report as `stripe_issuing`): their error counters start
+# at 0, so the first failure after a restart is visible to increase() and ReconcileSourceFailing.
+SOURCES: tuple[str, ...] = (*sorted(set().union(*NEEDS.values())), "stripe_issuing")
+for _source in SOURCES:
+    metrics.reconcile_source_errors_total.labels(source=_source)
 
 T = TypeVar("T")
 
