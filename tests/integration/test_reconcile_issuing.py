@@ -419,3 +419,26 @@ async def test_the_reconcile_service_reports_a_card_left_active_through_its_admi
     assert found["detail"]["topup_id"] == declined.id
     gauge = REGISTRY.get_sample_value("esim_reconcile_mismatches", {"kind": "card_still_active"})
     assert gauge == 1
+
+
+async def test_a_card_in_our_books_that_stripe_does_not_have_is_skipped_not_a_source_failure(
+    db, settings, topup, stripe_emulator, declining_card_network, caplog
+) -> None:
+    # Our books can name a card this Stripe account never had: a sandbox database kept across emulator
+    # restarts, or a key of another account or mode. Every other card must still be checked.
+    stripe_emulator.inject_fault("/v1/issuing/cards/*", **CANCEL_FAULT)
+    declined = await topup()
+    stripe_emulator.clear_faults()
+    ghost = await topup()
+    await db.execute(
+        "UPDATE issuing_cards SET card_id = 'ic_not_at_this_account', active = true WHERE topup_id = $1",
+        ghost.id,
+    )
+    await db.execute("UPDATE wallet_topups SET card_id = 'ic_not_at_this_account' WHERE id = $1", ghost.id)
+    before = REGISTRY.get_sample_value("esim_reconcile_cards_unknown_to_stripe_total") or 0.0
+
+    found = await issuing_mismatches(db, settings, now=after_grace())
+
+    assert kinds(found) == [("card_still_active", declined.card_id)]
+    assert REGISTRY.get_sample_value("esim_reconcile_cards_unknown_to_stripe_total") == before + 1
+    assert any("unknown to Stripe" in r.getMessage() for r in caplog.records)

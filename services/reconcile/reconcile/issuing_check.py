@@ -7,6 +7,7 @@ mismatches" must mean the sources were read and agree.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -14,10 +15,11 @@ import asyncpg
 
 from esim_common.money import MoneyError
 from esim_common.providers import stripe_gateway, zendit_client
-from esim_common.providers.stripe import IssuedCard, StripeGateway, StripeGatewayError
+from esim_common.providers.stripe import IssuedCard, StripeGateway, StripeGatewayError, StripePermanentError
 from esim_common.providers.zendit import MAX_PAGE_SIZE, Transaction, ZenditClient, ZenditError
 from esim_common.settings import Settings
 from reconcile import issuing_rules as rules
+from reconcile import metrics
 from reconcile.mismatches import Mismatch
 
 # Stripe's and Zendit's clocks are not ours: lists are read from a little before the window.
@@ -28,6 +30,8 @@ MAX_LEDGER_PAGES = 50
 Source = Literal["stripe", "zendit"]
 
 # The top-ups in the look-back, and older ones whose card our books still call active.
+log = logging.getLogger("esim.reconcile.issuing")
+
 SELECT_TOPUPS = """
     SELECT t.id, t.amount, t.currency, t.status, t.card_id, t.gateway_topup_id, t.order_ids,
            t.created_at, t.updated_at
@@ -113,8 +117,23 @@ async def _stripe_facts(
     )
     by_id = {card.id: card for card in listed if card.metadata.get("topup_id") in ours}
     # Cards in our books that the list did not show: older than the window, or another cardholder.
+    unknown: list[str] = []
     for card_id in sorted(set(recorded) - set(by_id)):
-        by_id[card_id] = await stripe.retrieve_card(card_id)
+        try:
+            by_id[card_id] = await stripe.retrieve_card(card_id)
+        except StripePermanentError as exc:
+            if exc.http_status != 404:
+                raise
+            unknown.append(card_id)  # not at this Stripe account: neither active nor charged here
+    if unknown:
+        # Our books name cards this Stripe account does not have: another account or mode (a test key in
+        # production, a switched account), or a sandbox database kept across emulator restarts. Not a
+        # reason to stop checking every other card; said once per run, and counted.
+        metrics.reconcile_cards_unknown_to_stripe_total.inc(len(unknown))
+        log.warning(
+            "issuing cards in our books are unknown to Stripe; check STRIPE_API_KEY's account and mode",
+            extra={"cards": len(unknown), "card_ids": ", ".join(unknown[:5])},
+        )
     cards = [_card(card, recorded.get(card.id)) for card in by_id.values()]
     authorizations = [
         rules.Authorization(

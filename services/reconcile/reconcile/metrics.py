@@ -95,6 +95,12 @@ reconcile_mismatches = Gauge(
     "Open reconciliation mismatches between our records and Stripe or Zendit, per kind.",
     ("kind",),
 )
+# Issuing cards our books name that this Stripe account does not have (another account or mode): the
+# Issuing checks skip them instead of failing (reconcile.issuing_check).
+reconcile_cards_unknown_to_stripe_total = Counter(
+    "esim_reconcile_cards_unknown_to_stripe_total",
+    "Issuing cards in our books that Stripe answered 404 for, per reconciliation run that met them.",
+)
 reconcile_source_errors_total = Counter(
     "esim_reconcile_source_errors_total",
     "Reconciliation runs that could not read a source (its mismatch kinds were not checked).",
