@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if order.get("status") == "delivered" else 1
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as exc:  # a port taken, a process that would not start: say so, no traceback
+        print(f"\nthe sandbox could not start: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         # A second Ctrl-C (or make forwarding it) must not cut the clean-up short and orphan processes.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

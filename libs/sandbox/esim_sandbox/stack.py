@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -206,6 +207,7 @@ class Stack:
         )
 
     def start(self) -> None:
+        self.refuse_taken_ports()
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.processes["sandbox"] = self._sandbox_process()
         self.processes["sandbox"].start()
@@ -217,6 +219,20 @@ class Stack:
         for name in SERVICES:
             self.wait_healthy(name)
         self.configure_zendit_webhook()
+
+    def refuse_taken_ports(self) -> None:
+        """Fail before starting anything when a port is taken (another `make run` still serving): the
+        health checks would otherwise be answered by the other stack's processes while ours cannot bind."""
+        for name, port in self.ports.items():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((LOOPBACK, port))
+                except OSError:
+                    raise RuntimeError(
+                        f"port {port} ({name}) is in use: another sandbox (`make run`) or program is "
+                        "listening there; stop it first"
+                    ) from None
 
     def configure_zendit_webhook(self) -> None:
         """Point the Zendit emulator's purchase webhooks at the webhook service, as an operator does in
