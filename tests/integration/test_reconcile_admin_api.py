@@ -6,14 +6,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
-from pydantic import SecretStr
 
-from esim_common.topology import delete
-from reconcile.main import create_app
+from tests.fixtures.reconcile_app import reconcile_in_process
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -23,20 +20,8 @@ URL = "/api/admin/reconcile-zendit"
 
 @pytest.fixture
 async def admin(service_settings) -> AsyncIterator[httpx.AsyncClient]:
-    settings = service_settings.model_copy(update={"admin_api_token": SecretStr(TOKEN)})
-    app = create_app(settings)
-    ctx = app.state.ctx
-    await ctx.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://reconcile"
-        ) as client:
-            yield client
-    finally:
-        await ctx.stop()
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            await delete(await connection.channel(), ctx.topology)
+    async with reconcile_in_process(service_settings, token=TOKEN) as (client, _):
+        yield client
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:

@@ -17,7 +17,6 @@ import aio_pika
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-from pydantic import SecretStr
 
 from esim_common.consumer import consume
 from esim_common.errors import RetryLater
@@ -33,7 +32,7 @@ from esim_common.topology import (
     ConsumerQueue,
 )
 from reconcile.dlq_monitor import DeadLetterMonitor
-from reconcile.main import create_app
+from tests.fixtures.reconcile_app import reconcile_in_process
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -46,17 +45,8 @@ PAN = "4242424242424242"  # Luhn-valid test card
 @pytest.fixture
 async def service(service_settings) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceContext]]:
     """The reconcile app (its dead-letter router included by main.py), started in-process."""
-    settings = service_settings.model_copy(update={"admin_api_token": SecretStr(TOKEN)})
-    app = create_app(settings)
-    ctx: ServiceContext = app.state.ctx
-    await ctx.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://reconcile"
-        ) as client:
-            yield client, ctx
-    finally:
-        await ctx.stop()  # service_settings deletes the prefixed topology afterwards
+    async with reconcile_in_process(service_settings, token=TOKEN) as running:
+        yield running
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:

@@ -16,7 +16,6 @@ import aio_pika
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-from pydantic import SecretStr
 
 from esim_common.consumer import consume
 from esim_common.errors import FailPermanently, RetryLater
@@ -26,8 +25,8 @@ from esim_common.publisher import EventPublisher, create_broker, publish_raw
 from esim_common.service import ServiceContext
 from esim_common.topology import ATTEMPT_HEADER, FAILED_AT_HEADER, LAST_ERROR_HEADER, ORIGIN_QUEUE_HEADER
 from reconcile import handlers
-from reconcile.main import create_app
 from tests.fixtures.polling import eventually
+from tests.fixtures.reconcile_app import reconcile_in_process
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -42,17 +41,8 @@ PAN = "4242424242424242"
 @pytest.fixture
 async def service(service_settings) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceContext]]:
     """The reconcile app, its consumers (the dead-letter observer included) started in-process."""
-    settings = service_settings.model_copy(update={"admin_api_token": SecretStr(TOKEN)})
-    app = create_app(settings)
-    ctx: ServiceContext = app.state.ctx
-    await ctx.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://reconcile"
-        ) as client:
-            yield client, ctx
-    finally:
-        await ctx.stop()
+    async with reconcile_in_process(service_settings, token=TOKEN) as running:
+        yield running
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -15,11 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-from pydantic import SecretStr
 
 from esim_common.errors import FailPermanently
 from esim_common.money import Money
@@ -27,7 +25,6 @@ from esim_common.providers.stripe import StripeGateway, StripeTransientError
 from esim_common.providers.topup_gateway import TopupGatewayClient
 from esim_common.providers.zendit import ZenditClient
 from esim_common.settings import Settings, load_settings
-from esim_common.topology import delete
 from funding import repository as funding_repo
 from funding.cardholder import PlatformCardholder
 from funding.repository import WalletTopup
@@ -36,7 +33,7 @@ from reconcile import mismatch_store
 from reconcile.issuing_check import IssuingSourceUnavailable, issuing_mismatches
 from reconcile.issuing_rules import ENDED_GRACE
 from reconcile.ledger_checks import ExtraCheck, LedgerRunResult, run_ledger_checks
-from reconcile.main import create_app
+from tests.fixtures.reconcile_app import reconcile_in_process
 
 pytestmark = pytest.mark.db
 
@@ -376,19 +373,8 @@ async def test_the_issuing_window_is_reconcile_lookback_hours(
 @pytest.fixture
 async def admin(service_settings) -> AsyncIterator[httpx.AsyncClient]:
     """The reconcile service as `python -m reconcile` builds it (create_app), in-process."""
-    app = create_app(service_settings.model_copy(update={"admin_api_token": SecretStr(TOKEN)}))
-    ctx = app.state.ctx
-    await ctx.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://reconcile"
-        ) as client:
-            yield client
-    finally:
-        await ctx.stop()
-        connection = await aio_pika.connect(service_settings.amqp_url)
-        async with connection:
-            await delete(await connection.channel(), ctx.topology)
+    async with reconcile_in_process(service_settings, token=TOKEN) as (client, _):
+        yield client
 
 
 @pytest.mark.broker

@@ -10,21 +10,18 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-from pydantic import SecretStr
 
 from esim_common.providers.stripe import CaptureMethod, StripeGateway
 from esim_common.providers.zendit import ZenditClient
-from esim_common.topology import delete
 from reconcile import mismatch_store
 from reconcile.ledger_checks import ExtraCheck, run_ledger_checks, run_with_settings, scheduled_check
-from reconcile.main import create_app
 from reconcile.mismatches import Mismatch
 from tests.fixtures.polling import eventually
+from tests.fixtures.reconcile_app import reconcile_in_process
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -37,20 +34,8 @@ PRICE = 3900
 
 @pytest.fixture
 async def admin(service_settings) -> AsyncIterator[httpx.AsyncClient]:
-    settings = service_settings.model_copy(update={"admin_api_token": SecretStr(TOKEN)})
-    app = create_app(settings)
-    ctx = app.state.ctx
-    await ctx.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://reconcile"
-        ) as client:
-            yield client
-    finally:
-        await ctx.stop()
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            await delete(await connection.channel(), ctx.topology)
+    async with reconcile_in_process(service_settings, token=TOKEN) as (client, _):
+        yield client
 
 
 async def run(admin: httpx.AsyncClient) -> dict[str, Any]:
